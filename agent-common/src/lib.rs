@@ -1,0 +1,224 @@
+//! Types that cross the kernel boundary. Every struct is `#[repr(C)]`, uses only fixed-width
+//! integers (u32 flags instead of bool) and carries a compile-time size assert, so the eBPF
+//! programs and the controller agree on every byte and no struct has hidden padding.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Deepest cgroup level the kernel programs walk when looking for an agent ancestor.
+/// Levels are counted from the cgroup2 root (level 0); the registered-levels mask is a u32.
+pub const MAX_CGROUP_LEVEL: u32 = 31;
+
+/// Port rules one compiled prefix can carry after merging every covering rule.
+pub const MAX_PORT_RULES: usize = 16;
+
+/// Capacity of the agent map (registered cgroups).
+pub const MAX_AGENTS: u32 = 16_384;
+/// Capacity of each LPM trie (all policies together).
+pub const MAX_PREFIXES_V4: u32 = 262_144;
+pub const MAX_PREFIXES_V6: u32 = 262_144;
+
+/// Ring buffer size in bytes (power of two, multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 8 << 20;
+
+/// Decision codes (`Event::verdict`): what the policy says, before the mode is applied.
+pub mod verdict {
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+}
+
+/// Policy modes (`AgentEntry::mode`, `Event::mode`).
+pub mod mode {
+    /// Deny what the policy does not allow.
+    pub const ENFORCE: u32 = 0;
+    /// Decide the same, let everything through, record the would-be verdict.
+    pub const AUDIT: u32 = 1;
+}
+
+/// Why a verdict was reached (`Event::reason`).
+pub mod reason {
+    /// A rule allowed it; `Event::rule_id` names the rule.
+    pub const RULE: u32 = 1;
+    /// No rule covers the destination address.
+    pub const NO_ADDRESS_MATCH: u32 = 2;
+    /// A rule covers the address, but none allows this port and protocol.
+    pub const NO_PORT_MATCH: u32 = 3;
+    /// The program could not read what it needs to decide; it failed closed.
+    pub const ERROR: u32 = 4;
+}
+
+/// Which program decided (`Event::hook`).
+pub mod hook {
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+}
+
+/// Protocol bits in `PortRule::protocols`.
+pub mod proto {
+    pub const TCP: u32 = 1 << 0;
+    pub const UDP: u32 = 1 << 1;
+    pub const ALL: u32 = TCP | UDP;
+}
+
+/// Indexes of the per-CPU counters array.
+pub mod counter {
+    /// Agent decisions that allowed.
+    pub const ALLOWED: u32 = 0;
+    /// Agent decisions that denied (returned EPERM).
+    pub const DENIED: u32 = 1;
+    /// Audit-mode decisions that would have denied but let the call through.
+    pub const AUDITED: u32 = 2;
+    /// Events that could not be reserved in the ring buffer (lost).
+    pub const LOST: u32 = 3;
+    /// Decisions that failed closed on an internal error.
+    pub const ERRORS: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Value of the agent map, keyed by cgroup id (u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentEntry {
+    /// Which policy's prefixes to look up (the first 32 bits of every LPM key).
+    pub policy_id: u32,
+    /// `mode::ENFORCE` or `mode::AUDIT`.
+    pub mode: u32,
+    /// Bumped on every reload of the policy; copied into events.
+    pub policy_version: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<AgentEntry>() == 16);
+
+/// Data part of an IPv4 LPM key; the prefix length counts the 32 policy bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixV4 {
+    /// Policy id, big-endian so the trie matches it bit for bit before the address.
+    pub policy: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<PrefixV4>() == 8);
+
+/// Data part of an IPv6 LPM key; the prefix length counts the 32 policy bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixV6 {
+    pub policy: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<PrefixV6>() == 20);
+
+/// Bits of an LPM key taken by the policy id.
+pub const POLICY_PREFIX_BITS: u32 = 32;
+
+/// One allowed port range for a set of protocols, with the rule that granted it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRule {
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// `proto::*` bits.
+    pub protocols: u32,
+    /// Index of the policy rule this came from (first one when ranges were merged).
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<PortRule>() == 12);
+
+/// Value of both LPM tries: the union of every rule that covers the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub count: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+const _: () = assert!(size_of::<RuleSet>() == 4 + 12 * MAX_PORT_RULES);
+
+impl RuleSet {
+    pub const EMPTY: RuleSet = RuleSet {
+        count: 0,
+        rules: [PortRule {
+            port_lo: 0,
+            port_hi: 0,
+            protocols: 0,
+            rule_id: 0,
+        }; MAX_PORT_RULES],
+    };
+}
+
+/// Single-entry array read by every hook: which cgroup levels hold registered agents.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Bit n set: some agent cgroup sits at level n. Zero: no agents, every hook returns at once.
+    pub agent_levels: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// One decision about an agent's connect or send. Fixed size, written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME in nanoseconds.
+    pub boot_ns: u64,
+    /// Cgroup of the calling task.
+    pub cgroup_id: u64,
+    /// Registered agent cgroup the caller belongs to (itself or its nearest ancestor).
+    pub agent_cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid`: tgid in the high half, thread id in the low.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid`: gid in the high half, uid in the low.
+    pub uid_gid: u64,
+    /// Destination; IPv4 is written as an IPv4-mapped IPv6 address.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u32,
+    /// AF_INET or AF_INET6 (the address family the caller used).
+    pub family: u32,
+    /// IPPROTO_TCP, IPPROTO_UDP, ...
+    pub protocol: u32,
+    /// `hook::*`
+    pub hook: u32,
+    /// `verdict::*`: what the policy says.
+    pub verdict: u32,
+    /// `mode::*`: whether the verdict was enforced.
+    pub mode: u32,
+    /// `reason::*`
+    pub reason: u32,
+    /// Rule index when `reason == RULE`, else `u32::MAX`.
+    pub rule_id: u32,
+    pub policy_id: u32,
+    pub policy_version: u32,
+    /// `bpf_get_current_comm`.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16);
+
+pub const NO_RULE: u32 = u32::MAX;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), made only of integers, with no padding (checked by the size asserts).
+    unsafe impl aya::Pod for AgentEntry {}
+    unsafe impl aya::Pod for PrefixV4 {}
+    unsafe impl aya::Pod for PrefixV6 {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleSet {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Event {}
+}
+
+impl Event {
+    /// Reads an event from ring-buffer bytes; `None` if the record is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
+        if bytes.len() < size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: length checked; Event is plain integers, any bit pattern is valid;
+        // read_unaligned because ring buffer records are only 8-byte aligned by contract.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Event) })
+    }
+}

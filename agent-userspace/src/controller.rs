@@ -1,0 +1,488 @@
+//! The controller: one task owns the loaded eBPF object (the Enforcer) and the registry of agents;
+//! everything else (control socket, signals) sends it commands. Events run in their own task.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use agent_common::{mode, AgentEntry, MAX_CGROUP_LEVEL};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    api::{self, Request, Response},
+    cgroup,
+    events::{self, AuditRecord, Enricher, Sink},
+    identity::{agent_name, AgentMeta, Names, PolicyMeta},
+    loader::{self, Enforcer},
+    policy::{self, CompiledPolicy, PolicySet},
+};
+
+/// Policy id given to a cgroup that two policies select: it has no rules, so the agent is denied
+/// everything until the conflict is fixed (fail closed, never unenforced).
+pub const CONFLICT_POLICY_ID: u32 = 0;
+
+/// Where the policy comes from.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A directory (or file) re-read on reload.
+    Path(PathBuf),
+    /// A fixed set (the demo, tests).
+    Fixed(PolicySet),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub policy: PolicySource,
+    /// cgroup2 mount; found in /proc/self/mountinfo when None.
+    pub cgroup_root: Option<PathBuf>,
+    /// Where programs attach; the cgroup2 root when None (tests may use a subtree).
+    pub attach_to: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub stdout: bool,
+    pub control_socket: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    /// How often the cgroup tree is scanned for new cgroups that selectors match.
+    pub rescan: Duration,
+    pub wakeup_bytes: u64,
+    /// In-process copy of every record (tests, demo).
+    pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
+}
+
+impl Options {
+    pub fn new(policy: PolicySource) -> Self {
+        Self {
+            policy,
+            cgroup_root: None,
+            attach_to: None,
+            audit_log: None,
+            stdout: false,
+            control_socket: Some(api::DEFAULT_SOCKET.into()),
+            bpffs: Some("/sys/fs/bpf".into()),
+            rescan: Duration::from_secs(1),
+            wakeup_bytes: loader::DEFAULT_WAKEUP_BYTES,
+            tap: None,
+        }
+    }
+}
+
+/// Sent to the controller task.
+pub enum Command {
+    Api(Request, oneshot::Sender<Response>),
+}
+
+/// A running controller.
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<()>>>,
+    pub cgroup_root: PathBuf,
+}
+
+impl Handle {
+    /// Sends a request as the control socket would.
+    pub async fn request(&self, req: Request) -> Result<serde_json::Value> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Api(req, tx))
+            .await
+            .context("controller stopped")?;
+        let resp = rx.await.context("controller stopped")?;
+        if resp.ok {
+            Ok(resp.result.unwrap_or_default())
+        } else {
+            bail!(resp.error.unwrap_or_default())
+        }
+    }
+
+    /// Stops: detaches the programs, drains the last events, closes the socket.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            t.await.context("controller task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+struct Installed {
+    id: u32,
+    compiled: CompiledPolicy,
+    mode: u32,
+}
+
+struct Registered {
+    rel: String,
+    level: u32,
+    policy_id: u32,
+}
+
+struct State {
+    enforcer: Enforcer,
+    source: PolicySource,
+    root: PathBuf,
+    set: PolicySet,
+    installed: BTreeMap<String, Installed>,
+    agents: HashMap<u64, Registered>,
+    next_policy_id: u32,
+    generation: u32,
+    names: Arc<RwLock<Names>>,
+    last_lost: u64,
+    lost_tx: mpsc::UnboundedSender<u64>,
+}
+
+/// Loads, fills the maps, attaches, and starts the tasks. Returns once enforcement is on.
+pub async fn start(opts: Options) -> Result<Handle> {
+    if let Some(bpffs) = &opts.bpffs {
+        loader::ensure_bpffs(bpffs)?;
+    }
+    let root = match &opts.cgroup_root {
+        Some(r) => r.clone(),
+        None => cgroup::cgroup2_mount()?,
+    };
+    let set = match &opts.policy {
+        PolicySource::Path(p) => policy::load_dir(p)?,
+        PolicySource::Fixed(s) => s.clone(),
+    };
+    let mut enforcer = Enforcer::load(opts.wakeup_bytes).context("loading eBPF programs")?;
+    let ring = enforcer.take_events().context("event ring already taken")?;
+    let names = Arc::new(RwLock::new(Names::default()));
+    names.write().expect("names").policies.insert(
+        CONFLICT_POLICY_ID,
+        PolicyMeta {
+            name: "conflict:deny-all".into(),
+            version: 0,
+            rules: vec![],
+        },
+    );
+    let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+    let mut state = State {
+        enforcer,
+        source: opts.policy.clone(),
+        root: root.clone(),
+        set: PolicySet { policies: vec![] },
+        installed: BTreeMap::new(),
+        agents: HashMap::new(),
+        next_policy_id: CONFLICT_POLICY_ID + 1,
+        generation: 0,
+        names: names.clone(),
+        last_lost: 0,
+        lost_tx,
+    };
+    // Maps first, then attach: enforcement starts complete.
+    state.apply(set)?;
+    let attach_to = opts.attach_to.clone().unwrap_or_else(|| root.clone());
+    state.enforcer.attach(&attach_to)?;
+    tracing::info!(cgroup = %attach_to.display(), "programs attached");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())
+        .with_context(|| format!("opening the audit log {:?}", opts.audit_log))?;
+    let mut tasks: Vec<JoinHandle<Result<()>>> = Vec::new();
+    let enricher = Enricher::new(names, root.clone());
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        events::run(ring, enricher, sink, lost_rx, rx)
+            .await
+            .context("event reader")
+    }));
+    if let Some(sock) = opts.control_socket.clone() {
+        let (tx, rx) = (cmd_tx.clone(), shutdown_rx.clone());
+        // Bind before returning so `exec` can rely on the socket once start() has returned.
+        let ready = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+        if ready {
+            bail!("{}: another controller is serving here", sock.display());
+        }
+        tasks.push(tokio::spawn(async move {
+            api::serve(sock, tx, rx).await.context("control socket")
+        }));
+        tokio::task::yield_now().await;
+    }
+    let rescan = opts.rescan;
+    tasks.push(tokio::spawn(async move {
+        state.run(cmd_rx, shutdown_rx, rescan).await
+    }));
+    Ok(Handle {
+        commands: cmd_tx,
+        shutdown: shutdown_tx,
+        tasks,
+        cgroup_root: root,
+    })
+}
+
+impl State {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+        rescan: Duration,
+    ) -> Result<()> {
+        let mut scan = tokio::time::interval(rescan);
+        let mut counters = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Api(req, reply) => { let _ = reply.send(self.api(req)); }
+                },
+                _ = scan.tick() => self.rescan(),
+                _ = counters.tick() => self.report_lost(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.report_lost();
+        // Dropping the Enforcer detaches the programs (pinning comes with fail-closed work).
+        drop(self.enforcer);
+        tracing::info!("programs detached");
+        Ok(())
+    }
+
+    fn api(&mut self, req: Request) -> Response {
+        match req {
+            Request::Register { cgroup } => match self.register_path(&cgroup) {
+                Ok(meta) => Response::ok(json!({
+                    "agent": meta.name, "cgroup": meta.cgroup, "policy": meta.policy,
+                })),
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Request::Reload => match self.reload() {
+                Ok(()) => Response::ok(json!({ "generation": self.generation })),
+                Err(e) => {
+                    tracing::error!("reload rejected, running policy kept: {e:#}");
+                    Response::err(format!("{e:#}"))
+                }
+            },
+            Request::Status => {
+                let c = self.enforcer.counters().unwrap_or_default();
+                let names = self.names.read().expect("names");
+                let agents: Vec<_> = names
+                    .agents
+                    .values()
+                    .map(|a| {
+                        json!({
+                            "agent": a.name, "cgroup": a.cgroup, "policy": a.policy,
+                        })
+                    })
+                    .collect();
+                Response::ok(json!({
+                    "generation": self.generation,
+                    "policies": self.installed.keys().collect::<Vec<_>>(),
+                    "agents": agents,
+                    "counters": {
+                        "allowed": c.allowed, "denied": c.denied, "audited": c.audited,
+                        "lost": c.lost, "errors": c.errors,
+                    },
+                }))
+            }
+        }
+    }
+
+    fn report_lost(&mut self) {
+        if let Ok(c) = self.enforcer.counters() {
+            if c.lost > self.last_lost {
+                let _ = self.lost_tx.send(c.lost - self.last_lost);
+                self.last_lost = c.lost;
+            }
+        }
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        let set = match &self.source {
+            PolicySource::Path(p) => policy::load_dir(p)?,
+            PolicySource::Fixed(s) => s.clone(),
+        };
+        self.apply(set)
+    }
+
+    /// Installs a policy set without a window: new rules go in under fresh policy ids, then each
+    /// agent entry is switched in one map update, then the old rules are removed. If anything
+    /// fails before the switch, what was added is removed and the running state stays.
+    fn apply(&mut self, set: PolicySet) -> Result<()> {
+        let mut compiled = Vec::with_capacity(set.policies.len());
+        for p in &set.policies {
+            compiled.push(policy::compile(p)?);
+        }
+        let generation = self.generation + 1;
+        let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
+        let mut metas = Vec::new();
+        for (p, c) in set.policies.iter().zip(compiled) {
+            let id = self.next_policy_id;
+            self.next_policy_id = self
+                .next_policy_id
+                .checked_add(1)
+                .context("policy ids exhausted")?;
+            if let Err(e) = self.enforcer.install_rules(id, &c) {
+                let _ = self.enforcer.remove_rules(id, &c);
+                for inst in fresh.values() {
+                    let _ = self.enforcer.remove_rules(inst.id, &inst.compiled);
+                }
+                return Err(e).with_context(|| format!("installing policy {}", p.name));
+            }
+            metas.push((
+                id,
+                PolicyMeta {
+                    name: p.name.clone(),
+                    version: generation,
+                    rules: p.rules.iter().map(|r| r.name.clone()).collect(),
+                },
+            ));
+            fresh.insert(
+                p.name.clone(),
+                Installed {
+                    id,
+                    compiled: c,
+                    mode: p.mode.as_kernel(),
+                },
+            );
+        }
+        {
+            let mut names = self.names.write().expect("names");
+            for (id, m) in metas {
+                names.policies.insert(id, m);
+            }
+        }
+        let old = std::mem::replace(&mut self.installed, fresh);
+        self.set = set;
+        self.generation = generation;
+        // Re-point every registered agent, then pick up cgroups the new selectors match.
+        let ids: Vec<u64> = self.agents.keys().copied().collect();
+        for id in ids {
+            let rel = self.agents[&id].rel.clone();
+            if let Err(e) = self.register(id, &rel) {
+                tracing::info!(cgroup = %rel, "no longer an agent: {e:#}");
+                self.unregister(id);
+            }
+        }
+        self.rescan();
+        for inst in old.values() {
+            if let Err(e) = self.enforcer.remove_rules(inst.id, &inst.compiled) {
+                tracing::warn!(policy_id = inst.id, "removing old rules: {e}");
+            }
+        }
+        tracing::info!(
+            generation,
+            policies = self.installed.len(),
+            "policy applied"
+        );
+        Ok(())
+    }
+
+    fn register_path(&mut self, path: &Path) -> Result<AgentMeta> {
+        let rel = cgroup::relative(&self.root, path)?;
+        let id = cgroup::cgroup_id(path)?;
+        self.register(id, &rel)
+    }
+
+    /// Registers (or re-points) one cgroup; errors when no policy selects it.
+    fn register(&mut self, id: u64, rel: &str) -> Result<AgentMeta> {
+        let level = cgroup::level(rel);
+        if level == 0 || level > MAX_CGROUP_LEVEL {
+            bail!("cgroup {rel:?} is at level {level}; agents must be at levels 1..={MAX_CGROUP_LEVEL}");
+        }
+        let matches = self.set.find_for_cgroup(rel);
+        let (policy_id, mode_, policy_name) = match matches.as_slice() {
+            [] => bail!("no policy selects cgroup {rel:?}"),
+            [p] => {
+                let inst = &self.installed[&p.name];
+                (inst.id, inst.mode, p.name.clone())
+            }
+            many => {
+                let list: Vec<_> = many.iter().map(|p| p.name.as_str()).collect();
+                tracing::error!(cgroup = rel, policies = ?list,
+                    "several policies select this cgroup: it is denied everything until fixed");
+                (
+                    CONFLICT_POLICY_ID,
+                    mode::ENFORCE,
+                    "conflict:deny-all".to_string(),
+                )
+            }
+        };
+        let entry = AgentEntry {
+            policy_id,
+            mode: mode_,
+            policy_version: self.generation,
+            _reserved: 0,
+        };
+        self.enforcer.set_agent(id, entry)?;
+        let meta = AgentMeta {
+            name: agent_name(rel),
+            cgroup: rel.to_string(),
+            policy: policy_name,
+        };
+        let new = !self.agents.contains_key(&id);
+        self.agents.insert(
+            id,
+            Registered {
+                rel: rel.to_string(),
+                level,
+                policy_id,
+            },
+        );
+        self.names
+            .write()
+            .expect("names")
+            .agents
+            .insert(id, meta.clone());
+        self.update_levels()?;
+        if new {
+            tracing::info!(agent = %meta.name, cgroup = rel, policy = %meta.policy, "agent registered");
+        }
+        Ok(meta)
+    }
+
+    fn unregister(&mut self, id: u64) {
+        if let Err(e) = self.enforcer.remove_agent(id) {
+            tracing::warn!(cgroup_id = id, "removing agent: {e}");
+        }
+        self.agents.remove(&id);
+        self.names.write().expect("names").agents.remove(&id);
+        let _ = self.update_levels();
+    }
+
+    fn update_levels(&mut self) -> Result<()> {
+        let mask = self.agents.values().fold(0u32, |m, a| m | (1 << a.level));
+        self.enforcer.set_agent_levels(mask)?;
+        Ok(())
+    }
+
+    /// Registers cgroups that selectors match and forgets agents whose cgroup is gone.
+    fn rescan(&mut self) {
+        let gone: Vec<u64> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| !self.root.join(&a.rel).is_dir())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.unregister(id);
+        }
+        if self.set.policies.is_empty() {
+            return;
+        }
+        for rel in cgroup::walk(&self.root) {
+            if self.set.find_for_cgroup(&rel).is_empty() {
+                continue;
+            }
+            let Ok(id) = cgroup::cgroup_id(&self.root.join(&rel)) else {
+                continue;
+            };
+            let current = self.agents.get(&id).map(|a| a.policy_id);
+            let wanted = match self.set.find_for_cgroup(&rel).as_slice() {
+                [p] => self.installed.get(&p.name).map(|i| i.id),
+                _ => Some(CONFLICT_POLICY_ID),
+            };
+            if current != wanted {
+                if let Err(e) = self.register(id, &rel) {
+                    tracing::warn!(cgroup = rel, "cannot register: {e:#}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! `agentwall demo`: the whole loop on loopback with the embedded demo policy. Servers listen on
+//! loopback, the controller enforces, an agent process (run through `agentwall exec`) tries
+//! allowed and denied destinations, and the audit records are printed.
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::mpsc;
+
+use crate::{
+    controller::{self, Options, PolicySource},
+    events::AuditRecord,
+    policy::{self, PolicySet},
+};
+
+/// The demo policy, embedded so the demo needs no files.
+pub const DEMO_POLICY: &str = include_str!("../../policies/demo.yaml");
+
+/// What the demo agent tries; every target is loopback.
+const TARGETS: &[(&str, &str)] = &[
+    ("tcp", "127.0.0.1:8080"),
+    ("tcp", "127.0.0.1:9005"),
+    ("tcp", "127.0.0.1:9999"),
+    ("tcp", "127.0.0.2:8080"),
+    ("tcp", "[::1]:8080"),
+    ("tcp", "[::ffff:127.0.0.1]:8080"),
+    ("udp", "127.0.0.1:5353"),
+    ("udp", "127.0.0.1:5354"),
+];
+
+pub async fn run(audit_log: PathBuf) -> Result<()> {
+    let demo = policy::parse_policy(Path::new("policies/demo.yaml"), DEMO_POLICY)?;
+    let selector = demo
+        .agents
+        .first()
+        .map(|s| s.pattern.clone())
+        .context("the demo policy selects no cgroup")?;
+    let _servers = Servers::start()?;
+    let socket = std::env::temp_dir().join(format!("agentwall-demo-{}.sock", std::process::id()));
+    let (tap, mut records) = mpsc::unbounded_channel();
+    let mut opts = Options::new(PolicySource::Fixed(PolicySet {
+        policies: vec![demo],
+    }));
+    opts.audit_log = Some(audit_log.clone());
+    opts.control_socket = Some(socket.clone());
+    opts.tap = Some(tap);
+    let handle = controller::start(opts).await?;
+    let root = handle.cgroup_root.clone();
+    let (parent, name) = selector
+        .rsplit_once('/')
+        .context("the demo selector must be <parent>/<name>")?;
+
+    println!(
+        "agentwall demo: policy `demo` enforces on cgroup {selector}; targets are loopback only\n"
+    );
+    let exe = std::env::current_exe()?;
+    let status = tokio::process::Command::new(&exe)
+        .args([
+            "exec",
+            "--agent",
+            name,
+            "--cgroup-parent",
+            parent,
+            "--control-socket",
+        ])
+        .arg(&socket)
+        .arg("--")
+        .arg(&exe)
+        .arg("demo-agent")
+        .status()
+        .await?;
+    // A process outside any agent cgroup is not affected: same denied target, no event.
+    let outside = TcpStream::connect_timeout(&"127.0.0.2:8080".parse()?, Duration::from_secs(2));
+    println!(
+        "\nnot an agent (this process) -> tcp 127.0.0.2:8080: {}",
+        if outside.is_ok() {
+            "connected, no event"
+        } else {
+            "FAILED"
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    handle.shutdown().await?;
+    let _ = std::fs::remove_dir(root.join(&selector));
+
+    println!("\naudit records (full JSON in {}):", audit_log.display());
+    let mut n = 0;
+    while let Ok(rec) = records.try_recv() {
+        n += 1;
+        print_record(&rec);
+    }
+    if !status.success() || outside.is_err() || n != TARGETS.len() {
+        bail!(
+            "demo did not go as expected: agent {status}, {n} records for {} attempts",
+            TARGETS.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_record(rec: &AuditRecord) {
+    match &rec.decision {
+        Some(d) => println!(
+            "  #{:<3} {:<8} {} {} agent={} pid={} ({}) reason={}{}",
+            rec.seq,
+            d.action,
+            d.protocol,
+            d.dst
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, d.port).to_string())
+                .unwrap_or_else(|_| format!("{}:{}", d.dst, d.port)),
+            d.agent.as_deref().unwrap_or("?"),
+            d.pid,
+            d.comm,
+            d.reason,
+            d.rule_name
+                .as_deref()
+                .map(|r| format!(" rule={r}"))
+                .unwrap_or_default()
+        ),
+        None => println!("  #{:<3} lost {} events", rec.seq, rec.lost.unwrap_or(0)),
+    }
+}
+
+/// The demo agent: tries each target and says what happened.
+pub fn agent() -> Result<()> {
+    for (proto, target) in TARGETS {
+        let addr: SocketAddr = target.parse()?;
+        let result = match *proto {
+            "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ()),
+            _ => {
+                let bind = if addr.is_ipv4() {
+                    "127.0.0.1:0"
+                } else {
+                    "[::1]:0"
+                };
+                UdpSocket::bind(bind).and_then(|s| s.send_to(b"demo", addr).map(|_| ()))
+            }
+        };
+        let what = match result {
+            Ok(()) => "allowed".to_string(),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                "EPERM: blocked by agentwall".to_string()
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        println!(
+            "agent (pid {}) -> {proto} {target}: {what}",
+            std::process::id()
+        );
+    }
+    // Stay a moment so the controller can still read this process's details from /proc.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+/// Loopback listeners for every target, so allowed connections really complete.
+struct Servers {
+    _tcp: Vec<TcpListener>,
+    _udp: Vec<UdpSocket>,
+}
+
+impl Servers {
+    fn start() -> Result<Self> {
+        let mut tcp = Vec::new();
+        let mut udp = Vec::new();
+        for (proto, target) in TARGETS {
+            let mut addr: SocketAddr = target.parse()?;
+            if let SocketAddr::V6(v6) = addr {
+                if let Some(v4) = v6.ip().to_ipv4_mapped() {
+                    addr = SocketAddr::new(v4.into(), v6.port());
+                }
+            }
+            let busy = |e: std::io::Error| {
+                anyhow::anyhow!("demo server on {proto} {addr}: {e} (is something else using it?)")
+            };
+            match *proto {
+                "tcp" => {
+                    if !tcp
+                        .iter()
+                        .any(|l: &TcpListener| l.local_addr().ok() == Some(addr))
+                    {
+                        tcp.push(TcpListener::bind(addr).map_err(busy)?);
+                    }
+                }
+                _ => udp.push(UdpSocket::bind(addr).map_err(busy)?),
+            }
+        }
+        // The kernel completes TCP handshakes into the backlog; nobody needs to accept.
+        Ok(Self {
+            _tcp: tcp,
+            _udp: udp,
+        })
+    }
+}

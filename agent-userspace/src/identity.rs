@@ -1,0 +1,82 @@
+//! Who is who: registered agent cgroups and the policies they run under, shared (read-only) with
+//! the event pipeline so each decision can be named.
+
+use std::collections::HashMap;
+
+/// A registered agent cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentMeta {
+    /// The agent's name: the last component of its cgroup path.
+    pub name: String,
+    /// Path relative to the cgroup2 root.
+    pub cgroup: String,
+    pub policy: String,
+}
+
+/// An installed version of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyMeta {
+    pub name: String,
+    pub version: u32,
+    /// Rule names by rule id (None when the rule has no name).
+    pub rules: Vec<Option<String>>,
+}
+
+/// Names for the ids the kernel reports. Policy entries are kept after a reload so events still
+/// in flight for the old version are named correctly.
+#[derive(Debug, Default, Clone)]
+pub struct Names {
+    pub agents: HashMap<u64, AgentMeta>,
+    pub policies: HashMap<u32, PolicyMeta>,
+}
+
+impl Names {
+    pub fn rule_name(&self, policy_id: u32, rule_id: u32) -> Option<&str> {
+        self.policies
+            .get(&policy_id)?
+            .rules
+            .get(rule_id as usize)?
+            .as_deref()
+    }
+}
+
+/// The agent name for a cgroup path: its last component.
+pub fn agent_name(rel_cgroup: &str) -> String {
+    rel_cgroup
+        .rsplit('/')
+        .find(|c| !c.is_empty())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Validates an agent name given to `agentwall exec --agent`: one cgroup path component.
+pub fn valid_agent_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_name_is_the_last_component() {
+        assert_eq!(agent_name("agentwall/demo"), "demo");
+        assert_eq!(agent_name("demo"), "demo");
+        assert_eq!(agent_name("a/b/c/"), "c");
+    }
+
+    #[test]
+    fn agent_names_are_single_components() {
+        assert!(valid_agent_name("research-1"));
+        assert!(!valid_agent_name(""));
+        assert!(!valid_agent_name(".."));
+        assert!(!valid_agent_name("a/b"));
+        assert!(!valid_agent_name("a b"));
+    }
+}

@@ -1,0 +1,11 @@
+//! agentwall's controller: loads the kernel programs, keeps the policy maps current, registers
+//! agent cgroups and writes one audit record per decision.
+
+pub mod api;
+pub mod cgroup;
+pub mod controller;
+pub mod demo;
+pub mod events;
+pub mod identity;
+pub mod loader;
+pub mod policy;

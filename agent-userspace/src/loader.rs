@@ -1,0 +1,280 @@
+//! Loads the eBPF object, attaches its programs at the cgroup2 root and owns the typed handles to
+//! its maps. Nothing else in the controller touches a kernel map.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use thiserror::Error;
+
+use agent_common::{counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, POLICY_PREFIX_BITS};
+
+use crate::policy::CompiledPolicy;
+
+/// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
+
+/// The programs, by the function names in agent-ebpf.
+pub const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+/// Bytes pending in the ring buffer before a program wakes the consumer (see agent-ebpf).
+pub const DEFAULT_WAKEUP_BYTES: u64 = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum LoaderError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] ProgramError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] MapError),
+    #[error("the eBPF object has no {0} {1}")]
+    Missing(&'static str, &'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting bpffs at {0}: {1}")]
+    Bpffs(String, #[source] io::Error),
+    #[error("programs are already attached")]
+    AlreadyAttached,
+}
+
+/// Sums of the per-CPU counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub lost: u64,
+    pub errors: u64,
+}
+
+pub struct Enforcer {
+    ebpf: Ebpf,
+    attached: bool,
+    config: Array<MapData, Config>,
+    agents: HashMap<MapData, u64, AgentEntry>,
+    rules_v4: LpmTrie<MapData, PrefixV4, RuleSet>,
+    rules_v6: LpmTrie<MapData, PrefixV6, RuleSet>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+}
+
+macro_rules! take_map {
+    ($ebpf:expr, $name:literal) => {
+        $ebpf
+            .take_map($name)
+            .ok_or(LoaderError::Missing("map", $name))?
+            .try_into()
+            .map_err(|e| LoaderError::Map($name, e))?
+    };
+}
+
+impl Enforcer {
+    /// Loads the object and its programs into the kernel; nothing is attached yet, so
+    /// the maps can be filled first and enforcement starts complete.
+    pub fn load(wakeup_bytes: u64) -> Result<Self, LoaderError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .load(EBPF_OBJECT)?;
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Missing("program", name))?
+                .try_into()
+                .map_err(|e| LoaderError::Program(name, e))?;
+            prog.load().map_err(|e| LoaderError::Program(name, e))?;
+        }
+        let config = take_map!(ebpf, "AW_CONFIG");
+        let agents = take_map!(ebpf, "AW_AGENTS");
+        let rules_v4 = take_map!(ebpf, "AW_RULES_V4");
+        let rules_v6 = take_map!(ebpf, "AW_RULES_V6");
+        let counters = take_map!(ebpf, "AW_COUNTERS");
+        let events = Some(take_map!(ebpf, "AW_EVENTS"));
+        Ok(Self {
+            ebpf,
+            attached: false,
+            config,
+            agents,
+            rules_v4,
+            rules_v6,
+            counters,
+            events,
+        })
+    }
+
+    /// Attaches every program to `cgroup` (the cgroup2 root in production) with bpf links,
+    /// which coexist with other programs on the node. Dropping the Enforcer detaches them.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoaderError> {
+        if self.attached {
+            return Err(LoaderError::AlreadyAttached);
+        }
+        let fd = File::open(cgroup).map_err(|source| LoaderError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Missing("program", name))?
+                .try_into()
+                .map_err(|e| LoaderError::Program(name, e))?;
+            // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
+            prog.attach(&fd, CgroupAttachMode::Single)
+                .map_err(|e| LoaderError::Program(name, e))?;
+        }
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Hands the ring buffer to the event reader (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Sets the mask of cgroup levels that hold agents.
+    pub fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
+        let cfg = Config {
+            agent_levels: mask,
+            _reserved: 0,
+        };
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| LoaderError::Map("AW_CONFIG", e))
+    }
+
+    pub fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
+        self.agents
+            .insert(cgroup_id, entry, 0)
+            .map_err(|e| LoaderError::Map("AW_AGENTS", e))
+    }
+
+    pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
+        match self.agents.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(LoaderError::Map("AW_AGENTS", e)),
+        }
+    }
+
+    /// Writes a compiled policy's prefixes under `policy_id`.
+    pub fn install_rules(
+        &mut self,
+        policy_id: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<(), LoaderError> {
+        for (len, addr, rules) in &compiled.v4 {
+            self.rules_v4
+                .insert(&key_v4(policy_id, *len, *addr), rules, 0)
+                .map_err(|e| LoaderError::Map("AW_RULES_V4", e))?;
+        }
+        for (len, addr, rules) in &compiled.v6 {
+            self.rules_v6
+                .insert(&key_v6(policy_id, *len, *addr), rules, 0)
+                .map_err(|e| LoaderError::Map("AW_RULES_V6", e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what `install_rules` wrote for `policy_id`.
+    pub fn remove_rules(
+        &mut self,
+        policy_id: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<(), LoaderError> {
+        for (len, addr, _) in &compiled.v4 {
+            match self.rules_v4.remove(&key_v4(policy_id, *len, *addr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_RULES_V4", e)),
+            }
+        }
+        for (len, addr, _) in &compiled.v6 {
+            match self.rules_v6.remove(&key_v6(policy_id, *len, *addr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<Counters, LoaderError> {
+        let sum = |i: u32| -> Result<u64, LoaderError> {
+            let v = self
+                .counters
+                .get(&i, 0)
+                .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+            Ok(v.iter().sum())
+        };
+        Ok(Counters {
+            allowed: sum(counter::ALLOWED)?,
+            denied: sum(counter::DENIED)?,
+            audited: sum(counter::AUDITED)?,
+            lost: sum(counter::LOST)?,
+            errors: sum(counter::ERRORS)?,
+        })
+    }
+}
+
+fn key_v4(policy_id: u32, len: u8, addr: [u8; 4]) -> Key<PrefixV4> {
+    Key::new(
+        POLICY_PREFIX_BITS + len as u32,
+        PrefixV4 {
+            policy: policy_id.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+fn key_v6(policy_id: u32, len: u8, addr: [u8; 16]) -> Key<PrefixV6> {
+    Key::new(
+        POLICY_PREFIX_BITS + len as u32,
+        PrefixV6 {
+            policy: policy_id.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+/// Mounts bpffs at `path` when it is not mounted there yet (as Cilium and bpfman do).
+pub fn ensure_bpffs(path: &Path) -> Result<(), LoaderError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let err = |e: io::Error| LoaderError::Bpffs(path.display().to_string(), e);
+    std::fs::create_dir_all(path).map_err(err)?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.into()))?;
+    // SAFETY: statfs fills the struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    if st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let bpf = CString::new("bpf").expect("no NUL");
+    // SAFETY: all arguments are valid C strings; data may be null.
+    let rc = unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Renders a key for logs.
+pub fn describe_v4(len: u8, addr: [u8; 4]) -> String {
+    format!("{}/{len}", Ipv4Addr::from(addr))
+}
+
+pub fn describe_v6(len: u8, addr: [u8; 16]) -> String {
+    format!("{}/{len}", Ipv6Addr::from(addr))
+}

@@ -1,0 +1,929 @@
+//! Compiling a policy into the entries of the kernel's LPM tries.
+//!
+//! The kernel looks the destination up in a longest-prefix-match trie and checks only the port
+//! rules of the entry it finds. A connection is allowed if ANY rule allows it, so the entry of
+//! each prefix carries the union of the port rules of every rule whose network covers it: the
+//! prefix itself and every shorter prefix that contains it. Otherwise a more specific rule
+//! would hide a broader one.
+//!
+//! Prefixes sorted by (network address, length) list every prefix after all prefixes that
+//! contain it, and the prefixes containing the current one are exactly a stack of enclosing
+//! prefixes. One sweep gives each entry = merge(enclosing entry, own rules): O(n log n).
+//!
+//! Port merging works per protocol: all ranges (with the id of the rule that gave them) are
+//! sorted and merged into maximal runs, overlapping or adjacent, each keeping the lowest rule
+//! id. A run that TCP and UDP share exactly is emitted once as TCP|UDP. This is the fewest
+//! entries that cover exactly the allowed (port, protocol) pairs: every run needs an entry of
+//! its own, and an entry can serve a TCP run and a UDP run only when the two are identical.
+//! An inherited run is never split (coverage only grows down the tree), so merging the
+//! enclosing entry's runs instead of all its rules gives the same ranges and ids.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use agent_common::{proto, PortRule, RuleSet, MAX_PORT_RULES, MAX_PREFIXES_V4, MAX_PREFIXES_V6};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{Policy, Rule};
+
+/// A policy as the kernel's tries hold it: one entry per distinct prefix, sorted by (address,
+/// prefix length). Prefix lengths count the address only (the loader adds the 32 policy-id
+/// bits). IPv4-mapped IPv6 networks (`::ffff:0:0/96` and inside) are in `v4`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub v4: Vec<(u8, [u8; 4], RuleSet)>,
+    pub v6: Vec<(u8, [u8; 16], RuleSet)>,
+}
+
+impl CompiledPolicy {
+    /// Number of trie entries (both families).
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// Why a policy does not fit the kernel's maps.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// One prefix needs more than `agent_common::MAX_PORT_RULES` port rules.
+    #[error(
+        "policy {policy:?} ({}): destination {prefix} needs {count} port rules after merging \
+         every rule that covers it, more than the limit of {max}; merge port ranges (e.g. \
+         \"8000-8100\" instead of single ports) or use fewer overlapping rules",
+        path.display()
+    )]
+    TooManyPortRules {
+        policy: String,
+        path: PathBuf,
+        prefix: IpNet,
+        count: usize,
+        max: usize,
+    },
+    /// More distinct prefixes of one family than the trie holds.
+    #[error(
+        "policy {policy:?} ({}): {count} distinct {family} prefixes, more than the limit of {max}",
+        path.display()
+    )]
+    TooManyPrefixes {
+        policy: String,
+        path: PathBuf,
+        family: &'static str,
+        count: usize,
+        max: usize,
+    },
+}
+
+/// A maximal port range of one protocol, with the lowest id of the rules that gave it.
+/// Bounds are u32 so that `hi + 1` cannot overflow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    lo: u32,
+    hi: u32,
+    id: u32,
+}
+
+/// Merged runs of each protocol, sorted, disjoint and not adjacent.
+#[derive(Clone, Debug, Default)]
+struct Runs {
+    tcp: Vec<Run>,
+    udp: Vec<Run>,
+}
+
+/// Sorts and merges overlapping and adjacent runs; a merged run keeps the lowest id.
+fn merge_runs(mut items: Vec<Run>) -> Vec<Run> {
+    items.sort_unstable_by_key(|r| (r.lo, r.hi, r.id));
+    let mut out: Vec<Run> = Vec::with_capacity(items.len().min(MAX_PORT_RULES + 1));
+    for item in items {
+        match out.last_mut() {
+            Some(last) if item.lo <= last.hi + 1 => {
+                last.hi = last.hi.max(item.hi);
+                last.id = last.id.min(item.id);
+            }
+            _ => out.push(item),
+        }
+    }
+    out
+}
+
+impl Runs {
+    fn of_rule(rule: &Rule) -> Runs {
+        let runs = merge_runs(
+            rule.ports
+                .iter()
+                .filter(|(lo, hi)| lo <= hi)
+                .map(|&(lo, hi)| Run {
+                    lo: lo.into(),
+                    hi: hi.into(),
+                    id: rule.id,
+                })
+                .collect(),
+        );
+        Runs {
+            tcp: if rule.protocols & proto::TCP != 0 {
+                runs.clone()
+            } else {
+                Vec::new()
+            },
+            udp: if rule.protocols & proto::UDP != 0 {
+                runs
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The union of several run sets.
+    fn union<'a>(sets: impl Iterator<Item = &'a Runs> + Clone) -> Runs {
+        let tcp = sets.clone().flat_map(|r| r.tcp.iter().copied()).collect();
+        let udp = sets.flat_map(|r| r.udp.iter().copied()).collect();
+        Runs {
+            tcp: merge_runs(tcp),
+            udp: merge_runs(udp),
+        }
+    }
+
+    /// The fewest port rules covering exactly these runs, sorted by (lo, hi, protocols).
+    fn port_rules(&self) -> Vec<PortRule> {
+        let rule = |r: &Run, protocols| PortRule {
+            port_lo: r.lo as u16,
+            port_hi: r.hi as u16,
+            protocols,
+            rule_id: r.id,
+        };
+        let (mut t, mut u) = (self.tcp.iter().peekable(), self.udp.iter().peekable());
+        let mut out = Vec::with_capacity(self.tcp.len() + self.udp.len());
+        loop {
+            match (t.peek(), u.peek()) {
+                (Some(a), Some(b)) if (a.lo, a.hi) == (b.lo, b.hi) => {
+                    out.push(PortRule {
+                        rule_id: a.id.min(b.id),
+                        ..rule(a, proto::TCP | proto::UDP)
+                    });
+                    t.next();
+                    u.next();
+                }
+                (Some(a), Some(b)) if (a.lo, a.hi) < (b.lo, b.hi) => {
+                    out.push(rule(a, proto::TCP));
+                    t.next();
+                }
+                (Some(a), None) => {
+                    out.push(rule(a, proto::TCP));
+                    t.next();
+                }
+                (_, Some(b)) => {
+                    out.push(rule(b, proto::UDP));
+                    u.next();
+                }
+                (None, None) => break,
+            }
+        }
+        out
+    }
+}
+
+/// A prefix of either family as an integer: `bits` is 32 or 128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Prefix {
+    addr: u128,
+    len: u8,
+}
+
+impl Prefix {
+    fn contains(&self, other: &Prefix, bits: u8) -> bool {
+        self.len <= other.len && mask(self.len, bits) & (self.addr ^ other.addr) == 0
+    }
+}
+
+fn mask(len: u8, bits: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        (u128::MAX << (128 - u32::from(len))) >> (128 - u32::from(bits))
+    }
+}
+
+/// Which trie a network goes to; IPv4-mapped IPv6 networks are IPv4.
+fn classify(net: &IpNet) -> (bool, Prefix) {
+    match net {
+        IpNet::V4(n) => (
+            true,
+            Prefix {
+                addr: u32::from(n.network()).into(),
+                len: n.prefix_len(),
+            },
+        ),
+        IpNet::V6(n) => {
+            let addr = u128::from(n.network());
+            if n.prefix_len() >= 96 && addr >> 32 == 0xffff {
+                (
+                    true,
+                    Prefix {
+                        addr: addr & 0xffff_ffff,
+                        len: n.prefix_len() - 96,
+                    },
+                )
+            } else {
+                (
+                    false,
+                    Prefix {
+                        addr,
+                        len: n.prefix_len(),
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Compiles a policy into trie entries. See the module documentation for the semantics.
+pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
+    let rule_runs: Vec<Runs> = policy.rules.iter().map(Runs::of_rule).collect();
+    let mut v4: Vec<(Prefix, usize)> = Vec::new();
+    let mut v6: Vec<(Prefix, usize)> = Vec::new();
+    for (index, rule) in policy.rules.iter().enumerate() {
+        for net in &rule.nets {
+            match classify(net) {
+                (true, prefix) => v4.push((prefix, index)),
+                (false, prefix) => v6.push((prefix, index)),
+            }
+        }
+    }
+    let v4 = sweep(policy, &rule_runs, v4, Family::V4)?
+        .into_iter()
+        .map(|(p, set)| (p.len, (p.addr as u32).to_be_bytes(), set))
+        .collect();
+    let v6 = sweep(policy, &rule_runs, v6, Family::V6)?
+        .into_iter()
+        .map(|(p, set)| (p.len, p.addr.to_be_bytes(), set))
+        .collect();
+    Ok(CompiledPolicy { v4, v6 })
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    fn max_prefixes(self) -> usize {
+        match self {
+            Family::V4 => MAX_PREFIXES_V4 as usize,
+            Family::V6 => MAX_PREFIXES_V6 as usize,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn net(self, p: Prefix) -> IpNet {
+        match self {
+            Family::V4 => Ipv4Net::new((p.addr as u32).into(), p.len)
+                .expect("length checked")
+                .into(),
+            Family::V6 => Ipv6Net::new(p.addr.into(), p.len)
+                .expect("length checked")
+                .into(),
+        }
+    }
+}
+
+/// The stack sweep over one family's (prefix, rule index) pairs.
+fn sweep(
+    policy: &Policy,
+    rule_runs: &[Runs],
+    mut pairs: Vec<(Prefix, usize)>,
+    family: Family,
+) -> Result<Vec<(Prefix, RuleSet)>, CompileError> {
+    pairs.sort_unstable();
+    pairs.dedup();
+    let distinct =
+        pairs.windows(2).filter(|w| w[0].0 != w[1].0).count() + usize::from(!pairs.is_empty());
+    if distinct > family.max_prefixes() {
+        return Err(CompileError::TooManyPrefixes {
+            policy: policy.name.clone(),
+            path: policy.source.clone(),
+            family: family.name(),
+            count: distinct,
+            max: family.max_prefixes(),
+        });
+    }
+
+    let bits = family.bits();
+    let mut out = Vec::with_capacity(distinct);
+    let mut stack: Vec<(Prefix, Runs)> = Vec::new();
+    for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+        let prefix = group[0].0;
+        while stack
+            .last()
+            .is_some_and(|(enclosing, _)| !enclosing.contains(&prefix, bits))
+        {
+            stack.pop();
+        }
+        let own = group.iter().map(|&(_, index)| &rule_runs[index]);
+        let runs = match stack.last() {
+            Some((_, enclosing)) => Runs::union(own.chain(std::iter::once(enclosing))),
+            None => Runs::union(own),
+        };
+        let rules = runs.port_rules();
+        if rules.len() > MAX_PORT_RULES {
+            return Err(CompileError::TooManyPortRules {
+                policy: policy.name.clone(),
+                path: policy.source.clone(),
+                prefix: family.net(prefix),
+                count: rules.len(),
+                max: MAX_PORT_RULES,
+            });
+        }
+        let mut set = RuleSet::EMPTY;
+        set.count = rules.len() as u32;
+        set.rules[..rules.len()].copy_from_slice(&rules);
+        out.push((prefix, set));
+        stack.push((prefix, runs));
+    }
+    Ok(out)
+}
+
+/// The port rules of one compiled entry, for people: `tcp 443 (rule 0), any 53 (rule 2)`.
+pub struct DisplayRuleSet<'a>(pub &'a RuleSet);
+
+impl fmt::Display for DisplayRuleSet<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = (self.0.count as usize).min(MAX_PORT_RULES);
+        if count == 0 {
+            return f.write_str("nothing");
+        }
+        for (i, r) in self.0.rules[..count].iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let protocols = match r.protocols & proto::ALL {
+                proto::ALL => "tcp+udp",
+                proto::TCP => "tcp",
+                proto::UDP => "udp",
+                _ => "none",
+            };
+            write!(f, "{protocols} ")?;
+            if (r.port_lo, r.port_hi) == (0, u16::MAX) {
+                f.write_str("all ports")?;
+            } else if r.port_lo == r.port_hi {
+                write!(f, "{}", r.port_lo)?;
+            } else {
+                write!(f, "{}-{}", r.port_lo, r.port_hi)?;
+            }
+            write!(f, " (rule {})", r.rule_id)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CompiledPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (len, addr, set) in &self.v4 {
+            let net = Ipv4Net::new((*addr).into(), *len).map_err(|_| fmt::Error)?;
+            writeln!(f, "{net}: {}", DisplayRuleSet(set))?;
+        }
+        for (len, addr, set) in &self.v6 {
+            let net = Ipv6Net::new((*addr).into(), *len).map_err(|_| fmt::Error)?;
+            writeln!(f, "{net}: {}", DisplayRuleSet(set))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::path::Path;
+
+    use agent_common::proto::{ALL, TCP, UDP};
+
+    use super::*;
+    use crate::policy::raw::parse_net;
+    use crate::policy::{parse_policy, CgroupSelector, Mode};
+
+    fn pr(port_lo: u16, port_hi: u16, protocols: u32, rule_id: u32) -> PortRule {
+        PortRule {
+            port_lo,
+            port_hi,
+            protocols,
+            rule_id,
+        }
+    }
+
+    /// A policy from rules written as (cidrs, ports, protocols); ids are the positions.
+    /// (networks, port ranges, protocols) of one rule.
+    type Spec<'a> = (&'a [&'a str], &'a [(u16, u16)], u32);
+
+    fn policy(rules: &[Spec]) -> Policy {
+        Policy {
+            name: "t".into(),
+            mode: Mode::Enforce,
+            agents: vec![CgroupSelector::new("t").unwrap()],
+            rules: rules
+                .iter()
+                .enumerate()
+                .map(|(id, (nets, ports, protocols))| Rule {
+                    id: id as u32,
+                    name: None,
+                    nets: nets.iter().map(|n| parse_net(n).unwrap()).collect(),
+                    ports: ports.to_vec(),
+                    protocols: *protocols,
+                })
+                .collect(),
+            source: "t.yaml".into(),
+        }
+    }
+
+    fn rules(set: &RuleSet) -> &[PortRule] {
+        &set.rules[..set.count as usize]
+    }
+
+    /// The v4 entry for `prefix` ("a.b.c.d/len").
+    fn v4<'a>(c: &'a CompiledPolicy, prefix: &str) -> &'a [PortRule] {
+        let net: Ipv4Net = prefix.parse().unwrap();
+        let (_, _, set) =
+            c.v4.iter()
+                .find(|(len, addr, _)| *len == net.prefix_len() && *addr == net.addr().octets())
+                .unwrap_or_else(|| panic!("no entry for {prefix}"));
+        rules(set)
+    }
+
+    fn v6<'a>(c: &'a CompiledPolicy, prefix: &str) -> &'a [PortRule] {
+        let net: Ipv6Net = prefix.parse().unwrap();
+        let (_, _, set) =
+            c.v6.iter()
+                .find(|(len, addr, _)| *len == net.prefix_len() && *addr == net.addr().octets())
+                .unwrap_or_else(|| panic!("no entry for {prefix}"));
+        rules(set)
+    }
+
+    /// What the kernel does: longest prefix match (IPv4-mapped addresses in the v4 table),
+    /// then the first port rule that matches. Returns the rule id, or None if denied.
+    fn kernel_decides(c: &CompiledPolicy, dst: IpAddr, port: u16, protocol: u32) -> Option<u32> {
+        let dst = match dst {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(dst, IpAddr::V4),
+            v4 => v4,
+        };
+        let set = match dst {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                c.v4.iter()
+                    .filter(|(len, addr, _)| {
+                        mask(*len, 32) & (u128::from(a) ^ u128::from(u32::from_be_bytes(*addr)))
+                            == 0
+                    })
+                    .max_by_key(|(len, _, _)| *len)
+                    .map(|(_, _, set)| set)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                c.v6.iter()
+                    .filter(|(len, addr, _)| {
+                        mask(*len, 128) & (a ^ u128::from_be_bytes(*addr)) == 0
+                    })
+                    .max_by_key(|(len, _, _)| *len)
+                    .map(|(_, _, set)| set)
+            }
+        }?;
+        rules(set)
+            .iter()
+            .find(|r| r.port_lo <= port && port <= r.port_hi && r.protocols & protocol != 0)
+            .map(|r| r.rule_id)
+    }
+
+    /// What the policy means: allowed iff some rule's network, ports and protocol all match.
+    fn policy_allows(p: &Policy, dst: IpAddr, port: u16, protocol: u32) -> bool {
+        let dst = match dst {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(dst, IpAddr::V4),
+            v4 => v4,
+        };
+        p.rules.iter().any(|r| {
+            r.protocols & protocol != 0
+                && r.ports.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+                && r.nets.iter().any(|n| match (classify(n), dst) {
+                    ((true, pre), IpAddr::V4(a)) => {
+                        mask(pre.len, 32) & (pre.addr ^ u128::from(u32::from(a))) == 0
+                    }
+                    ((false, pre), IpAddr::V6(a)) => {
+                        mask(pre.len, 128) & (pre.addr ^ u128::from(a)) == 0
+                    }
+                    _ => false,
+                })
+        })
+    }
+
+    #[test]
+    fn union_of_overlapping_rules() {
+        let c = compile(&policy(&[
+            (&["10.0.0.0/8"], &[(443, 443)], TCP),
+            (&["10.1.0.0/16"], &[(53, 53)], UDP),
+        ]))
+        .unwrap();
+        assert_eq!(v4(&c, "10.0.0.0/8"), [pr(443, 443, TCP, 0)]);
+        // The /16 allows both: its own UDP 53 and the covering /8's TCP 443.
+        assert_eq!(
+            v4(&c, "10.1.0.0/16"),
+            [pr(53, 53, UDP, 1), pr(443, 443, TCP, 0)]
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(kernel_decides(&c, ip("10.1.2.3"), 443, TCP), Some(0));
+        assert_eq!(kernel_decides(&c, ip("10.1.2.3"), 53, UDP), Some(1));
+        assert_eq!(kernel_decides(&c, ip("10.2.2.3"), 53, UDP), None);
+        assert_eq!(kernel_decides(&c, ip("10.1.2.3"), 53, TCP), None);
+        assert_eq!(kernel_decides(&c, ip("11.0.0.1"), 443, TCP), None);
+    }
+
+    #[test]
+    fn nested_three_levels_and_siblings() {
+        let c = compile(&policy(&[
+            (&["10.1.2.0/24"], &[(22, 22)], TCP),
+            (&["10.1.0.0/16"], &[(53, 53)], UDP),
+            (&["10.0.0.0/8"], &[(443, 443)], TCP),
+            (&["10.2.0.0/16"], &[(80, 80)], TCP),
+            (&["10.1.3.0/24"], &[(8080, 8080)], ALL),
+            (&["11.0.0.0/8"], &[(1, 1)], TCP),
+        ]))
+        .unwrap();
+        let order: Vec<_> = c.v4.iter().map(|(l, a, _)| (*l, *a)).collect();
+        assert_eq!(
+            order,
+            [
+                (8, [10, 0, 0, 0]),
+                (16, [10, 1, 0, 0]),
+                (24, [10, 1, 2, 0]),
+                (24, [10, 1, 3, 0]),
+                (16, [10, 2, 0, 0]),
+                (8, [11, 0, 0, 0]),
+            ]
+        );
+        assert_eq!(
+            v4(&c, "10.1.2.0/24"),
+            [pr(22, 22, TCP, 0), pr(53, 53, UDP, 1), pr(443, 443, TCP, 2)]
+        );
+        assert_eq!(
+            v4(&c, "10.1.3.0/24"),
+            [
+                pr(53, 53, UDP, 1),
+                pr(443, 443, TCP, 2),
+                pr(8080, 8080, ALL, 4)
+            ]
+        );
+        // A sibling does not inherit from the branch before it.
+        assert_eq!(
+            v4(&c, "10.2.0.0/16"),
+            [pr(80, 80, TCP, 3), pr(443, 443, TCP, 2)]
+        );
+        assert_eq!(v4(&c, "11.0.0.0/8"), [pr(1, 1, TCP, 5)]);
+    }
+
+    #[test]
+    fn default_route_covers_everything_of_its_family() {
+        let c = compile(&policy(&[
+            (&["0.0.0.0/0"], &[(53, 53)], UDP),
+            (&["::/0"], &[(443, 443)], TCP),
+            (&["192.0.2.1"], &[(80, 80)], TCP),
+            (&["2001:db8::1"], &[(80, 80)], TCP),
+        ]))
+        .unwrap();
+        assert_eq!(v4(&c, "0.0.0.0/0"), [pr(53, 53, UDP, 0)]);
+        assert_eq!(
+            v4(&c, "192.0.2.1/32"),
+            [pr(53, 53, UDP, 0), pr(80, 80, TCP, 2)]
+        );
+        assert_eq!(v6(&c, "::/0"), [pr(443, 443, TCP, 1)]);
+        assert_eq!(
+            v6(&c, "2001:db8::1/128"),
+            [pr(80, 80, TCP, 3), pr(443, 443, TCP, 1)]
+        );
+    }
+
+    #[test]
+    fn port_ranges_merge() {
+        // Overlapping, adjacent and contained ranges of one protocol become one.
+        let c = compile(&policy(&[(
+            &["10.0.0.0/8"],
+            &[
+                (85, 100),
+                (80, 80),
+                (81, 81),
+                (82, 90),
+                (95, 96),
+                (102, 102),
+            ],
+            TCP,
+        )]))
+        .unwrap();
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(80, 100, TCP, 0), pr(102, 102, TCP, 0)]
+        );
+        // Extremes do not overflow.
+        let c = compile(&policy(&[(
+            &["10.0.0.0/8"],
+            &[(65535, 65535), (0, 0), (1, 65534)],
+            UDP,
+        )]))
+        .unwrap();
+        assert_eq!(v4(&c, "10.0.0.0/8"), [pr(0, 65535, UDP, 0)]);
+    }
+
+    #[test]
+    fn protocols_combine_where_coverage_coincides() {
+        let c = compile(&policy(&[
+            (&["10.0.0.0/8"], &[(53, 53)], TCP),
+            (&["10.0.0.0/8"], &[(53, 53)], UDP),
+            (&["10.0.0.0/8"], &[(1, 100)], TCP),
+            (&["10.0.0.0/8"], &[(50, 60)], UDP),
+        ]))
+        .unwrap();
+        // TCP 1-100 and UDP 50-60: two entries (fewer than splitting into three).
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(1, 100, TCP, 0), pr(50, 60, UDP, 1)]
+        );
+        let c = compile(&policy(&[
+            (&["10.0.0.0/8"], &[(53, 53)], TCP),
+            (&["10.0.0.0/8"], &[(53, 53), (443, 443)], UDP),
+            (&["10.0.0.0/8"], &[(443, 443)], TCP),
+        ]))
+        .unwrap();
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(53, 53, ALL, 0), pr(443, 443, ALL, 1)]
+        );
+    }
+
+    #[test]
+    fn rule_id_is_the_lowest_contributor() {
+        let c = compile(&policy(&[
+            (&["10.1.0.0/16"], &[(200, 300)], TCP),
+            (&["10.0.0.0/8"], &[(100, 199)], TCP),
+            (&["10.1.0.0/16"], &[(150, 250)], TCP),
+            (&["10.1.0.0/16"], &[(1000, 1000)], UDP),
+            (&["10.0.0.0/8"], &[(1000, 1000)], TCP),
+        ]))
+        .unwrap();
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(100, 199, TCP, 1), pr(1000, 1000, TCP, 4)]
+        );
+        assert_eq!(
+            v4(&c, "10.1.0.0/16"),
+            [pr(100, 300, TCP, 0), pr(1000, 1000, ALL, 3)]
+        );
+    }
+
+    #[test]
+    fn too_many_port_rules() {
+        let ports: Vec<(u16, u16)> = (0..17).map(|i| (i * 10, i * 10)).collect();
+        let p = policy(&[(&["10.0.0.0/8"], &ports, TCP)]);
+        let e = compile(&p).unwrap_err();
+        let CompileError::TooManyPortRules {
+            policy: name,
+            path,
+            prefix,
+            count,
+            max,
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (
+                name.as_str(),
+                path.as_path(),
+                prefix.to_string(),
+                *count,
+                *max
+            ),
+            (
+                "t",
+                Path::new("t.yaml"),
+                "10.0.0.0/8".to_string(),
+                17,
+                MAX_PORT_RULES
+            )
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("policy \"t\" (t.yaml): destination 10.0.0.0/8 needs 17 port rules")
+        );
+        assert!(shown.contains("merge port ranges"), "{shown}");
+
+        // Exactly the limit fits.
+        let c = compile(&policy(&[(&["10.0.0.0/8"], &ports[..16], TCP)])).unwrap();
+        assert_eq!(c.v4[0].2.count, 16);
+
+        // The limit is reached only by inheritance: the error names the inner prefix.
+        let e = compile(&policy(&[
+            (&["10.0.0.0/8"], &ports[..10], TCP),
+            (&["10.1.0.0/16"], &ports[10..], TCP),
+        ]))
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            CompileError::TooManyPortRules { prefix, count: 17, .. } if prefix.to_string() == "10.1.0.0/16"
+        ));
+    }
+
+    #[test]
+    fn too_many_prefixes() {
+        let nets: Vec<IpNet> = (0..=MAX_PREFIXES_V4)
+            .map(|i| {
+                Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32)
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        let mut p = policy(&[(&["10.0.0.0/8"], &[(1, 1)], TCP)]);
+        p.rules[0].nets = nets;
+        let e = compile(&p).unwrap_err();
+        assert!(matches!(
+            e,
+            CompileError::TooManyPrefixes { family: "IPv4", count, max, .. }
+                if count == MAX_PREFIXES_V4 as usize + 1 && max == MAX_PREFIXES_V4 as usize
+        ));
+        p.rules[0].nets.pop();
+        assert_eq!(compile(&p).unwrap().v4.len(), MAX_PREFIXES_V4 as usize);
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_compile_to_v4() {
+        let c = compile(&policy(&[
+            (&["::ffff:10.0.0.0/104"], &[(443, 443)], TCP),
+            (&["10.0.0.0/8"], &[(80, 80)], TCP),
+            (&["::ffff:0:0/96"], &[(53, 53)], UDP),
+            (&["::ffff:192.0.2.7"], &[(22, 22)], TCP),
+            (&["::/0"], &[(8443, 8443)], TCP),
+            (&["::fffe:0:0/95"], &[(7, 7)], TCP),
+        ]))
+        .unwrap();
+        // ::ffff:10.0.0.0/104 and 10.0.0.0/8 are the same entry.
+        assert_eq!(
+            c.v4.iter().map(|(l, a, _)| (*l, *a)).collect::<Vec<_>>(),
+            [(0, [0, 0, 0, 0]), (8, [10, 0, 0, 0]), (32, [192, 0, 2, 7])]
+        );
+        assert_eq!(v4(&c, "0.0.0.0/0"), [pr(53, 53, UDP, 2)]);
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(53, 53, UDP, 2), pr(80, 80, TCP, 1), pr(443, 443, TCP, 0)]
+        );
+        assert_eq!(
+            v4(&c, "192.0.2.7/32"),
+            [pr(22, 22, TCP, 3), pr(53, 53, UDP, 2)]
+        );
+        // Shorter than /96 stays IPv6; ::/0 does not cover IPv4.
+        assert_eq!(c.v6.iter().map(|(l, _, _)| *l).collect::<Vec<_>>(), [0, 95]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(kernel_decides(&c, ip("10.9.9.9"), 8443, TCP), None);
+        assert_eq!(kernel_decides(&c, ip("::ffff:10.9.9.9"), 443, TCP), Some(0));
+        assert_eq!(kernel_decides(&c, ip("2001:db8::1"), 8443, TCP), Some(4));
+    }
+
+    #[test]
+    fn bare_addresses_and_all_ports() {
+        let p = parse_policy(
+            Path::new("t.yaml"),
+            "name: t\nagents:\n  cgroups: [t]\negress:\n  - cidr: 192.0.2.1\n  - cidr: 2001:db8::1\n    protocol: tcp\n",
+        )
+        .unwrap();
+        let c = compile(&p).unwrap();
+        assert_eq!(v4(&c, "192.0.2.1/32"), [pr(0, 65535, ALL, 0)]);
+        assert_eq!(v6(&c, "2001:db8::1/128"), [pr(0, 65535, TCP, 1)]);
+    }
+
+    #[test]
+    fn duplicates_and_degenerate_rules() {
+        let c = compile(&policy(&[
+            (&["10.0.0.0/8", "10.0.0.0/8"], &[(1, 1), (1, 1)], TCP),
+            (&["10.0.0.0/8"], &[], TCP),
+            (&["10.0.0.0/8"], &[(5, 5)], 0),
+            (&[], &[(9, 9)], TCP),
+        ]))
+        .unwrap();
+        assert_eq!(c.v4.len(), 1);
+        assert_eq!(v4(&c, "10.0.0.0/8"), [pr(1, 1, TCP, 0)]);
+    }
+
+    /// A small deterministic generator (no external crates).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+
+        fn below(&mut self, n: u32) -> u32 {
+            self.next() % n
+        }
+    }
+
+    /// Random policies over a small address and port space: the compiled tries decide exactly
+    /// what the rules say, for every probe.
+    #[test]
+    fn compiled_decisions_match_the_rules() {
+        let mut rng = Lcg(7);
+        for round in 0..200 {
+            let mut p = policy(&[]);
+            for id in 0..(1 + rng.below(8)) {
+                let mut nets = Vec::new();
+                for _ in 0..(1 + rng.below(2)) {
+                    let len = [0u8, 4, 8, 12, 16, 24, 30, 32][rng.below(8) as usize];
+                    let addr =
+                        0x0a00_0000 | (rng.below(4) << 22) | (rng.below(4) << 12) | rng.below(4);
+                    let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+                    nets.push(if rng.below(4) == 0 {
+                        let mapped = net.network().to_ipv6_mapped();
+                        Ipv6Net::new(mapped, len + 96).unwrap().into()
+                    } else {
+                        net.into()
+                    });
+                    if rng.below(3) == 0 {
+                        let len = [0u8, 16, 32, 48, 64, 128][rng.below(6) as usize];
+                        let addr = Ipv6Addr::new(
+                            0x2001,
+                            0xdb8,
+                            rng.below(2) as u16,
+                            0,
+                            0,
+                            0,
+                            0,
+                            rng.below(3) as u16,
+                        );
+                        nets.push(Ipv6Net::new(addr, len).unwrap().trunc().into());
+                    }
+                }
+                let ports = (0..(1 + rng.below(3)))
+                    .map(|_| {
+                        let lo = rng.below(40) as u16;
+                        (lo, lo + rng.below(10) as u16)
+                    })
+                    .collect();
+                p.rules.push(Rule {
+                    id,
+                    name: None,
+                    nets,
+                    ports,
+                    protocols: [TCP, UDP, ALL][rng.below(3) as usize],
+                });
+            }
+            let c = match compile(&p) {
+                Ok(c) => c,
+                Err(CompileError::TooManyPortRules { .. }) => continue,
+                Err(e) => panic!("{e}"),
+            };
+            for _ in 0..300 {
+                let v4 = Ipv4Addr::from(
+                    0x0a00_0000 | (rng.below(4) << 22) | (rng.below(4) << 12) | rng.below(4),
+                );
+                let dst = match rng.below(5) {
+                    0 => IpAddr::V6(v4.to_ipv6_mapped()),
+                    1 => IpAddr::V6(Ipv6Addr::new(
+                        0x2001,
+                        0xdb8,
+                        rng.below(2) as u16,
+                        0,
+                        0,
+                        0,
+                        0,
+                        rng.below(3) as u16,
+                    )),
+                    2 => IpAddr::V4(Ipv4Addr::from(rng.next())),
+                    _ => IpAddr::V4(v4),
+                };
+                let port = rng.below(55) as u16;
+                let protocol = [TCP, UDP][rng.below(2) as usize];
+                let kernel = kernel_decides(&c, dst, port, protocol);
+                assert_eq!(
+                    kernel.is_some(),
+                    policy_allows(&p, dst, port, protocol),
+                    "round {round}: {dst} {port} {protocol}\n{p}\n{c}"
+                );
+                if let Some(id) = kernel {
+                    // The id is one of the rules that contributed to the matched range.
+                    assert!((id as usize) < p.rules.len());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,522 @@
+//! Policies: the YAML format, loading (one policy per file, a directory is loaded all or
+//! nothing) and compilation into the per-prefix rule sets the kernel's LPM tries hold.
+//!
+//! The format and its semantics are described in `docs/policy.md`. In short: a policy names its
+//! agents by cgroup path (literal or glob) and lists the egress it allows; everything else is
+//! denied. A connection is allowed if ANY rule allows it, so [`compile`] gives every prefix the
+//! union of the rules of all prefixes that cover it.
+//!
+//! Every error names `file:line:column` and the reason (see [`PolicyError`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use agent_common::{mode, proto};
+use ipnet::IpNet;
+
+mod compile;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+pub use compile::{compile, CompileError, CompiledPolicy};
+
+/// Largest policy file accepted, in bytes. A policy with 100,000 rules is about 5 MiB.
+pub const MAX_POLICY_FILE_BYTES: u64 = 32 << 20;
+
+/// What happens when the policy denies a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Deny what the policy does not allow.
+    #[default]
+    Enforce,
+    /// Decide the same, let everything through, record the would-be verdict.
+    Audit,
+}
+
+impl Mode {
+    /// The `agent_common::mode::*` value for `AgentEntry::mode`.
+    pub fn as_kernel(&self) -> u32 {
+        match self {
+            Mode::Enforce => mode::ENFORCE,
+            Mode::Audit => mode::AUDIT,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of `agents.cgroups`: a cgroup path relative to the cgroup2 root, literal or a glob
+/// (`*`, `?` and `[...]` stay within one path component, `**` spans any number of components).
+#[derive(Clone, Debug)]
+pub struct CgroupSelector {
+    /// The selector as written, without a leading slash.
+    pub pattern: String,
+    /// `None` for a literal path (compared as a string).
+    glob: Option<glob::Pattern>,
+}
+
+const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+impl CgroupSelector {
+    /// Checks and compiles a selector; one leading slash is stripped. The error is the reason.
+    pub fn new(pattern: &str) -> Result<CgroupSelector, String> {
+        let pattern = pattern.strip_prefix('/').unwrap_or(pattern);
+        if pattern.is_empty() {
+            return Err("empty cgroup path (the cgroup2 root itself cannot be an agent)".into());
+        }
+        if pattern.ends_with('/') {
+            return Err(format!(
+                "cgroup path {pattern:?} ends with '/'; write {:?}",
+                pattern.trim_end_matches('/')
+            ));
+        }
+        for component in pattern.split('/') {
+            match component {
+                "" => {
+                    return Err(format!(
+                        "cgroup path {pattern:?} has an empty component (//)"
+                    ))
+                }
+                "." | ".." => {
+                    return Err(format!(
+                        "cgroup path {pattern:?} has a {component:?} component"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if pattern.chars().any(char::is_control) {
+            return Err(format!(
+                "cgroup path {pattern:?} contains a control character"
+            ));
+        }
+        let literal = !pattern.contains(['*', '?', '[', ']']);
+        let glob = if literal {
+            None
+        } else {
+            Some(
+                glob::Pattern::new(pattern)
+                    .map_err(|e| format!("invalid cgroup glob {pattern:?}: {}", e.msg))?,
+            )
+        };
+        Ok(CgroupSelector {
+            pattern: pattern.to_string(),
+            glob,
+        })
+    }
+
+    /// Whether the cgroup at `rel_path` (relative to the cgroup2 root, no leading slash) is
+    /// selected.
+    pub fn matches(&self, rel_path: &str) -> bool {
+        match &self.glob {
+            None => self.pattern == rel_path,
+            Some(glob) => glob.matches_with(rel_path, GLOB_OPTIONS),
+        }
+    }
+
+    /// Whether the selector is a plain path, without glob characters.
+    pub fn is_literal(&self) -> bool {
+        self.glob.is_none()
+    }
+}
+
+impl PartialEq for CgroupSelector {
+    fn eq(&self, other: &Self) -> bool {
+        self.pattern == other.pattern
+    }
+}
+
+impl Eq for CgroupSelector {}
+
+impl fmt::Display for CgroupSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.pattern)
+    }
+}
+
+/// One entry of `egress`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// 0-based index in the file's `egress` list; reported by the kernel as `rule_id`.
+    pub id: u32,
+    pub name: Option<String>,
+    /// As written (host bits are never set; IPv4-mapped IPv6 networks stay IPv6 here).
+    pub nets: Vec<IpNet>,
+    /// Inclusive ranges as written; `[(0, 65535)]` when `ports` is omitted.
+    pub ports: Vec<(u16, u16)>,
+    /// `agent_common::proto` bits.
+    pub protocols: u32,
+}
+
+/// One policy file.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub agents: Vec<CgroupSelector>,
+    pub rules: Vec<Rule>,
+    /// The file it was read from.
+    pub source: PathBuf,
+}
+
+/// Every policy of a directory, sorted by name.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    pub policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// All policies with a selector matching the cgroup at `rel_path` (relative to the cgroup2
+    /// root; one leading slash is ignored), in name order.
+    pub fn find_for_cgroup(&self, rel_path: &str) -> Vec<&Policy> {
+        let rel_path = rel_path.strip_prefix('/').unwrap_or(rel_path);
+        self.policies
+            .iter()
+            .filter(|p| p.agents.iter().any(|a| a.matches(rel_path)))
+            .collect()
+    }
+
+    /// The policy called `name`.
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+}
+
+/// Why a policy file or directory was rejected. Every variant names the file; those about the
+/// content name `file:line:column` too (line and column count from 1; 0 when unknown).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file or directory could not be read.
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The file is larger than [`MAX_POLICY_FILE_BYTES`].
+    #[error("{}: file is {size} bytes, more than the limit of {limit} bytes", path.display())]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    /// The content is invalid: YAML syntax, structure, a value, or a limit.
+    #[error("{}{}: {message}", path.display(), LineColumn(*line, *column))]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    /// Two files of a directory clash (the same policy name or cgroup selector).
+    #[error(
+        "{}{}: {message} (also in {}{})",
+        path.display(),
+        LineColumn(*line, *column),
+        other_path.display(),
+        LineColumn(*other_line, *other_column)
+    )]
+    Conflict {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+        other_path: PathBuf,
+        other_line: u64,
+        other_column: u64,
+    },
+    /// More than one file of a directory is invalid; one error per line.
+    #[error("{}", DisplayLines(.0))]
+    Several(Vec<PolicyError>),
+}
+
+/// `:line:column`, or nothing when the location is unknown.
+struct LineColumn(u64, u64);
+
+impl fmt::Display for LineColumn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            Ok(())
+        } else {
+            write!(f, ":{}:{}", self.0, self.1)
+        }
+    }
+}
+
+struct DisplayLines<'a>(&'a [PolicyError]);
+
+impl fmt::Display for DisplayLines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl PolicyError {
+    /// `(line, column)` of the first problem, when known.
+    pub fn line_column(&self) -> Option<(u64, u64)> {
+        match self {
+            PolicyError::Invalid { line, column, .. }
+            | PolicyError::Conflict { line, column, .. }
+                if *line > 0 =>
+            {
+                Some((*line, *column))
+            }
+            PolicyError::Several(errors) => errors.first().and_then(PolicyError::line_column),
+            _ => None,
+        }
+    }
+}
+
+/// Parses one policy from `text`; `source` names the file in errors and in [`Policy::source`].
+pub fn parse_policy(source: &Path, text: &str) -> Result<Policy, PolicyError> {
+    raw::parse(source, text).map(|(policy, _)| policy)
+}
+
+/// Reads and parses one policy file.
+pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+    load_file_located(path).map(|(policy, _)| policy)
+}
+
+fn load_file_located(path: &Path) -> Result<(Policy, raw::Locations), PolicyError> {
+    let text = read_text(path)?;
+    raw::parse(path, &text)
+}
+
+/// Reads a file of at most [`MAX_POLICY_FILE_BYTES`] as UTF-8.
+fn read_text(path: &Path) -> Result<String, PolicyError> {
+    let io = |error| PolicyError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let too_large = |size| PolicyError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: MAX_POLICY_FILE_BYTES,
+    };
+    let size = file.metadata().map_err(io)?.len();
+    if size > MAX_POLICY_FILE_BYTES {
+        return Err(too_large(size));
+    }
+    // The file may grow after the metadata check: never read more than the limit + 1 byte.
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_POLICY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_POLICY_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count() as u64
+            + 1;
+        PolicyError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: "file is not valid UTF-8".into(),
+        }
+    })
+}
+
+/// Whether a directory entry is a policy file: `*.yaml` or `*.yml`, not hidden (editor
+/// backups and the `..data` entries of Kubernetes ConfigMap volumes are skipped).
+fn is_policy_file_name(name: &str) -> bool {
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Loads every policy file (`*.yaml`, `*.yml`, not starting with `.`) of `dir`, not recursing
+/// into subdirectories; `dir` may also be a single file. All or nothing: if any file is
+/// invalid, or two files clash, the whole set is rejected, so the caller keeps what it runs.
+/// A directory without policy files gives an empty set.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    let io = |path: &Path, error| PolicyError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
+    let files = if meta.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let entry = entry.map_err(|e| io(dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !is_policy_file_name(name) {
+                continue;
+            }
+            let path = entry.path();
+            // Follows symlinks; a dangling one is an error (reading it fails below).
+            if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            files.push(path);
+        }
+        files.sort();
+        files
+    } else {
+        vec![dir.to_path_buf()]
+    };
+
+    let mut errors = Vec::new();
+    let mut loaded = Vec::with_capacity(files.len());
+    for path in &files {
+        match load_file_located(path) {
+            Ok(p) => loaded.push(p),
+            Err(e) => errors.push(e),
+        }
+    }
+    check_conflicts(&loaded, &mut errors);
+    match errors.len() {
+        0 => {}
+        1 => return Err(errors.remove(0)),
+        _ => return Err(PolicyError::Several(errors)),
+    }
+    let mut policies: Vec<Policy> = loaded.into_iter().map(|(p, _)| p).collect();
+    policies.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(PolicySet { policies })
+}
+
+/// Duplicate policy names and identical cgroup selectors across files.
+fn check_conflicts(loaded: &[(Policy, raw::Locations)], errors: &mut Vec<PolicyError>) {
+    let conflict = |(p, at): (&Policy, raw::Loc),
+                    (other, other_at): (&Policy, raw::Loc),
+                    message: String| PolicyError::Conflict {
+        path: p.source.clone(),
+        line: at.line,
+        column: at.column,
+        message,
+        other_path: other.source.clone(),
+        other_line: other_at.line,
+        other_column: other_at.column,
+    };
+    let mut names: HashMap<&str, (&Policy, raw::Loc)> = HashMap::new();
+    let mut selectors: HashMap<&str, (&Policy, raw::Loc)> = HashMap::new();
+    for (policy, locs) in loaded {
+        if let Some(&first) = names.get(policy.name.as_str()) {
+            errors.push(conflict(
+                (policy, locs.name),
+                first,
+                format!(
+                    "policy name {:?} is used by two files; names must be unique",
+                    policy.name
+                ),
+            ));
+        } else {
+            names.insert(&policy.name, (policy, locs.name));
+        }
+        for (selector, &at) in policy.agents.iter().zip(&locs.agents) {
+            if let Some(&(other, other_at)) = selectors.get(selector.pattern.as_str()) {
+                errors.push(conflict(
+                    (policy, at),
+                    (other, other_at),
+                    format!(
+                        "cgroup selector {:?} is also used by policy {:?}; a cgroup path may \
+                         be listed by one policy only",
+                        selector.pattern, other.name
+                    ),
+                ));
+            } else {
+                selectors.insert(&selector.pattern, (policy, at));
+            }
+        }
+    }
+}
+
+/// The protocol set as written in a policy: `tcp`, `udp` or `any`.
+pub fn protocols_name(protocols: u32) -> &'static str {
+    match protocols & proto::ALL {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        proto::ALL => "any",
+        _ => "none",
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule {}", self.id)?;
+        if let Some(name) = &self.name {
+            write!(f, " ({name})")?;
+        }
+        f.write_str(": ")?;
+        for (i, net) in self.nets.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{net}")?;
+        }
+        write!(f, ", protocol {}, ", protocols_name(self.protocols))?;
+        if self.ports == [(0, u16::MAX)] {
+            return f.write_str("all ports");
+        }
+        f.write_str(
+            if self.ports.len() == 1 && self.ports[0].0 == self.ports[0].1 {
+                "port "
+            } else {
+                "ports "
+            },
+        )?;
+        for (i, &(lo, hi)) in self.ports.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "policy {} ({}, from {})",
+            self.name,
+            self.mode,
+            self.source.display()
+        )?;
+        f.write_str("  agents:")?;
+        for agent in &self.agents {
+            write!(f, " {agent}")?;
+        }
+        f.write_str("\n")?;
+        if self.rules.is_empty() {
+            return f.write_str("  no egress allowed\n");
+        }
+        for rule in &self.rules {
+            writeln!(f, "  {rule}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! `cargo xtask ...`: toolchain setup, builds, the full test run, the demo.
+//!
+//! Every install step the project needs lives in `setup`, so a fresh machine (or CI) gets
+//! the same environment as a developer's: nothing installed by hand survives to CI.
+
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use util::{cargo, is_root, run, run_status, target_directory, workspace_root};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "agentwall developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything the project needs (each step is skipped when already done).
+    Setup,
+    /// Setup, then build every binary and test of the host workspace (the eBPF object is
+    /// built by agent-userspace's build script).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then run every check and test: fmt, clippy (host and eBPF), unit tests and the
+    /// root-only kernel tests. Arguments after `--` go to the kernel test binaries
+    /// (for example `cargo xtask test -- --test-threads=1`).
+    Test {
+        /// Extra arguments for the kernel test binaries.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run `agentwall demo` (needs root).
+    Demo,
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    // Every cargo command below runs from the workspace root, whatever the caller's cwd.
+    std::env::set_current_dir(workspace_root()).context("cannot enter the workspace root")?;
+    match cmd {
+        Cmd::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
+        Cmd::Build { release } => build(release).map(|()| ExitCode::SUCCESS),
+        Cmd::Test { args } => test(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::Demo => demo(),
+        Cmd::Bench => {
+            eprintln!("benchmarks: not implemented yet");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Host workspace build: everything but agent-ebpf, which is a bpfel-target crate that
+/// agent-userspace's build script compiles itself.
+fn build(release: bool) -> Result<()> {
+    setup::setup()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--bins",
+        "--tests",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+const ROOT_MESSAGE: &str = "kernel tests need root (CAP_BPF, CAP_SYS_ADMIN): run as root";
+
+/// Runs named steps in order, stops at the first failure, and always prints which ran.
+struct Steps {
+    passed: Vec<&'static str>,
+}
+
+impl Steps {
+    fn step(&mut self, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        println!("xtask: ==> {name}");
+        match f() {
+            Ok(()) => {
+                self.passed.push(name);
+                Ok(())
+            }
+            Err(e) => {
+                println!(
+                    "xtask test: FAILED at `{name}`; passed before it: {}",
+                    self.list()
+                );
+                Err(e).with_context(|| format!("step `{name}` failed"))
+            }
+        }
+    }
+
+    fn list(&self) -> String {
+        if self.passed.is_empty() {
+            "(none)".to_string()
+        } else {
+            self.passed.join(", ")
+        }
+    }
+}
+
+fn test(kernel_test_args: &[String]) -> Result<()> {
+    let mut steps = Steps { passed: Vec::new() };
+    steps.step("setup", setup::setup)?;
+    steps.step("fmt", || {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    steps.step("clippy (host)", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    steps.step("clippy (agent-ebpf, bpfel)", || {
+        run(cargo().args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "agent-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    steps.step("unit tests", || run(cargo().arg("test")))?;
+    steps.step("kernel tests (root)", || {
+        if !is_root()? {
+            bail!(ROOT_MESSAGE);
+        }
+        let mut cmd = cargo();
+        cmd.args(["test", "-p", "agentwall-tests"]);
+        if !kernel_test_args.is_empty() {
+            cmd.arg("--").args(kernel_test_args);
+        }
+        run(&mut cmd)
+    })?;
+    println!("xtask test: all steps passed: {}", steps.list());
+    Ok(())
+}
+
+fn demo() -> Result<ExitCode> {
+    if !is_root()? {
+        bail!("the demo loads eBPF programs and needs root (CAP_BPF, CAP_SYS_ADMIN): run as root");
+    }
+    setup::setup()?;
+    run(cargo().args(["build", "-p", "agent-userspace", "--bins"]))?;
+    let bin = target_directory()?.join("debug").join("agentwall");
+    let status = run_status(std::process::Command::new(&bin).arg("demo"))?;
+    Ok(util::exit_code(status))
+}
