@@ -118,7 +118,7 @@ fn run_exec_reload_and_stop() -> Result<()> {
         &socket,
         &cg.base,
         "stranger",
-        &[allowed.clone()],
+        std::slice::from_ref(&allowed),
     )?;
     assert!(
         !ok && out.is_empty(),
@@ -172,7 +172,13 @@ fn run_exec_reload_and_stop() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&reload.stderr)
     );
-    let (_, out, _) = exec_probe(&agentwall, &socket, &cg.base, "e2e", &[denied.clone()])?;
+    let (_, out, _) = exec_probe(
+        &agentwall,
+        &socket,
+        &cg.base,
+        "e2e",
+        std::slice::from_ref(&denied),
+    )?;
     assert_ne!(
         out[0].errno, EPERM,
         "the reloaded policy did not apply: {out:?}"

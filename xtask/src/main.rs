@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use util::{cargo, is_root, run, run_status, target_directory, workspace_root};
+use util::{cargo, is_root, run, run_status, run_tests, target_directory, workspace_root};
 
 #[derive(Parser)]
 #[command(
@@ -162,19 +162,23 @@ fn test(kernel_test_args: &[String]) -> Result<()> {
             "warnings",
         ]))
     })?;
-    steps.step("unit tests", || run(cargo().arg("test")))?;
+    let mut tally = util::Tally::default();
+    steps.step("unit tests", || run_tests(cargo().arg("test"), &mut tally))?;
     steps.step("kernel tests (root)", || {
         if !is_root()? {
             bail!(ROOT_MESSAGE);
         }
+        // The daemon tests run the agentwall binary itself.
+        run(cargo().args(["build", "-p", "agent-userspace", "--bins"]))?;
         let mut cmd = cargo();
         cmd.args(["test", "-p", "agentwall-tests"]);
         if !kernel_test_args.is_empty() {
             cmd.arg("--").args(kernel_test_args);
         }
-        run(&mut cmd)
+        run_tests(&mut cmd, &mut tally)
     })?;
     println!("xtask test: all steps passed: {}", steps.list());
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     Ok(())
 }
 

@@ -63,6 +63,54 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Counts of the test harness's `test result:` lines over a whole run.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    /// Adds the counts of a libtest summary line ("test result: ok. 3 passed; 0 failed; ...").
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            if let [.., n, what] = words.as_slice() {
+                match (*what, n.parse::<u64>()) {
+                    ("passed", Ok(n)) => self.passed += n,
+                    ("failed", Ok(n)) => self.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Like `run` for `cargo test`: echoes its output as it comes and tallies the results.
+pub fn run_tests(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let line = display(cmd);
+    println!("+ {line}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    let out = child.stdout.take().context("no stdout")?;
+    for l in BufReader::new(out).lines() {
+        let l = l?;
+        println!("{l}");
+        tally.add_line(&l);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{line}` failed: {status}");
+    }
+    Ok(())
+}
+
 /// Runs the command quietly and returns its stdout; fails with its stderr on a non-zero exit.
 pub fn capture(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
@@ -191,6 +239,17 @@ fn json_string_field(json: &str, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tally_reads_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 4.20s");
+        t.add_line(
+            "test result: FAILED. 3 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!((t.passed, t.failed), (15, 2));
+    }
 
     #[test]
     fn effective_uid_is_the_second_field() {
