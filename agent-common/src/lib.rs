@@ -45,6 +45,28 @@ pub mod reason {
     pub const NO_PORT_MATCH: u32 = 3;
     /// The program could not read what it needs to decide; it failed closed.
     pub const ERROR: u32 = 4;
+    /// A socket the connect and send hooks cannot see (raw, ping, packet, ...), not allowed
+    /// by the policy's `sockets` list.
+    pub const SOCKET_KIND: u32 = 5;
+    /// Such a socket, allowed by the policy's `sockets` list.
+    pub const SOCKET_ALLOWED: u32 = 6;
+}
+
+/// Kinds of socket the connect/sendmsg hooks do not see; bits of `AgentEntry::sockets`.
+/// TCP and UDP over IPv4/IPv6, Unix and netlink sockets are not in this list: they need no
+/// allowance to be created (TCP and UDP are judged at connect and send).
+pub mod sock {
+    /// SOCK_RAW in AF_INET/AF_INET6.
+    pub const RAW: u32 = 1 << 0;
+    /// ICMP / ICMPv6 datagram ("ping") sockets.
+    pub const PING: u32 = 1 << 1;
+    /// AF_PACKET.
+    pub const PACKET: u32 = 1 << 2;
+    pub const UDPLITE: u32 = 1 << 3;
+    pub const SCTP: u32 = 1 << 4;
+    pub const MPTCP: u32 = 1 << 5;
+    /// Any other protocol in AF_INET/AF_INET6.
+    pub const OTHER_INET: u32 = 1 << 6;
 }
 
 /// Which program decided (`Event::hook`).
@@ -53,6 +75,7 @@ pub mod hook {
     pub const CONNECT6: u32 = 2;
     pub const SENDMSG4: u32 = 3;
     pub const SENDMSG6: u32 = 4;
+    pub const SOCK_CREATE: u32 = 5;
 }
 
 /// Protocol bits in `PortRule::protocols`.
@@ -87,7 +110,8 @@ pub struct AgentEntry {
     pub mode: u32,
     /// Bumped on every reload of the policy; copied into events.
     pub policy_version: u32,
-    pub _reserved: u32,
+    /// `sock::*` bits: socket kinds beyond TCP/UDP this agent may create.
+    pub sockets: u32,
 }
 const _: () = assert!(size_of::<AgentEntry>() == 16);
 
@@ -193,8 +217,12 @@ pub struct Event {
     pub policy_version: u32,
     /// `bpf_get_current_comm`.
     pub comm: [u8; 16],
+    /// SOCK_STREAM, SOCK_DGRAM, SOCK_RAW... (sock_create events; 0 for the others).
+    pub sock_type: u32,
+    /// `sock::*` bit of the socket kind (sock_create events; 0 for the others).
+    pub sock_kind: u32,
 }
-const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16);
+const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16 + 8);
 
 pub const NO_RULE: u32 = u32::MAX;
 

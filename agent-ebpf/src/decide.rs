@@ -8,12 +8,12 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
     },
     maps::lpm_trie::Key,
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 
 use agent_common::{
-    counter, mode, proto, reason, verdict, AgentEntry, Event, PrefixV4, PrefixV6, RuleSet,
-    MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE, POLICY_PREFIX_BITS,
+    counter, hook, mode, proto, reason, sock, verdict, AgentEntry, Event, PrefixV4, PrefixV6,
+    RuleSet, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE, POLICY_PREFIX_BITS,
 };
 
 use crate::{
@@ -29,8 +29,19 @@ static WAKEUP_BYTES: u64 = 256 * 1024;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const AF_UNIX: u32 = 1;
+const AF_NETLINK: u32 = 16;
+const AF_PACKET: u32 = 17;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
+const IPPROTO_SCTP: u32 = 132;
+const IPPROTO_UDPLITE: u32 = 136;
+const IPPROTO_MPTCP: u32 = 262;
 
 /// The agent the calling task belongs to: the registered cgroup nearest to it among its own
 /// cgroup and its ancestors. Only levels that hold some agent are probed.
@@ -101,6 +112,8 @@ struct Dest {
     port: u16,
     family: u32,
     protocol: u32,
+    sock_type: u32,
+    sock_kind: u32,
 }
 
 pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
@@ -117,6 +130,8 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET,
         protocol: sa.protocol,
+        sock_type: 0,
+        sock_kind: 0,
     };
     let (v, r, rule) = lookup_v4(agent.policy_id, ip, dest.port, dest.protocol);
     Ok(finish(hook, agent_cg, agent, &dest, v, r, rule))
@@ -147,6 +162,8 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET6,
         protocol: sa.protocol,
+        sock_type: 0,
+        sock_kind: 0,
     };
     // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
     let mapped = sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && w[2] == [0, 0, 0xff, 0xff];
@@ -166,6 +183,68 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         }
     };
     Ok(finish(hook, agent_cg, agent, &dest, v, r, rule))
+}
+
+/// The `sock::*` kind of a new socket, or 0 for the kinds that need no allowance (TCP and UDP
+/// are judged at connect and send; Unix and netlink sockets do not leave the host).
+#[inline(always)]
+fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
+    match family {
+        AF_INET | AF_INET6 => match (ty, protocol) {
+            (SOCK_RAW, _) => sock::RAW,
+            (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) => 0,
+            (_, IPPROTO_ICMP) | (_, IPPROTO_ICMPV6) => sock::PING,
+            (_, IPPROTO_UDPLITE) => sock::UDPLITE,
+            (_, IPPROTO_SCTP) => sock::SCTP,
+            (_, IPPROTO_MPTCP) => sock::MPTCP,
+            _ => sock::OTHER_INET,
+        },
+        AF_PACKET => sock::PACKET,
+        AF_UNIX | AF_NETLINK => 0,
+        _ => sock::OTHER_INET,
+    }
+}
+
+/// cgroup/sock_create: refuses inet sockets that the connect and send hooks would never see
+/// (raw, ping, UDP-Lite, SCTP, ...), unless the agent's policy allows that kind. The kernel runs
+/// this hook from inet_create and inet6_create only: AF_PACKET needs a BPF LSM program, which
+/// the machines here refuse to load (EPERM), so it is not guarded yet.
+pub fn sock_create(ctx: &SockContext) -> Result<i32, i32> {
+    // SAFETY: the kernel hands every sock program a valid context.
+    let sk = unsafe { &*ctx.sock };
+    guard_socket(sk.family, sk.type_, sk.protocol)
+}
+
+fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
+    let Some((agent_cg, agent)) = find_agent() else {
+        return Ok(ALLOW);
+    };
+    let kind = socket_kind(family, ty, protocol);
+    if kind == 0 {
+        return Ok(ALLOW);
+    }
+    let dest = Dest {
+        addr: [0; 16],
+        port: 0,
+        family,
+        protocol,
+        sock_type: ty,
+        sock_kind: kind,
+    };
+    let (v, r) = if agent.sockets & kind != 0 {
+        (verdict::ALLOW, reason::SOCKET_ALLOWED)
+    } else {
+        (verdict::DENY, reason::SOCKET_KIND)
+    };
+    Ok(finish(
+        hook::SOCK_CREATE,
+        agent_cg,
+        agent,
+        &dest,
+        v,
+        r,
+        NO_RULE,
+    ))
 }
 
 /// Applies the mode, counts, reports; returns what the hook returns.
@@ -219,6 +298,8 @@ fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, v: u32, r: u3
             policy_id: agent.policy_id,
             policy_version: agent.policy_version,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            sock_type: dest.sock_type,
+            sock_kind: dest.sock_kind,
         }
     };
     entry.write(event);

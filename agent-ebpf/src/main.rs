@@ -10,7 +10,10 @@
 mod decide;
 mod maps;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
 
 use agent_common::hook;
 
@@ -24,6 +27,7 @@ const CONNECT4_ON_ERROR: i32 = DENY;
 const CONNECT6_ON_ERROR: i32 = DENY;
 const SENDMSG4_ON_ERROR: i32 = DENY;
 const SENDMSG6_ON_ERROR: i32 = DENY;
+const SOCK_CREATE_ON_ERROR: i32 = DENY;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -62,6 +66,15 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
         Ok(ALLOW) => ALLOW,
         Ok(_) => DENY,
         Err(_) => SENDMSG6_ON_ERROR,
+    }
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    match decide::sock_create(&ctx) {
+        Ok(ALLOW) => ALLOW,
+        Ok(_) => DENY,
+        Err(_) => SOCK_CREATE_ON_ERROR,
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Options {
     /// How often the cgroup tree is scanned for new cgroups that selectors match.
     pub rescan: Duration,
     pub wakeup_bytes: u64,
+    /// Event ring size override (tests of the lost-event path).
+    pub ring_bytes: Option<u32>,
+    /// How often the event reader drains without a wake-up.
+    pub drain_interval: Duration,
     /// In-process copy of every record (tests, demo).
     pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
 }
@@ -68,6 +72,8 @@ impl Options {
             bpffs: Some("/sys/fs/bpf".into()),
             rescan: Duration::from_secs(1),
             wakeup_bytes: loader::DEFAULT_WAKEUP_BYTES,
+            ring_bytes: None,
+            drain_interval: events::DRAIN_INTERVAL,
             tap: None,
         }
     }
@@ -151,7 +157,8 @@ pub async fn start(opts: Options) -> Result<Handle> {
         PolicySource::Path(p) => policy::load_dir(p)?,
         PolicySource::Fixed(s) => s.clone(),
     };
-    let mut enforcer = Enforcer::load(opts.wakeup_bytes).context("loading eBPF programs")?;
+    let mut enforcer =
+        Enforcer::load(opts.wakeup_bytes, opts.ring_bytes).context("loading eBPF programs")?;
     let ring = enforcer.take_events().context("event ring already taken")?;
     let names = Arc::new(RwLock::new(Names::default()));
     names.write().expect("names").policies.insert(
@@ -189,8 +196,9 @@ pub async fn start(opts: Options) -> Result<Handle> {
     let mut tasks: Vec<JoinHandle<Result<()>>> = Vec::new();
     let enricher = Enricher::new(names, root.clone());
     let rx = shutdown_rx.clone();
+    let drain = opts.drain_interval;
     tasks.push(tokio::spawn(async move {
-        events::run(ring, enricher, sink, lost_rx, rx)
+        events::run(ring, enricher, sink, lost_rx, rx, drain)
             .await
             .context("event reader")
     }));
@@ -387,11 +395,11 @@ impl State {
             bail!("cgroup {rel:?} is at level {level}; agents must be at levels 1..={MAX_CGROUP_LEVEL}");
         }
         let matches = self.set.find_for_cgroup(rel);
-        let (policy_id, mode_, policy_name) = match matches.as_slice() {
+        let (policy_id, mode_, sockets_, policy_name) = match matches.as_slice() {
             [] => bail!("no policy selects cgroup {rel:?}"),
             [p] => {
                 let inst = &self.installed[&p.name];
-                (inst.id, inst.mode, p.name.clone())
+                (inst.id, inst.mode, p.sockets, p.name.clone())
             }
             many => {
                 let list: Vec<_> = many.iter().map(|p| p.name.as_str()).collect();
@@ -400,6 +408,7 @@ impl State {
                 (
                     CONFLICT_POLICY_ID,
                     mode::ENFORCE,
+                    0,
                     "conflict:deny-all".to_string(),
                 )
             }
@@ -408,7 +417,7 @@ impl State {
             policy_id,
             mode: mode_,
             policy_version: self.generation,
-            _reserved: 0,
+            sockets: sockets_,
         };
         self.enforcer.set_agent(id, entry)?;
         let meta = AgentMeta {

@@ -47,6 +47,9 @@ pub struct Decision {
     pub policy_id: u32,
     pub policy_version: u32,
     pub comm: String,
+    /// For sock_create decisions: the socket kind (`raw`, `ping`, ...) and type number.
+    pub socket: Option<&'static str>,
+    pub sock_type: u32,
 }
 
 impl Decision {
@@ -70,8 +73,11 @@ impl Decision {
             dst,
             port: e.port as u16,
             family: match e.family {
+                1 => "unix",
                 2 => "inet",
                 10 => "inet6",
+                16 => "netlink",
+                17 => "packet",
                 _ => "other",
             },
             protocol: match e.protocol {
@@ -84,6 +90,7 @@ impl Decision {
                 hook::CONNECT6 => "connect6",
                 hook::SENDMSG4 => "sendmsg4",
                 hook::SENDMSG6 => "sendmsg6",
+                hook::SOCK_CREATE => "sock_create",
                 _ => "unknown",
             },
             decision: if e.verdict == verdict::ALLOW {
@@ -101,12 +108,17 @@ impl Decision {
                 reason::NO_ADDRESS_MATCH => "default-deny:no-address-match",
                 reason::NO_PORT_MATCH => "default-deny:no-port-match",
                 reason::ERROR => "error",
+                reason::SOCKET_KIND => "default-deny:socket-kind",
+                reason::SOCKET_ALLOWED => "socket-kind-allowed",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),
             policy_id: e.policy_id,
             policy_version: e.policy_version,
             comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            socket: (e.hook == hook::SOCK_CREATE)
+                .then(|| crate::policy::socket_kind_name(e.sock_kind).unwrap_or("unknown")),
+            sock_type: e.sock_type,
         }
     }
 
@@ -150,8 +162,15 @@ pub struct DecisionRecord {
     pub hook: String,
     pub family: String,
     pub protocol: String,
+    /// Destination address (empty for sock_create decisions, which have none).
     pub dst: String,
     pub port: u16,
+    /// sock_create decisions: the socket kind (raw, ping, packet, udplite, sctp, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    /// sock_create decisions: the socket type (SOCK_RAW = 3, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sock_type: Option<u32>,
     /// What the policy says: allow or deny.
     pub decision: String,
     /// enforce or audit.
@@ -284,8 +303,14 @@ impl Enricher {
             hook: d.hook.to_string(),
             family: d.family.to_string(),
             protocol: d.protocol.clone(),
-            dst: d.dst.to_string(),
+            dst: if d.socket.is_some() {
+                String::new()
+            } else {
+                d.dst.to_string()
+            },
             port: d.port,
+            socket: d.socket.map(str::to_string),
+            sock_type: d.socket.map(|_| d.sock_type),
             decision: d.decision.to_string(),
             mode: d.mode.to_string(),
             action: d.action().to_string(),
@@ -378,11 +403,12 @@ pub async fn run(
     mut sink: Sink,
     mut lost: mpsc::UnboundedReceiver<u64>,
     mut shutdown: watch::Receiver<bool>,
+    drain_interval: Duration,
 ) -> io::Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd owns it.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)?;
-    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    let mut tick = tokio::time::interval(drain_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -447,6 +473,8 @@ mod tests {
             policy_id: 3,
             policy_version: 1,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            sock_type: 0,
+            sock_kind: 0,
         }
     }
 
@@ -471,6 +499,25 @@ mod tests {
         e.hook = hook::CONNECT6;
         let d = Decision::from_event(&e);
         assert_eq!(d.dst.to_string(), "::ffff:127.0.0.1");
+    }
+
+    #[test]
+    fn decodes_a_socket_creation_denial() {
+        let mut e = event();
+        e.hook = hook::SOCK_CREATE;
+        e.reason = reason::SOCKET_KIND;
+        e.family = 2;
+        e.protocol = 1;
+        e.sock_type = 3;
+        e.sock_kind = agent_common::sock::RAW;
+        e.addr = [0; 16];
+        let d = Decision::from_event(&e);
+        assert_eq!(
+            (d.hook, d.socket, d.sock_type),
+            ("sock_create", Some("raw"), 3)
+        );
+        assert_eq!(d.reason, "default-deny:socket-kind");
+        assert_eq!(d.protocol, "ip-proto-1");
     }
 
     #[test]

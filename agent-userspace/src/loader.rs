@@ -1,17 +1,11 @@
 //! Loads the eBPF object, attaches its programs at the cgroup2 root and owns the typed handles to
 //! its maps. Nothing else in the controller touches a kernel map.
 
-use std::{
-    ffi::CString,
-    fs::File,
-    io,
-    net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
-};
+use std::{ffi::CString, fs::File, io, path::Path};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
     Ebpf, EbpfError, EbpfLoader,
 };
 use thiserror::Error;
@@ -23,8 +17,10 @@ use crate::policy::CompiledPolicy;
 /// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
-/// The programs, by the function names in agent-ebpf.
-pub const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The sock_addr programs, by the function names in agent-ebpf.
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The socket-creation guard (inet families).
+pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
 
 /// Bytes pending in the ring buffer before a program wakes the consumer (see agent-ebpf).
 pub const DEFAULT_WAKEUP_BYTES: u64 = 256 * 1024;
@@ -85,18 +81,23 @@ macro_rules! take_map {
 impl Enforcer {
     /// Loads the object and its programs into the kernel; nothing is attached yet, so
     /// the maps can be filled first and enforcement starts complete.
-    pub fn load(wakeup_bytes: u64) -> Result<Self, LoaderError> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
-            .load(EBPF_OBJECT)?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::Missing("program", name))?
-                .try_into()
-                .map_err(|e| LoaderError::Program(name, e))?;
-            prog.load().map_err(|e| LoaderError::Program(name, e))?;
+    /// `ring_bytes` overrides the event ring's size (a power of two, page multiple).
+    pub fn load(wakeup_bytes: u64, ring_bytes: Option<u32>) -> Result<Self, LoaderError> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global("WAKEUP_BYTES", &wakeup_bytes, true);
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries("AW_EVENTS", bytes);
         }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| LoaderError::Program(name, e))?;
+        }
+        sock_program(&mut ebpf)?
+            .load()
+            .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+
         let config = take_map!(ebpf, "AW_CONFIG");
         let agents = take_map!(ebpf, "AW_AGENTS");
         let rules_v4 = take_map!(ebpf, "AW_RULES_V4");
@@ -125,17 +126,16 @@ impl Enforcer {
             path: cgroup.display().to_string(),
             source,
         })?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::Missing("program", name))?
-                .try_into()
-                .map_err(|e| LoaderError::Program(name, e))?;
-            // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
-            prog.attach(&fd, CgroupAttachMode::Single)
+        // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
+        for name in SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut self.ebpf, name)?
+                .attach(&fd, CgroupAttachMode::Single)
                 .map_err(|e| LoaderError::Program(name, e))?;
         }
+        sock_program(&mut self.ebpf)?
+            .attach(&fd, CgroupAttachMode::Single)
+            .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+
         self.attached = true;
         Ok(())
     }
@@ -227,6 +227,23 @@ impl Enforcer {
     }
 }
 
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Missing("program", name))?
+        .try_into()
+        .map_err(|e| LoaderError::Program(name, e))
+}
+
+fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
+    ebpf.program_mut(SOCK_CREATE_PROGRAM)
+        .ok_or(LoaderError::Missing("program", SOCK_CREATE_PROGRAM))?
+        .try_into()
+        .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))
+}
+
 fn key_v4(policy_id: u32, len: u8, addr: [u8; 4]) -> Key<PrefixV4> {
     Key::new(
         POLICY_PREFIX_BITS + len as u32,
@@ -268,13 +285,4 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), LoaderError> {
         return Err(err(io::Error::last_os_error()));
     }
     Ok(())
-}
-
-/// Renders a key for logs.
-pub fn describe_v4(len: u8, addr: [u8; 4]) -> String {
-    format!("{}/{len}", Ipv4Addr::from(addr))
-}
-
-pub fn describe_v6(len: u8, addr: [u8; 16]) -> String {
-    format!("{}/{len}", Ipv6Addr::from(addr))
 }

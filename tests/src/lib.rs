@@ -96,6 +96,11 @@ pub struct Harness {
 impl Harness {
     /// `policy_yaml` may use `{agent}` for the agent cgroup's selector (relative path).
     pub async fn start(policy_yaml: &str) -> Result<Self> {
+        Self::start_with(policy_yaml, |_| {}).await
+    }
+
+    /// As `start`, with the controller's options adjusted by `tune`.
+    pub async fn start_with(policy_yaml: &str, tune: impl FnOnce(&mut Options)) -> Result<Self> {
         let cgroups = TestCgroups::new()?;
         let agent = cgroups.make("agent")?;
         let yaml = policy_yaml.replace("{agent}", &cgroups.rel("agent"));
@@ -104,6 +109,7 @@ impl Harness {
         let mut opts = Options::new(PolicySource::Fixed(PolicySet { policies: vec![p] }));
         opts.control_socket = None;
         opts.tap = Some(tap);
+        tune(&mut opts);
         let handle = controller::start(opts).await?;
         handle
             .request(Request::Register {
@@ -151,6 +157,18 @@ impl Harness {
             bail!("expected no audit record, got {r:?}");
         }
         Ok(())
+    }
+
+    /// Stops the controller and returns every record that was still to come (the final drain).
+    pub async fn stop_and_collect(mut self) -> Result<Vec<AuditRecord>> {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await?;
+        }
+        let mut out = Vec::new();
+        while let Ok(r) = self.records.try_recv() {
+            out.push(r);
+        }
+        Ok(out)
     }
 
     pub async fn stop(mut self) -> Result<()> {

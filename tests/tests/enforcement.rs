@@ -398,3 +398,37 @@ async fn events_carry_who_what_and_why() -> Result<()> {
     );
     h.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_an_event_or_counted_as_lost() -> Result<()> {
+    let (_u, udp) = udp_server("127.0.0.1")?;
+    // A one-page ring (about 32 events) that nobody drains until shutdown: most events of a
+    // burst cannot be queued. Each must then be counted, never silently dropped.
+    let h = Harness::start_with(
+        &policy(&rule("udp", "127.0.0.1/32", &udp.port().to_string(), "udp")),
+        |o| {
+            o.ring_bytes = Some(4096);
+            o.wakeup_bytes = u64::MAX;
+            o.drain_interval = std::time::Duration::from_secs(3600);
+        },
+    )
+    .await?;
+    let sends = 200;
+    let out = probe_in(&h.agent, &[format!("udpn:{},{sends}", sa(udp))])?;
+    assert_eq!(out[0].value, sends, "{out:#?}");
+    // The controller reports lost counts on a 200 ms tick.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let records = h.stop_and_collect().await?;
+    let decisions = records.iter().filter(|r| r.kind == "decision").count() as u64;
+    let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
+    assert!(
+        decisions > 0 && lost > 0,
+        "decisions {decisions}, lost {lost}"
+    );
+    assert_eq!(
+        decisions + lost,
+        sends as u64,
+        "decisions {decisions} + lost {lost}"
+    );
+    Ok(())
+}

@@ -434,6 +434,7 @@ mod tests {
         Policy {
             name: "t".into(),
             mode: Mode::Enforce,
+            sockets: 0,
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules
                 .iter()

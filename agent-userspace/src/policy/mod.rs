@@ -173,8 +173,36 @@ pub struct Policy {
     pub mode: Mode,
     pub agents: Vec<CgroupSelector>,
     pub rules: Vec<Rule>,
+    /// `agent_common::sock` bits: socket kinds beyond TCP/UDP the agents may create.
+    pub sockets: u32,
     /// The file it was read from.
     pub source: PathBuf,
+}
+
+/// Names of the `sockets:` kinds and their `agent_common::sock` bits.
+pub const SOCKET_KINDS: [(&str, u32); 7] = [
+    ("raw", agent_common::sock::RAW),
+    ("ping", agent_common::sock::PING),
+    ("packet", agent_common::sock::PACKET),
+    ("udplite", agent_common::sock::UDPLITE),
+    ("sctp", agent_common::sock::SCTP),
+    ("mptcp", agent_common::sock::MPTCP),
+    ("other-inet", agent_common::sock::OTHER_INET),
+];
+
+pub fn socket_kind_bit(name: &str) -> Option<u32> {
+    SOCKET_KINDS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+}
+
+/// The name of one `agent_common::sock` bit.
+pub fn socket_kind_name(bit: u32) -> Option<&'static str> {
+    SOCKET_KINDS
+        .iter()
+        .find(|(_, b)| *b == bit)
+        .map(|(n, _)| *n)
 }
 
 /// Every policy of a directory, sorted by name.

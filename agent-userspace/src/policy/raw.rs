@@ -185,6 +185,9 @@ struct RawPolicy {
     mode: Mode,
     agents: Option<Spanned<RawAgents>>,
     egress: Option<Vec<Spanned<RawRule>>>,
+    /// Socket kinds beyond TCP/UDP the agents may create (default: none).
+    #[serde(default)]
+    sockets: Vec<SocketKind>,
 }
 
 #[derive(serde::Deserialize)]
@@ -327,6 +330,7 @@ impl RawPolicy {
             mode: self.mode,
             agents,
             rules,
+            sockets: self.sockets.iter().fold(0, |m, k| m | k.0),
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
@@ -367,6 +371,26 @@ impl<'de> Deserialize<'de> for Mode {
             _ => Err(format!(
                 "unknown mode {s:?}: expected \"enforce\" or \"audit\""
             )),
+        })
+    }
+}
+
+/// A socket kind of `sockets:`, as an `agent_common::sock` bit.
+struct SocketKind(u32);
+
+impl<'de> Deserialize<'de> for SocketKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| {
+            super::socket_kind_bit(s).map(SocketKind).ok_or_else(|| {
+                format!(
+                    "unknown socket kind {s:?}: expected one of {}",
+                    super::SOCKET_KINDS
+                        .iter()
+                        .map(|(n, _)| format!("\"{n}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
         })
     }
 }

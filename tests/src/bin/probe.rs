@@ -5,12 +5,23 @@
 //!   tfo:ADDR             new TCP socket, sendto(MSG_FASTOPEN)
 //!   udp:ADDR             new UDP socket, sendto (unconnected)
 //!   udpc:ADDR            new UDP socket, connect, send
+//!   udpn:ADDR,N          new UDP socket, N unconnected sends (value: how many succeeded)
 //!   mmsg:ADDR,ADDR,...   new UDP socket, one sendmmsg with one message per address
 //!   hold-tcp:ADDR        create a TCP socket now (keep it and the address for later)
 //!   connect-held         connect the held socket
 //!   thread:STEP          run STEP on a new thread
 //!   fork:STEP            run STEP in a forked child; report the child's result
 //!   sleep:MS             wait (keeps the process alive while its events are enriched)
+//!   sock:FAMILY,TYPE,PROTO   socket(2) only, numbers as in the C API
+//!   raw:ADDR             SOCK_RAW (IPPROTO_UDP) socket, sendto
+//!   ping:ADDR            ICMP datagram ("ping") socket, sendto an echo request
+//!   udplite:ADDR         UDP-Lite socket, sendto
+//!   packet               AF_PACKET socket
+//!   uring-connect:ADDR   TCP connect through io_uring
+//!   uring-sendmsg:ADDR   unconnected UDP sendmsg through io_uring
+//!   scm:CGROUP,ADDR      a child joins CGROUP and connects a TCP socket this process
+//!                        created outside and passed over SCM_RIGHTS; reports the child's errno
+//!   setuid:UID           drop to this uid (and gid)
 //! ADDR is a socket address: 127.0.0.1:80, [::1]:80, [::ffff:127.0.0.1]:80.
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
@@ -79,6 +90,16 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             Ok(s.send(b"udpc")? as i64)
         }
         "mmsg" => mmsg(arg),
+        "udpn" => {
+            let (a, n) = arg
+                .rsplit_once(',')
+                .ok_or_else(|| io::Error::other("udpn:ADDR,N"))?;
+            let a = addr(a)?;
+            let n: u32 = n.parse().map_err(|_| io::Error::other("udpn:ADDR,N"))?;
+            let s = socket(&a, Type::DGRAM, Protocol::UDP)?;
+            let dest = SockAddr::from(a);
+            Ok((0..n).filter(|_| s.send_to(b"n", &dest).is_ok()).count() as i64)
+        }
         "hold-tcp" => {
             let a = addr(arg)?;
             held.0 = Some((socket(&a, Type::STREAM, Protocol::TCP)?, a));
@@ -100,6 +121,58 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
                 .map_err(|_| io::Error::other("thread panicked"))?
         }
         "fork" => fork(arg),
+        "sock" => {
+            let n: Vec<i32> = arg
+                .split(',')
+                .map(|x| x.parse().map_err(|_| io::Error::other("sock:F,T,P")))
+                .collect::<io::Result<_>>()?;
+            let [f, t, p] = n[..] else {
+                return Err(io::Error::other("sock:F,T,P"));
+            };
+            Socket::new(Domain::from(f), Type::from(t), Some(Protocol::from(p)))?;
+            Ok(0)
+        }
+        "raw" => {
+            let a = addr(arg)?;
+            let s = socket(&a, Type::RAW, Protocol::UDP)?;
+            Ok(s.send_to(&[0u8; 8], &a.into())? as i64)
+        }
+        "ping" => {
+            let a = addr(arg)?;
+            let p = if a.is_ipv4() {
+                Protocol::ICMPV4
+            } else {
+                Protocol::ICMPV6
+            };
+            let s = socket(&a, Type::DGRAM, p)?;
+            // Echo request: type 8 (v4) / 128 (v6), code 0; the kernel fills id and checksum.
+            let t = if a.is_ipv4() { 8 } else { 128 };
+            Ok(s.send_to(&[t, 0, 0, 0, 0, 0, 0, 1], &a.into())? as i64)
+        }
+        "udplite" => {
+            let a = addr(arg)?;
+            let s = socket(&a, Type::DGRAM, Protocol::from(libc::IPPROTO_UDPLITE))?;
+            Ok(s.send_to(b"lite", &a.into())? as i64)
+        }
+        "packet" => {
+            Socket::new(
+                Domain::PACKET,
+                Type::RAW,
+                Some(Protocol::from((libc::ETH_P_ALL as u16).to_be() as i32)),
+            )?;
+            Ok(0)
+        }
+        "uring-connect" => uring(arg, true),
+        "uring-sendmsg" => uring(arg, false),
+        "scm" => scm(arg),
+        "setuid" => {
+            let id: u32 = arg.parse().map_err(|_| io::Error::other("setuid:UID"))?;
+            // SAFETY: plain syscalls; gid first, while still privileged.
+            if unsafe { libc::setgid(id) } != 0 || unsafe { libc::setuid(id) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(0)
+        }
         "sleep" => {
             let ms: u64 = arg
                 .parse()
@@ -145,6 +218,146 @@ fn mmsg(arg: &str) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as i64)
+}
+
+/// A TCP connect or an unconnected UDP sendmsg submitted through io_uring.
+fn uring(arg: &str, connect: bool) -> io::Result<i64> {
+    use io_uring::{opcode, types, IoUring};
+    let a = addr(arg)?;
+    let s = if connect {
+        socket(&a, Type::STREAM, Protocol::TCP)?
+    } else {
+        socket(&a, Type::DGRAM, Protocol::UDP)?
+    };
+    let dest = SockAddr::from(a);
+    let mut ring = IoUring::new(4)?;
+    let mut payload = *b"uring";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; every pointer outlives the submission.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = dest.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = dest.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let fd = types::Fd(s.as_raw_fd());
+    let entry = if connect {
+        opcode::Connect::new(fd, dest.as_ptr() as *const libc::sockaddr, dest.len()).build()
+    } else {
+        opcode::SendMsg::new(fd, &msg).build()
+    };
+    // SAFETY: the entry's buffers live until the completion is reaped below.
+    unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(cqe.result() as i64)
+}
+
+/// SCM_RIGHTS: this process (outside any agent) creates a TCP socket and passes it to a forked
+/// child that has joined CGROUP; the child connects it. The child's errno is the result.
+fn scm(arg: &str) -> io::Result<i64> {
+    use std::os::unix::net::UnixDatagram;
+    let (cg, target) = arg
+        .split_once(',')
+        .ok_or_else(|| io::Error::other("scm:CGROUP,ADDR"))?;
+    let a = addr(target)?;
+    let (parent_end, child_end) = UnixDatagram::pair()?;
+    // SAFETY: single-threaded here; the child only joins, receives, connects and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            drop(parent_end);
+            let code = (|| -> io::Result<()> {
+                std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())?;
+                let fd = recv_fd(&child_end)?;
+                // SAFETY: a fresh descriptor received over SCM_RIGHTS, owned from here on.
+                let s = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                s.set_linger(Some(Duration::ZERO))?;
+                s.connect_timeout(&a.into(), Duration::from_secs(2))
+            })();
+            let code = match code {
+                Ok(()) => 0,
+                Err(e) => errno(&e).clamp(1, 255),
+            };
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        pid => {
+            drop(child_end);
+            let s = socket(&a, Type::STREAM, Protocol::TCP)?;
+            send_fd(&parent_end, s.as_raw_fd())?;
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            match libc::WEXITSTATUS(status) {
+                0 => Ok(0),
+                e => Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+    }
+}
+
+fn send_fd(sock: &std::os::unix::net::UnixDatagram, fd: i32) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE of one int; the buffer is u64-aligned and large enough.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut buf = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one cmsghdr with one int.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd);
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn recv_fd(sock: &std::os::unix::net::UnixDatagram) -> io::Result<i32> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: as in send_fd.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut buf = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: recvmsg fills the buffers we own; the cmsg is checked before it is read.
+    unsafe {
+        if libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
+            return Err(io::Error::other("no descriptor received"));
+        }
+        Ok(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32))
+    }
 }
 
 /// Runs a step in a forked child; the child's errno comes back as its exit status.
