@@ -97,7 +97,10 @@ pub mod counter {
     pub const LOST: u32 = 3;
     /// Decisions that failed closed on an internal error.
     pub const ERRORS: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Written by the controller (CPU 0's slot): how many lost events it has already reported,
+    /// so a restarted controller reports only what was lost since.
+    pub const LOST_REPORTED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Value of the agent map, keyed by cgroup id (u64).

@@ -21,7 +21,7 @@ use crate::{
     cgroup,
     events::{self, AuditRecord, Enricher, Sink},
     identity::{agent_name, AgentMeta, Names, PolicyMeta},
-    loader::{self, Enforcer},
+    loader::{self, Enforcer, LoadOptions},
     policy::{self, CompiledPolicy, PolicySet},
 };
 
@@ -56,6 +56,9 @@ pub struct Options {
     pub ring_bytes: Option<u32>,
     /// How often the event reader drains without a wake-up.
     pub drain_interval: Duration,
+    /// Pin maps and links here (enforcement outlives the controller; a restart adopts them).
+    /// None: nothing pinned (tests, demo): programs detach when the controller stops.
+    pub pin_dir: Option<PathBuf>,
     /// In-process copy of every record (tests, demo).
     pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
 }
@@ -74,6 +77,7 @@ impl Options {
             wakeup_bytes: loader::DEFAULT_WAKEUP_BYTES,
             ring_bytes: None,
             drain_interval: events::DRAIN_INTERVAL,
+            pin_dir: None,
             tap: None,
         }
     }
@@ -157,8 +161,12 @@ pub async fn start(opts: Options) -> Result<Handle> {
         PolicySource::Path(p) => policy::load_dir(p)?,
         PolicySource::Fixed(s) => s.clone(),
     };
-    let mut enforcer =
-        Enforcer::load(opts.wakeup_bytes, opts.ring_bytes).context("loading eBPF programs")?;
+    let mut enforcer = Enforcer::load(&LoadOptions {
+        wakeup_bytes: opts.wakeup_bytes,
+        ring_bytes: opts.ring_bytes,
+        pin_dir: opts.pin_dir.clone(),
+    })
+    .context("loading eBPF programs")?;
     let ring = enforcer.take_events().context("event ring already taken")?;
     let names = Arc::new(RwLock::new(Names::default()));
     names.write().expect("names").policies.insert(
@@ -170,6 +178,16 @@ pub async fn start(opts: Options) -> Result<Handle> {
         },
     );
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+    // An adopted map holds the previous controller's policy ids: new ones must not collide.
+    let adopted = enforcer.adopted();
+    let previous_ids = enforcer.rule_policy_ids();
+    let next_policy_id = previous_ids
+        .iter()
+        .copied()
+        .chain(enforcer.agent_entries().iter().map(|(_, e)| e.policy_id))
+        .max()
+        .map_or(CONFLICT_POLICY_ID + 1, |m| m + 1);
+    let last_lost = enforcer.lost_reported()?;
     let mut state = State {
         enforcer,
         source: opts.policy.clone(),
@@ -177,14 +195,22 @@ pub async fn start(opts: Options) -> Result<Handle> {
         set: PolicySet { policies: vec![] },
         installed: BTreeMap::new(),
         agents: HashMap::new(),
-        next_policy_id: CONFLICT_POLICY_ID + 1,
+        next_policy_id,
         generation: 0,
         names: names.clone(),
-        last_lost: 0,
+        last_lost,
         lost_tx,
     };
-    // Maps first, then attach: enforcement starts complete.
+    // Maps first, then attach: enforcement starts complete. When adopting, the previous
+    // controller's entries keep enforcing until each is replaced, then the leftovers go.
     state.apply(set)?;
+    if adopted {
+        state.drop_leftovers()?;
+        tracing::info!(
+            pin_dir = ?opts.pin_dir,
+            "adopted pinned programs and maps; switching the links to this controller's programs"
+        );
+    }
     let attach_to = opts.attach_to.clone().unwrap_or_else(|| root.clone());
     state.enforcer.attach(&attach_to)?;
     tracing::info!(cgroup = %attach_to.display(), "programs attached");
@@ -246,9 +272,15 @@ impl State {
             }
         }
         self.report_lost();
-        // Dropping the Enforcer detaches the programs (pinning comes with fail-closed work).
+        let pinned = self.enforcer.pinned();
         drop(self.enforcer);
-        tracing::info!("programs detached");
+        if pinned {
+            tracing::info!(
+                "programs stay attached and enforcing (pinned); `agentwall uninstall` removes them"
+            );
+        } else {
+            tracing::info!("programs detached");
+        }
         Ok(())
     }
 
@@ -297,8 +329,28 @@ impl State {
             if c.lost > self.last_lost {
                 let _ = self.lost_tx.send(c.lost - self.last_lost);
                 self.last_lost = c.lost;
+                if let Err(e) = self.enforcer.set_lost_reported(c.lost) {
+                    tracing::warn!("recording the reported lost count: {e}");
+                }
             }
         }
+    }
+
+    /// After adopting pinned maps: removes agent entries the current policy no longer selects
+    /// and prefixes of policy versions no longer installed.
+    fn drop_leftovers(&mut self) -> Result<()> {
+        for (id, _) in self.enforcer.agent_entries() {
+            if !self.agents.contains_key(&id) {
+                self.enforcer.remove_agent(id)?;
+            }
+        }
+        let keep = self.installed.values().map(|i| i.id).collect();
+        let n = self.enforcer.remove_rules_except(&keep)?;
+        tracing::info!(
+            stale_prefixes = n,
+            "reconciled the adopted maps with the current policy"
+        );
+        Ok(())
     }
 
     fn reload(&mut self) -> Result<()> {

@@ -8,4 +8,5 @@ pub mod demo;
 pub mod events;
 pub mod identity;
 pub mod loader;
+pub mod pin;
 pub mod policy;

@@ -1,18 +1,30 @@
 //! Loads the eBPF object, attaches its programs at the cgroup2 root and owns the typed handles to
 //! its maps. Nothing else in the controller touches a kernel map.
 
-use std::{ffi::CString, fs::File, io, path::Path};
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+        RingBuf,
+    },
+    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
     Ebpf, EbpfError, EbpfLoader,
 };
 use thiserror::Error;
 
 use agent_common::{counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, POLICY_PREFIX_BITS};
 
-use crate::policy::CompiledPolicy;
+use crate::{
+    pin::{self, PinError},
+    policy::CompiledPolicy,
+};
 
 /// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -21,6 +33,14 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The socket-creation guard (inet families).
 pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
+/// Every program, as its link is pinned.
+pub const ALL_PROGRAMS: [&str; 5] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "sock_create",
+];
 
 /// Bytes pending in the ring buffer before a program wakes the consumer (see agent-ebpf).
 pub const DEFAULT_WAKEUP_BYTES: u64 = 256 * 1024;
@@ -45,6 +65,12 @@ pub enum LoaderError {
     Bpffs(String, #[source] io::Error),
     #[error("programs are already attached")]
     AlreadyAttached,
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("pinning {0}: {1}")]
+    PinLink(String, String),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// Sums of the per-CPU counters.
@@ -57,9 +83,24 @@ pub struct Counters {
     pub errors: u64,
 }
 
+/// How to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Bytes pending in the ring before a wake-up; `DEFAULT_WAKEUP_BYTES` when 0.
+    pub wakeup_bytes: u64,
+    /// Event ring size override (a power of two, page multiple).
+    pub ring_bytes: Option<u32>,
+    /// Pin maps and links here so enforcement outlives the controller, and adopt what is
+    /// already pinned there. None: nothing pinned, programs detach when the Enforcer drops.
+    pub pin_dir: Option<PathBuf>,
+}
+
 pub struct Enforcer {
     ebpf: Ebpf,
     attached: bool,
+    pin_dir: Option<PathBuf>,
+    /// Programs were already pinned and attached by an earlier controller.
+    adopted: bool,
     config: Array<MapData, Config>,
     agents: HashMap<MapData, u64, AgentEntry>,
     rules_v4: LpmTrie<MapData, PrefixV4, RuleSet>,
@@ -81,12 +122,32 @@ macro_rules! take_map {
 impl Enforcer {
     /// Loads the object and its programs into the kernel; nothing is attached yet, so
     /// the maps can be filled first and enforcement starts complete.
-    /// `ring_bytes` overrides the event ring's size (a power of two, page multiple).
-    pub fn load(wakeup_bytes: u64, ring_bytes: Option<u32>) -> Result<Self, LoaderError> {
+    /// With a pin directory, maps already pinned there are checked and reused (their contents
+    /// are what enforces right now), and missing ones are created and pinned.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoaderError> {
+        let wakeup_bytes = match opts.wakeup_bytes {
+            0 => DEFAULT_WAKEUP_BYTES,
+            n => n,
+        };
         let mut loader = EbpfLoader::new();
         loader.override_global("WAKEUP_BYTES", &wakeup_bytes, true);
-        if let Some(bytes) = ring_bytes {
+        if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("AW_EVENTS", bytes);
+        }
+        let specs = pin::expected_maps(opts.ring_bytes);
+        let mut adopted = false;
+        if let Some(dir) = &opts.pin_dir {
+            pin::check_maps(dir, opts.ring_bytes)?;
+            for sub in ["maps", "links"] {
+                std::fs::create_dir_all(dir.join(sub)).map_err(|source| PinError::Io {
+                    path: dir.join(sub),
+                    source,
+                })?;
+            }
+            for spec in &specs {
+                loader.map_pin_path(spec.name, dir.join("maps").join(spec.name));
+            }
+            adopted = pin::links_exist(dir, &ALL_PROGRAMS);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in SOCK_ADDR_PROGRAMS {
@@ -107,6 +168,8 @@ impl Enforcer {
         Ok(Self {
             ebpf,
             attached: false,
+            pin_dir: opts.pin_dir.clone(),
+            adopted,
             config,
             agents,
             rules_v4,
@@ -117,27 +180,149 @@ impl Enforcer {
     }
 
     /// Attaches every program to `cgroup` (the cgroup2 root in production) with bpf links,
-    /// which coexist with other programs on the node. Dropping the Enforcer detaches them.
+    /// which coexist with other programs on the node. Unpinned, dropping the Enforcer detaches
+    /// them; pinned, they stay. When an earlier controller's links are pinned, each link is
+    /// switched to this object's program in one step instead (restart and upgrade alike).
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoaderError> {
         if self.attached {
             return Err(LoaderError::AlreadyAttached);
+        }
+        if let (true, Some(dir)) = (self.adopted, self.pin_dir.clone()) {
+            for name in SOCK_ADDR_PROGRAMS {
+                let prog = sock_addr_program(&mut self.ebpf, name)?;
+                let fd = prog.fd().map_err(|e| LoaderError::Program(name, e))?;
+                pin::link_update(&dir.join("links").join(name), fd)?;
+            }
+            let prog = sock_program(&mut self.ebpf)?;
+            let fd = prog
+                .fd()
+                .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+            pin::link_update(&dir.join("links").join(SOCK_CREATE_PROGRAM), fd)?;
+            self.attached = true;
+            return Ok(());
         }
         let fd = File::open(cgroup).map_err(|source| LoaderError::Cgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
         // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
+        let pin_dir = self.pin_dir.clone();
+        let pin = |name: &str, link: Result<FdLink, String>| -> Result<(), LoaderError> {
+            if let Some(dir) = &pin_dir {
+                let path = dir.join("links").join(name);
+                link.and_then(|l| l.pin(&path).map(drop).map_err(|e| e.to_string()))
+                    .map_err(|e| LoaderError::PinLink(path.display().to_string(), e))?;
+            }
+            Ok(())
+        };
         for name in SOCK_ADDR_PROGRAMS {
-            sock_addr_program(&mut self.ebpf, name)?
+            let prog = sock_addr_program(&mut self.ebpf, name)?;
+            let id = prog
                 .attach(&fd, CgroupAttachMode::Single)
                 .map_err(|e| LoaderError::Program(name, e))?;
+            if pin_dir.is_some() {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| LoaderError::Program(name, e))?;
+                pin(name, FdLink::try_from(link).map_err(|e| e.to_string()))?;
+            }
         }
-        sock_program(&mut self.ebpf)?
+        let prog = sock_program(&mut self.ebpf)?;
+        let id = prog
             .attach(&fd, CgroupAttachMode::Single)
             .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
-
+        if pin_dir.is_some() {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+            pin(
+                SOCK_CREATE_PROGRAM,
+                FdLink::try_from(link).map_err(|e| e.to_string()),
+            )?;
+        }
         self.attached = true;
         Ok(())
+    }
+
+    /// Programs and maps were pinned by an earlier controller and are being adopted.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Whether enforcement outlives this Enforcer.
+    pub fn pinned(&self) -> bool {
+        self.pin_dir.is_some()
+    }
+
+    /// Agent entries in the map (an adopted map holds the previous controller's).
+    pub fn agent_entries(&self) -> Vec<(u64, AgentEntry)> {
+        self.agents.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Policy ids that have prefixes in the tries.
+    pub fn rule_policy_ids(&self) -> BTreeSet<u32> {
+        let v4 = self
+            .rules_v4
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u32::from_be_bytes(k.data().policy));
+        let v6 = self
+            .rules_v6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u32::from_be_bytes(k.data().policy));
+        v4.chain(v6).collect()
+    }
+
+    /// Removes every prefix whose policy id is not in `keep` (left by an earlier controller).
+    pub fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
+        let stale4: Vec<_> = self
+            .rules_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
+            .collect();
+        let stale6: Vec<_> = self
+            .rules_v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
+            .collect();
+        let n = stale4.len() + stale6.len();
+        for k in stale4 {
+            match self.rules_v4.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_RULES_V4", e)),
+            }
+        }
+        for k in stale6 {
+            match self.rules_v6.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Lost events already reported (kept in the pinned counters across restarts).
+    pub fn lost_reported(&self) -> Result<u64, LoaderError> {
+        let v = self
+            .counters
+            .get(&counter::LOST_REPORTED, 0)
+            .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+        Ok(v.first().copied().unwrap_or(0))
+    }
+
+    pub fn set_lost_reported(&mut self, n: u64) -> Result<(), LoaderError> {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| LoaderError::Other(format!("{what}: {e}")))?;
+        let mut values = vec![0u64; cpus];
+        values[0] = n;
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| LoaderError::Other(format!("per-CPU values: {e}")))?;
+        self.counters
+            .set(counter::LOST_REPORTED, values, 0)
+            .map_err(|e| LoaderError::Map("AW_COUNTERS", e))
     }
 
     /// Hands the ring buffer to the event reader (once).

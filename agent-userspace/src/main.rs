@@ -6,7 +6,7 @@ use agentwall::{
     api::{self, Request},
     cgroup,
     controller::{self, Options, PolicySource},
-    demo, identity, policy,
+    demo, identity, pin, policy,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -38,6 +38,8 @@ enum Cmd {
     Reload(SocketArg),
     /// Counters and registered agents of the running controller.
     Status(SocketArg),
+    /// Remove everything agentwall pinned (programs detach, maps go). Nothing else does this.
+    Uninstall(UninstallArgs),
     /// Set up a demo on loopback: demo policy, servers, controller, one agent process.
     Demo(DemoArgs),
     #[command(hide = true)]
@@ -69,6 +71,26 @@ struct RunArgs {
     /// How often to look for new cgroups that policies select, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     rescan_ms: u64,
+    /// Where maps and links are pinned [default: <bpffs>/agentwall/v1].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Pin nothing: enforcement stops with the controller (for trials only).
+    #[arg(long, conflicts_with = "pin_dir")]
+    no_pin: bool,
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The pin directory [default: <bpffs>/agentwall/v1].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
+    /// Uninstall even though a controller answers on the control socket.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +137,7 @@ fn main() -> ExitCode {
         Cmd::DemoAgent => demo::agent(),
         Cmd::Reload(s) => print_reply(&s.control_socket, Request::Reload),
         Cmd::Status(s) => print_reply(&s.control_socket, Request::Status),
+        Cmd::Uninstall(a) => uninstall(a),
         Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
         Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
     };
@@ -168,6 +191,9 @@ async fn run(a: RunArgs) -> Result<()> {
     opts.audit_log = Some(a.audit_log);
     opts.stdout = a.stdout;
     opts.control_socket = Some(a.control_socket);
+    if !a.no_pin {
+        opts.pin_dir = Some(a.pin_dir.unwrap_or_else(|| pin::default_dir(&a.bpffs)));
+    }
     opts.bpffs = Some(a.bpffs);
     opts.rescan = Duration::from_millis(a.rescan_ms.max(10));
     let mut term = signal(SignalKind::terminate())?;
@@ -188,6 +214,27 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     tracing::info!("stopping");
     handle.shutdown().await
+}
+
+fn uninstall(a: UninstallArgs) -> Result<()> {
+    if !a.force && std::os::unix::net::UnixStream::connect(&a.control_socket).is_ok() {
+        bail!(
+            "a controller is running (it answers on {}); stop it first, or pass --force",
+            a.control_socket.display()
+        );
+    }
+    let dir = a.pin_dir.unwrap_or_else(|| pin::default_dir(&a.bpffs));
+    let removed = pin::uninstall(&dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned in {}", dir.display());
+    } else {
+        println!(
+            "removed {} pins from {}: agents are no longer enforced",
+            removed.len(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Registers the agent's cgroup with the controller, joins it, then becomes the command. If the

@@ -203,6 +203,8 @@ pub struct Outcome {
     pub ok: bool,
     pub errno: i32,
     pub value: i64,
+    #[serde(default)]
+    pub detail: String,
 }
 
 /// Runs the probe with `steps`; returns one outcome per step.
@@ -239,12 +241,84 @@ pub fn probe_in(cgroup: &Path, steps: &[String]) -> Result<Vec<Outcome>> {
     Ok(out.split_off(1))
 }
 
-/// A TCP listener on a loopback address with a free port.
+/// A TCP listener on a loopback address with a free port. A thread accepts and closes every
+/// connection so the backlog never fills, however many connects a test makes.
 pub fn tcp_server(ip: &str) -> Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(SocketAddr::new(ip.parse()?, 0))
         .with_context(|| format!("binding TCP on {ip}"))?;
     let a = l.local_addr()?;
+    let acceptor = l.try_clone()?;
+    std::thread::spawn(move || {
+        for conn in acceptor.incoming() {
+            drop(conn);
+        }
+    });
     Ok((l, a))
+}
+
+/// Creates a BPF array map (key 4 B, value 8 B, 1 entry) and pins it at `path`: a map of the
+/// wrong shape for tests of the pinned-map check.
+pub fn pin_wrong_map(path: &Path) -> Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        _pad: [u32; 11],
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let mut create = MapCreate {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        ..Default::default()
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a zero-padded attr of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut create as *mut MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: BPF_OBJ_PIN (6) with a valid path and our map fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            &mut pin as *mut ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd we created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    ensure!(rc == 0, "BPF_OBJ_PIN {}: {err}", path.display());
+    Ok(())
 }
 
 /// A UDP socket on a loopback address with a free port (non-blocking reads with a timeout).
@@ -269,4 +343,193 @@ pub fn received(s: &UdpSocket) -> usize {
 /// `addr` in the probe's form.
 pub fn sa(a: SocketAddr) -> String {
     a.to_string()
+}
+
+/// `agentwall run` as a child process with its own policy dir, audit log, control socket and
+/// pin directory, all under one temp dir. Dropping it stops the daemon (by pid) and uninstalls
+/// what it pinned.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    pub agentwall: PathBuf,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub audit: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Daemon {
+    /// A temp dir with an empty `policies/` directory, not started yet.
+    pub fn prepare(tag: &str) -> Result<Self> {
+        require_root()?;
+        let dir = std::env::temp_dir().join(format!(
+            "agentwall-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies"))?;
+        agentwall::loader::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        Ok(Self {
+            child: None,
+            agentwall: sibling_exe("agentwall")?,
+            socket: dir.join("control.sock"),
+            audit: dir.join("audit.jsonl"),
+            pin_dir: PathBuf::from(format!(
+                "/sys/fs/bpf/agentwall-test-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::SeqCst)
+            )),
+            dir,
+        })
+    }
+
+    pub fn write_policy(&self, file: &str, yaml: &str) -> Result<()> {
+        Ok(std::fs::write(self.dir.join("policies").join(file), yaml)?)
+    }
+
+    /// Starts `agentwall run` and waits for its control socket.
+    pub fn start(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "already running");
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new(&self.agentwall)
+            .arg("run")
+            .arg("--policy")
+            .arg(self.dir.join("policies"))
+            .arg("--audit-log")
+            .arg(&self.audit)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["--rescan-ms", "100"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("daemon.log"))?)
+            .spawn()
+            .context("starting agentwall run")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!("agentwall run exited at start: {status}: {}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the control socket did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon (our own child, by pid) and waits for it.
+    pub fn signal(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        // SAFETY: signalling the child we started, by its pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        Ok(child.wait()?)
+    }
+
+    /// `agentwall <args> --control-socket <socket>`; returns (success, stdout+stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(&self.agentwall)
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    fn exec_command(&self, cgroup_parent: &str, agent: &str, steps: &[String]) -> Result<Command> {
+        let mut cmd = Command::new(&self.agentwall);
+        cmd.args(["exec", "--agent", agent, "--cgroup-parent", cgroup_parent])
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .arg("--")
+            .arg(sibling_exe("probe")?)
+            .args(steps);
+        Ok(cmd)
+    }
+
+    /// `agentwall exec` a probe; returns (exit ok, outcomes, stderr).
+    pub fn exec_probe(
+        &self,
+        cgroup_parent: &str,
+        agent: &str,
+        steps: &[String],
+    ) -> Result<(bool, Vec<Outcome>, String)> {
+        let out = self.exec_command(cgroup_parent, agent, steps)?.output()?;
+        let outcomes = String::from_utf8(out.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<Outcome>, _>>()?;
+        Ok((
+            out.status.success(),
+            outcomes,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Starts an exec'd probe without waiting (collect with `wait_probe`).
+    pub fn spawn_probe(
+        &self,
+        cgroup_parent: &str,
+        agent: &str,
+        steps: &[String],
+    ) -> Result<std::process::Child> {
+        Ok(self
+            .exec_command(cgroup_parent, agent, steps)?
+            .stdout(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
+    pub fn wait_probe(child: std::process::Child) -> Result<Vec<Outcome>> {
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "probe exited with {}", out.status);
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<Outcome>, _>>()?)
+    }
+
+    /// Every record in the audit log.
+    pub fn records(&self) -> Result<Vec<AuditRecord>> {
+        let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        Ok(text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// `agentwall uninstall` for this daemon's pin directory.
+    pub fn uninstall(&self) -> Result<(bool, String)> {
+        let pin_dir = self.pin_dir.display().to_string();
+        self.cli(&["uninstall", "--pin-dir", &pin_dir])
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.signal(libc::SIGTERM);
+        }
+        let _ = agentwall::pin::uninstall(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -22,6 +22,9 @@
 //!   scm:CGROUP,ADDR      a child joins CGROUP and connects a TCP socket this process
 //!                        created outside and passed over SCM_RIGHTS; reports the child's errno
 //!   setuid:UID           drop to this uid (and gid)
+//!   loop:ALLOWED,DENIED,MS   alternate TCP connects to both for MS milliseconds; value is the
+//!                        number of attempts, ok only if every allowed one connected and every
+//!                        denied one got EPERM (detail says what went wrong)
 //! ADDR is a socket address: 127.0.0.1:80, [::1]:80, [::ffff:127.0.0.1]:80.
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
@@ -35,6 +38,8 @@ struct Outcome {
     errno: i32,
     /// Messages sent (mmsg) or bytes sent.
     value: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    detail: String,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -162,6 +167,7 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             )?;
             Ok(0)
         }
+        "loop" => connect_loop(arg),
         "uring-connect" => uring(arg, true),
         "uring-sendmsg" => uring(arg, false),
         "scm" => scm(arg),
@@ -218,6 +224,42 @@ fn mmsg(arg: &str) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as i64)
+}
+
+/// Alternating allowed and denied connects for a while; any wrong outcome is an error whose
+/// message lists the counts.
+fn connect_loop(arg: &str) -> io::Result<i64> {
+    let parts: Vec<&str> = arg.split(',').collect();
+    let [allowed, denied, ms] = parts[..] else {
+        return Err(io::Error::other("loop:ALLOWED,DENIED,MS"));
+    };
+    let (allowed, denied) = (addr(allowed)?, addr(denied)?);
+    let ms: u64 = ms.parse().map_err(|_| io::Error::other("loop: MS"))?;
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    let try_connect = |a: &SocketAddr| -> io::Result<()> {
+        let s = socket(a, Type::STREAM, Protocol::TCP)?;
+        s.set_linger(Some(Duration::ZERO))?;
+        s.connect_timeout(&(*a).into(), Duration::from_secs(2))
+    };
+    let (mut attempts, mut allowed_failed, mut denied_passed) = (0i64, 0, 0);
+    while std::time::Instant::now() < end {
+        if try_connect(&allowed).is_err() {
+            allowed_failed += 1;
+        }
+        match try_connect(&denied) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            _ => denied_passed += 1,
+        }
+        attempts += 2;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if allowed_failed + denied_passed > 0 {
+        return Err(io::Error::other(format!(
+            "{attempts} attempts: {allowed_failed} allowed connects failed, \
+             {denied_passed} denied connects got through"
+        )));
+    }
+    Ok(attempts)
 }
 
 /// A TCP connect or an unconnected UDP sendmsg submitted through io_uring.
@@ -394,12 +436,14 @@ fn main() {
                 ok: true,
                 errno: 0,
                 value,
+                detail: String::new(),
             },
             Err(e) => Outcome {
                 step: spec,
                 ok: false,
                 errno: errno(&e),
                 value: -1,
+                detail: e.to_string(),
             },
         };
         println!("{}", serde_json::to_string(&out).expect("serialize"));
