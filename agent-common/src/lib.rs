@@ -50,6 +50,19 @@ pub mod reason {
     pub const SOCKET_KIND: u32 = 5;
     /// Such a socket, allowed by the policy's `sockets` list.
     pub const SOCKET_ALLOWED: u32 = 6;
+    /// The controller has been silent longer than the policy's dead-man time: deny-all.
+    pub const DEADMAN: u32 = 7;
+}
+
+/// What an agent falls back to when the controller stops signalling liveness
+/// (`AgentEntry::deadman_mode`).
+pub mod deadman {
+    /// No dead-man switch: the pinned policy keeps enforcing as it is.
+    pub const OFF: u32 = 0;
+    /// Deny everything.
+    pub const DENY_ALL: u32 = 1;
+    /// Allow everything and record the would-be verdicts (audit mode).
+    pub const AUDIT_ALL: u32 = 2;
 }
 
 /// Kinds of socket the connect/sendmsg hooks do not see; bits of `AgentEntry::sockets`.
@@ -115,8 +128,12 @@ pub struct AgentEntry {
     pub policy_version: u32,
     /// `sock::*` bits: socket kinds beyond TCP/UDP this agent may create.
     pub sockets: u32,
+    /// Seconds without a controller heartbeat before `deadman_mode` applies (0: never).
+    pub deadman_secs: u32,
+    /// `deadman::*`
+    pub deadman_mode: u32,
 }
-const _: () = assert!(size_of::<AgentEntry>() == 16);
+const _: () = assert!(size_of::<AgentEntry>() == 24);
 
 /// Data part of an IPv4 LPM key; the prefix length counts the 32 policy bits too.
 #[repr(C)]
@@ -181,8 +198,10 @@ pub struct Config {
     /// Bit n set: some agent cgroup sits at level n. Zero: no agents, every hook returns at once.
     pub agent_levels: u32,
     pub _reserved: u32,
+    /// CLOCK_BOOTTIME (ns) of the controller's last liveness signal, for dead-man switches.
+    pub heartbeat_ns: u64,
 }
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// One decision about an agent's connect or send. Fixed size, written to the ring buffer.
 #[repr(C)]

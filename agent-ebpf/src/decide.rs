@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    counter, hook, mode, proto, reason, sock, verdict, AgentEntry, Event, PrefixV4, PrefixV6,
-    RuleSet, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE, POLICY_PREFIX_BITS,
+    counter, deadman, hook, mode, proto, reason, sock, verdict, AgentEntry, Event, PrefixV4,
+    PrefixV6, RuleSet, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE, POLICY_PREFIX_BITS,
 };
 
 use crate::{
@@ -258,22 +258,56 @@ fn finish(
     r: u32,
     rule_id: u32,
 ) -> i32 {
+    let (v, r, rule_id, mode_) = apply_deadman(agent, v, r, rule_id);
     let ret = if v == verdict::ALLOW {
         count(counter::ALLOWED);
         ALLOW
-    } else if agent.mode == mode::AUDIT {
+    } else if mode_ == mode::AUDIT {
         count(counter::AUDITED);
         ALLOW
     } else {
         count(counter::DENIED);
         DENY
     };
-    emit(hook, agent_cg, agent, dest, v, r, rule_id);
+    emit(hook, agent_cg, agent, dest, v, r, rule_id, mode_);
     ret
 }
 
+/// When the controller has been silent longer than the agent's dead-man time, the fallback
+/// replaces the decision: deny-all, or audit-all (decide as usual, let everything through).
 #[inline(always)]
-fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, v: u32, r: u32, rule_id: u32) {
+fn apply_deadman(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (u32, u32, u32, u32) {
+    if agent.deadman_secs == 0 || agent.deadman_mode == deadman::OFF {
+        return (v, r, rule_id, agent.mode);
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return (v, r, rule_id, agent.mode);
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let silent = now.saturating_sub(cfg.heartbeat_ns);
+    if silent <= agent.deadman_secs as u64 * 1_000_000_000 {
+        return (v, r, rule_id, agent.mode);
+    }
+    if agent.deadman_mode == deadman::AUDIT_ALL {
+        (v, r, rule_id, mode::AUDIT)
+    } else {
+        (verdict::DENY, reason::DEADMAN, NO_RULE, mode::ENFORCE)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    hook: u32,
+    agent_cg: u64,
+    agent: &AgentEntry,
+    dest: &Dest,
+    v: u32,
+    r: u32,
+    rule_id: u32,
+    mode_: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::LOST);
         return;
@@ -292,7 +326,7 @@ fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, v: u32, r: u3
             protocol: dest.protocol,
             hook,
             verdict: v,
-            mode: agent.mode,
+            mode: mode_,
             reason: r,
             rule_id,
             policy_id: agent.policy_id,

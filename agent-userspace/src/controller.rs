@@ -29,6 +29,9 @@ use crate::{
 /// everything until the conflict is fixed (fail closed, never unenforced).
 pub const CONFLICT_POLICY_ID: u32 = 0;
 
+/// How often the controller signals liveness to the kernel's dead-man switches.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Where the policy comes from.
 #[derive(Debug, Clone)]
 pub enum PolicySource {
@@ -146,6 +149,8 @@ struct State {
     names: Arc<RwLock<Names>>,
     last_lost: u64,
     lost_tx: mpsc::UnboundedSender<u64>,
+    /// Levels of an adopted map's agents, kept in the mask until they are re-registered.
+    adopted_levels: u32,
 }
 
 /// Loads, fills the maps, attaches, and starts the tasks. Returns once enforcement is on.
@@ -188,6 +193,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         .max()
         .map_or(CONFLICT_POLICY_ID + 1, |m| m + 1);
     let last_lost = enforcer.lost_reported()?;
+    let enforcer_levels = enforcer.agent_levels();
     let mut state = State {
         enforcer,
         source: opts.policy.clone(),
@@ -200,6 +206,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         names: names.clone(),
         last_lost,
         lost_tx,
+        adopted_levels: if adopted { enforcer_levels } else { 0 },
     };
     // Maps first, then attach: enforcement starts complete. When adopting, the previous
     // controller's entries keep enforcing until each is replaced, then the leftovers go.
@@ -261,6 +268,7 @@ impl State {
     ) -> Result<()> {
         let mut scan = tokio::time::interval(rescan);
         let mut counters = tokio::time::interval(Duration::from_millis(200));
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         loop {
             tokio::select! {
                 Some(cmd) = commands.recv() => match cmd {
@@ -268,6 +276,11 @@ impl State {
                 },
                 _ = scan.tick() => self.rescan(),
                 _ = counters.tick() => self.report_lost(),
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.enforcer.heartbeat() {
+                        tracing::error!("heartbeat: {e}");
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
         }
@@ -344,6 +357,8 @@ impl State {
                 self.enforcer.remove_agent(id)?;
             }
         }
+        self.adopted_levels = 0;
+        self.update_levels()?;
         let keep = self.installed.values().map(|i| i.id).collect();
         let n = self.enforcer.remove_rules_except(&keep)?;
         tracing::info!(
@@ -447,6 +462,12 @@ impl State {
             bail!("cgroup {rel:?} is at level {level}; agents must be at levels 1..={MAX_CGROUP_LEVEL}");
         }
         let matches = self.set.find_for_cgroup(rel);
+        let (deadman_secs, deadman_mode) = match matches.as_slice() {
+            [p] => p
+                .deadman
+                .map_or((0, 0), |d| (d.after_secs, d.fallback.as_kernel())),
+            _ => (0, 0),
+        };
         let (policy_id, mode_, sockets_, policy_name) = match matches.as_slice() {
             [] => bail!("no policy selects cgroup {rel:?}"),
             [p] => {
@@ -470,6 +491,8 @@ impl State {
             mode: mode_,
             policy_version: self.generation,
             sockets: sockets_,
+            deadman_secs,
+            deadman_mode,
         };
         self.enforcer.set_agent(id, entry)?;
         let meta = AgentMeta {
@@ -508,7 +531,10 @@ impl State {
     }
 
     fn update_levels(&mut self) -> Result<()> {
-        let mask = self.agents.values().fold(0u32, |m, a| m | (1 << a.level));
+        let mask = self
+            .agents
+            .values()
+            .fold(self.adopted_levels, |m, a| m | (1 << a.level));
         self.enforcer.set_agent_levels(mask)?;
         Ok(())
     }

@@ -110,6 +110,7 @@ impl Decision {
                 reason::ERROR => "error",
                 reason::SOCKET_KIND => "default-deny:socket-kind",
                 reason::SOCKET_ALLOWED => "socket-kind-allowed",
+                reason::DEADMAN => "deadman:deny-all",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),

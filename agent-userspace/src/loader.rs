@@ -102,6 +102,8 @@ pub struct Enforcer {
     /// Programs were already pinned and attached by an earlier controller.
     adopted: bool,
     config: Array<MapData, Config>,
+    /// What this controller last wrote to `config`.
+    config_value: Config,
     agents: HashMap<MapData, u64, AgentEntry>,
     rules_v4: LpmTrie<MapData, PrefixV4, RuleSet>,
     rules_v6: LpmTrie<MapData, PrefixV6, RuleSet>,
@@ -159,15 +161,21 @@ impl Enforcer {
             .load()
             .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
 
-        let config = take_map!(ebpf, "AW_CONFIG");
+        let config: Array<MapData, Config> = take_map!(ebpf, "AW_CONFIG");
         let agents = take_map!(ebpf, "AW_AGENTS");
         let rules_v4 = take_map!(ebpf, "AW_RULES_V4");
         let rules_v6 = take_map!(ebpf, "AW_RULES_V6");
         let counters = take_map!(ebpf, "AW_COUNTERS");
         let events = Some(take_map!(ebpf, "AW_EVENTS"));
+        // An adopted config keeps its agent levels until the controller has re-registered.
+        let config_value = Config {
+            heartbeat_ns: boottime_ns(),
+            ..config.get(&0, 0).unwrap_or_default()
+        };
         Ok(Self {
             ebpf,
             attached: false,
+            config_value,
             pin_dir: opts.pin_dir.clone(),
             adopted,
             config,
@@ -332,12 +340,25 @@ impl Enforcer {
 
     /// Sets the mask of cgroup levels that hold agents.
     pub fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
-        let cfg = Config {
-            agent_levels: mask,
-            _reserved: 0,
-        };
+        self.config_value.agent_levels = mask;
+        self.write_config()
+    }
+
+    /// Cgroup levels the programs currently look at for agents.
+    pub fn agent_levels(&self) -> u32 {
+        self.config_value.agent_levels
+    }
+
+    /// Signals liveness to the dead-man switches: the kernel compares this stamp with its own
+    /// clock, so agents fall back even when the controller is gone for good.
+    pub fn heartbeat(&mut self) -> Result<(), LoaderError> {
+        self.config_value.heartbeat_ns = boottime_ns();
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), LoaderError> {
         self.config
-            .set(0, cfg, 0)
+            .set(0, self.config_value, 0)
             .map_err(|e| LoaderError::Map("AW_CONFIG", e))
     }
 
@@ -410,6 +431,14 @@ impl Enforcer {
             errors: sum(counter::ERRORS)?,
         })
     }
+}
+
+/// CLOCK_BOOTTIME in ns, the clock of `bpf_ktime_get_boot_ns`.
+pub fn boottime_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sock_addr_program<'a>(

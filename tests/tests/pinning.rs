@@ -106,3 +106,85 @@ fn a_pinned_map_of_the_wrong_shape_is_refused() -> Result<()> {
     assert!(msg.contains("expected Hash"), "{msg}");
     Ok(())
 }
+
+#[test]
+fn dead_man_switch_falls_back_in_the_kernel_when_the_controller_is_silent() -> Result<()> {
+    let cg = TestCgroups::new()?;
+    let mut d = Daemon::prepare("deadman")?;
+    let (_a, allowed) = tcp_server("127.0.0.1")?;
+    let (_b, other) = tcp_server("127.0.0.1")?;
+    let policy = |name: &str, fallback: &str| {
+        format!(
+            "name: {name}\nagents:\n  cgroups:\n    - {base}/{name}\ndeadman:\n  after_seconds: 1\n  fallback: {fallback}\negress:\n  - cidr: 127.0.0.1/32\n    ports: [{port}]\n    protocol: tcp\n",
+            base = cg.base,
+            port = allowed.port()
+        )
+    };
+    d.write_policy("strict.yaml", &policy("strict", "deny-all"))?;
+    d.write_policy("lenient.yaml", &policy("lenient", "audit-all"))?;
+    d.start()?;
+    let steps = [format!("tcp:{allowed}"), format!("tcp:{other}")];
+    for agent in ["strict", "lenient"] {
+        let (ok, out, err) = d.exec_probe(&cg.base, agent, &steps)?;
+        ensure!(ok, "{err}");
+        assert_eq!(
+            (out[0].errno, out[1].errno),
+            (0, EPERM),
+            "{agent} with the controller up: {out:?}"
+        );
+    }
+
+    d.signal(libc::SIGKILL)?;
+    std::thread::sleep(Duration::from_millis(1600));
+    // Silent past the dead-man time: deny-all denies even what the policy allows; audit-all
+    // lets even the denied destination through.
+    let strict = probe_in(&cg.path("strict"), &steps)?;
+    assert_eq!(
+        (strict[0].errno, strict[1].errno),
+        (EPERM, EPERM),
+        "strict, controller silent: {strict:?}"
+    );
+    let lenient = probe_in(&cg.path("lenient"), &steps)?;
+    assert_eq!(
+        (lenient[0].errno, lenient[1].errno),
+        (0, 0),
+        "lenient, controller silent: {lenient:?}"
+    );
+
+    // Back: the policy applies again.
+    d.start()?;
+    let strict = probe_in(&cg.path("strict"), &steps)?;
+    assert_eq!(
+        (strict[0].errno, strict[1].errno),
+        (0, EPERM),
+        "strict, controller back: {strict:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGTERM)?;
+    let records = d.records()?;
+    let deadman: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.decision.as_ref())
+        .filter(|r| r.reason == "deadman:deny-all")
+        .collect();
+    assert_eq!(
+        deadman.len(),
+        2,
+        "deny-all decisions while silent: {deadman:#?}"
+    );
+    let audited: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.decision.as_ref())
+        .filter(|r| r.agent.as_deref() == Some("lenient") && r.mode == "audit")
+        .collect();
+    assert_eq!(
+        audited.len(),
+        2,
+        "audit-all decisions while silent: {audited:#?}"
+    );
+    assert_eq!(
+        (audited[1].decision.as_str(), audited[1].action.as_str()),
+        ("deny", "allowed")
+    );
+    Ok(())
+}

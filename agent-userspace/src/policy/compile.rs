@@ -435,6 +435,7 @@ mod tests {
             name: "t".into(),
             mode: Mode::Enforce,
             sockets: 0,
+            deadman: None,
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules
                 .iter()

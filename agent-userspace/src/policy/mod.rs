@@ -26,6 +26,9 @@ pub use compile::{compile, CompileError, CompiledPolicy};
 /// Largest policy file accepted, in bytes. A policy with 100,000 rules is about 5 MiB.
 pub const MAX_POLICY_FILE_BYTES: u64 = 32 << 20;
 
+/// Longest cgroup selector, in bytes (PATH_MAX: no longer path can name a cgroup).
+pub const MAX_SELECTOR_BYTES: usize = 4096;
+
 /// What happens when the policy denies a connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Mode {
@@ -82,31 +85,30 @@ impl CgroupSelector {
         if pattern.is_empty() {
             return Err("empty cgroup path (the cgroup2 root itself cannot be an agent)".into());
         }
+        // Values in messages are cut (`raw::quoted`): a hostile file may hold megabytes in one.
+        let shown = raw::quoted(pattern);
+        if pattern.len() > MAX_SELECTOR_BYTES {
+            return Err(format!(
+                "cgroup path {shown} is longer than {MAX_SELECTOR_BYTES} bytes"
+            ));
+        }
         if pattern.ends_with('/') {
             return Err(format!(
-                "cgroup path {pattern:?} ends with '/'; write {:?}",
-                pattern.trim_end_matches('/')
+                "cgroup path {shown} ends with '/'; write {}",
+                raw::quoted(pattern.trim_end_matches('/'))
             ));
         }
         for component in pattern.split('/') {
             match component {
-                "" => {
-                    return Err(format!(
-                        "cgroup path {pattern:?} has an empty component (//)"
-                    ))
-                }
+                "" => return Err(format!("cgroup path {shown} has an empty component (//)")),
                 "." | ".." => {
-                    return Err(format!(
-                        "cgroup path {pattern:?} has a {component:?} component"
-                    ))
+                    return Err(format!("cgroup path {shown} has a {component:?} component"))
                 }
                 _ => {}
             }
         }
         if pattern.chars().any(char::is_control) {
-            return Err(format!(
-                "cgroup path {pattern:?} contains a control character"
-            ));
+            return Err(format!("cgroup path {shown} contains a control character"));
         }
         let literal = !pattern.contains(['*', '?', '[', ']']);
         let glob = if literal {
@@ -114,7 +116,7 @@ impl CgroupSelector {
         } else {
             Some(
                 glob::Pattern::new(pattern)
-                    .map_err(|e| format!("invalid cgroup glob {pattern:?}: {}", e.msg))?,
+                    .map_err(|e| format!("invalid cgroup glob {shown}: {}", e.msg))?,
             )
         };
         Ok(CgroupSelector {
@@ -175,8 +177,33 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `agent_common::sock` bits: socket kinds beyond TCP/UDP the agents may create.
     pub sockets: u32,
+    /// What the agents fall back to when the controller stops signalling liveness.
+    pub deadman: Option<Deadman>,
     /// The file it was read from.
     pub source: PathBuf,
+}
+
+/// A dead-man switch: after `after_secs` without a controller heartbeat the kernel applies
+/// `fallback` to the policy's agents, until the controller is back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadman {
+    pub after_secs: u32,
+    pub fallback: Fallback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    DenyAll,
+    AuditAll,
+}
+
+impl Fallback {
+    pub fn as_kernel(&self) -> u32 {
+        match self {
+            Fallback::DenyAll => agent_common::deadman::DENY_ALL,
+            Fallback::AuditAll => agent_common::deadman::AUDIT_ALL,
+        }
+    }
 }
 
 /// Names of the `sockets:` kinds and their `agent_common::sock` bits.
@@ -273,6 +300,10 @@ pub enum PolicyError {
     /// More than one file of a directory is invalid; one error per line.
     #[error("{}", DisplayLines(.0))]
     Several(Vec<PolicyError>),
+    /// A directory holds no policy file. Refused rather than read as an empty set: a controller
+    /// whose policy directory was emptied (or mounted wrong) must not unregister every agent.
+    #[error("no policy files (*.yaml, *.yml) in {}", dir.display())]
+    NoPolicyFiles { dir: PathBuf },
 }
 
 /// `:line:column`, or nothing when the location is unknown.
@@ -333,19 +364,36 @@ fn load_file_located(path: &Path) -> Result<(Policy, raw::Locations), PolicyErro
     raw::parse(path, &text)
 }
 
-/// Reads a file of at most [`MAX_POLICY_FILE_BYTES`] as UTF-8.
+/// Reads a regular file of at most [`MAX_POLICY_FILE_BYTES`] as UTF-8. The size is checked
+/// before anything is read, and nothing past the limit is ever read.
 fn read_text(path: &Path) -> Result<String, PolicyError> {
+    use std::os::unix::fs::OpenOptionsExt;
+
     let io = |error| PolicyError::Io {
         path: path.to_path_buf(),
         error,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); it
+    // changes nothing for a regular file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
     let too_large = |size| PolicyError::TooLarge {
         path: path.to_path_buf(),
         size,
         limit: MAX_POLICY_FILE_BYTES,
     };
-    let size = file.metadata().map_err(io)?.len();
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        // A device (/dev/zero, a tty), FIFO or socket: unbounded, or blocks, or both.
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let size = meta.len();
     if size > MAX_POLICY_FILE_BYTES {
         return Err(too_large(size));
     }
@@ -383,7 +431,8 @@ fn is_policy_file_name(name: &str) -> bool {
 /// Loads every policy file (`*.yaml`, `*.yml`, not starting with `.`) of `dir`, not recursing
 /// into subdirectories; `dir` may also be a single file. All or nothing: if any file is
 /// invalid, or two files clash, the whole set is rejected, so the caller keeps what it runs.
-/// A directory without policy files gives an empty set.
+/// A directory without policy files is an error ([`PolicyError::NoPolicyFiles`]), not an
+/// empty set: an emptied directory must not unenforce every agent.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
     let io = |path: &Path, error| PolicyError::Io {
         path: path.to_path_buf(),
@@ -405,6 +454,11 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
                 continue;
             }
             files.push(path);
+        }
+        if files.is_empty() {
+            return Err(PolicyError::NoPolicyFiles {
+                dir: dir.to_path_buf(),
+            });
         }
         files.sort();
         files

@@ -15,11 +15,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 
-use agent_common::proto;
+use agent_common::{proto, MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6};
 use ipnet::IpNet;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::budget::BudgetBreach;
@@ -35,6 +36,46 @@ const MAX_REPLAYED_EVENTS: usize = 1_000_000;
 
 /// Longest rule name (shown in audit records).
 const MAX_RULE_NAME: usize = 128;
+
+/// Most rules in one policy: as many as one family's trie holds prefixes (every rule has one).
+pub(super) const MAX_RULES: usize = MAX_PREFIXES_V4 as usize;
+/// Most networks in one rule's `cidrs`: as many as both tries hold.
+pub(super) const MAX_RULE_NETWORKS: usize = (MAX_PREFIXES_V4 + MAX_PREFIXES_V6) as usize;
+/// Most entries in one rule's `ports` (a compiled prefix holds 16 merged ranges anyway).
+pub(super) const MAX_PORT_ENTRIES: usize = 1024;
+/// Most `agents.cgroups` selectors in one policy: the agent map's capacity.
+pub(super) const MAX_SELECTORS: usize = MAX_AGENTS as usize;
+/// Most entries in `sockets` (there are 7 kinds; a repeat is harmless, a million are not).
+pub(super) const MAX_SOCKET_KINDS: usize = 64;
+
+/// Longest value quoted whole in an error message (a hostile file can hold a value of
+/// megabytes); a longer one is cut, and its length is given.
+const MAX_QUOTED_CHARS: usize = 64;
+/// Longest error message; a longer one (a YAML library message that quotes a whole value) is
+/// cut.
+pub(super) const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `value` quoted for an error message, cut after [`MAX_QUOTED_CHARS`] characters.
+pub(super) fn quoted(value: &str) -> String {
+    match value.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+/// `message`, cut after [`MAX_MESSAGE_BYTES`] (at a character boundary).
+fn cut_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let total = message.len();
+        message.truncate(cut);
+        message.push_str(&format!("... (message cut, {total} bytes)"));
+    }
+    message
+}
 
 /// A 1-based line and column (0 when unknown).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,7 +154,7 @@ fn invalid(source: &Path, at: Loc, message: String) -> PolicyError {
         path: source.to_path_buf(),
         line: at.line,
         column: at.column,
-        message,
+        message: cut_message(message),
     }
 }
 
@@ -136,9 +177,15 @@ fn yaml_error(source: &Path, err: &serde_saphyr::Error) -> PolicyError {
             breach: BudgetBreach::Documents { .. },
             ..
         } => "a policy file holds one YAML document; this is a second one".to_string(),
-        _ => serde_saphyr::UserMessageFormatter
-            .format_message(inner)
-            .into_owned(),
+        serde_saphyr::Error::Budget {
+            breach: BudgetBreach::Depth { .. },
+            ..
+        } => format!("nesting too deep: a policy nests at most {MAX_DEPTH} levels"),
+        _ => cut_message(
+            serde_saphyr::UserMessageFormatter
+                .format_message(inner)
+                .into_owned(),
+        ),
     };
     if let Some(defined) = defined.filter(|d| d.line() > 0) {
         message.push_str(&format!(
@@ -184,16 +231,55 @@ struct RawPolicy {
     #[serde(default)]
     mode: Mode,
     agents: Option<Spanned<RawAgents>>,
-    egress: Option<Vec<Spanned<RawRule>>>,
+    egress: Option<Bounded<Spanned<RawRule>, RulesLimit>>,
     /// Socket kinds beyond TCP/UDP the agents may create (default: none).
     #[serde(default)]
-    sockets: Vec<SocketKind>,
+    sockets: Bounded<SocketKind, SocketKindsLimit>,
+    /// Fallback when the controller is silent (default: none; the pinned policy keeps going).
+    deadman: Option<RawDeadman>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadman {
+    after_seconds: DeadmanSeconds,
+    fallback: DeadmanFallback,
+}
+
+/// 1 to 86400 seconds.
+struct DeadmanSeconds(u32);
+
+impl<'de> Deserialize<'de> for DeadmanSeconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(deserializer)?;
+        if (1..=86_400).contains(&n) {
+            Ok(DeadmanSeconds(n as u32))
+        } else {
+            Err(de::Error::custom(format!(
+                "deadman after_seconds {n} out of range: 1 to 86400"
+            )))
+        }
+    }
+}
+
+struct DeadmanFallback(super::Fallback);
+
+impl<'de> Deserialize<'de> for DeadmanFallback {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| match s {
+            "deny-all" => Ok(DeadmanFallback(super::Fallback::DenyAll)),
+            "audit-all" => Ok(DeadmanFallback(super::Fallback::AuditAll)),
+            _ => Err(format!(
+                "unknown deadman fallback {s:?}: expected \"deny-all\" or \"audit-all\""
+            )),
+        })
+    }
 }
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgents {
-    cgroups: Option<Spanned<Vec<Spanned<Selector>>>>,
+    cgroups: Option<Spanned<Bounded<Spanned<Selector>, SelectorsLimit>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -201,7 +287,7 @@ struct RawAgents {
 struct RawRule {
     name: Option<Spanned<RuleName>>,
     cidr: Option<Spanned<Net>>,
-    cidrs: Option<Spanned<Vec<Net>>>,
+    cidrs: Option<Spanned<Bounded<Net, NetworksLimit>>>,
     ports: Option<Spanned<Ports>>,
     #[serde(default)]
     protocol: Protocol,
@@ -229,16 +315,16 @@ impl RawPolicy {
             .value
             .cgroups
             .ok_or_else(|| invalid(source, agents_at, "agents has no `cgroups`".into()))?;
-        if cgroups.value.is_empty() {
+        if cgroups.value.0.is_empty() {
             return Err(invalid(
                 source,
                 Loc::of(&cgroups),
                 "agents.cgroups is empty; list at least one cgroup path".into(),
             ));
         }
-        let mut agents = Vec::with_capacity(cgroups.value.len());
+        let mut agents = Vec::with_capacity(cgroups.value.0.len());
         let mut seen: HashMap<String, Loc> = HashMap::new();
-        for selector in cgroups.value {
+        for selector in cgroups.value.0 {
             let at = Loc::of(&selector);
             let selector = selector.value.0;
             if let Some(first) = seen.insert(selector.pattern.clone(), at) {
@@ -255,9 +341,9 @@ impl RawPolicy {
             agents.push(selector);
         }
 
-        let mut rules = Vec::with_capacity(egress.len());
+        let mut rules = Vec::with_capacity(egress.0.len());
         let mut rule_names: HashMap<String, Loc> = HashMap::new();
-        for (index, raw) in egress.into_iter().enumerate() {
+        for (index, raw) in egress.0.into_iter().enumerate() {
             let rule_at = Loc::of(&raw);
             let raw = raw.value;
             let id = u32::try_from(index)
@@ -282,14 +368,14 @@ impl RawPolicy {
             };
             let nets = match (raw.cidr, raw.cidrs) {
                 (Some(net), None) => vec![net.value.0],
-                (None, Some(nets)) if nets.value.is_empty() => {
+                (None, Some(nets)) if nets.value.0.is_empty() => {
                     return Err(invalid(
                         source,
                         Loc::of(&nets),
                         "cidrs is empty; list at least one network".into(),
                     ))
                 }
-                (None, Some(nets)) => nets.value.into_iter().map(|n| n.0).collect(),
+                (None, Some(nets)) => nets.value.0.into_iter().map(|n| n.0).collect(),
                 (Some(_), Some(nets)) => {
                     return Err(invalid(
                         source,
@@ -330,10 +416,93 @@ impl RawPolicy {
             mode: self.mode,
             agents,
             rules,
-            sockets: self.sockets.iter().fold(0, |m, k| m | k.0),
+            sockets: self.sockets.0.iter().fold(0, |m, k| m | k.0),
+            deadman: self.deadman.map(|d| super::Deadman {
+                after_secs: d.after_seconds.0,
+                fallback: d.fallback.0,
+            }),
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
+    }
+}
+
+/// The most items a list may have, and how to name it in the error.
+trait Limit {
+    const MAX: usize;
+    /// "egress has more than N rules": the list and what it holds.
+    const LIST: &'static str;
+    const ITEMS: &'static str;
+}
+
+struct RulesLimit;
+impl Limit for RulesLimit {
+    const MAX: usize = MAX_RULES;
+    const LIST: &'static str = "egress";
+    const ITEMS: &'static str = "rules";
+}
+
+struct NetworksLimit;
+impl Limit for NetworksLimit {
+    const MAX: usize = MAX_RULE_NETWORKS;
+    const LIST: &'static str = "cidrs";
+    const ITEMS: &'static str = "networks";
+}
+
+struct SelectorsLimit;
+impl Limit for SelectorsLimit {
+    const MAX: usize = MAX_SELECTORS;
+    const LIST: &'static str = "agents.cgroups";
+    const ITEMS: &'static str = "selectors";
+}
+
+struct SocketKindsLimit;
+impl Limit for SocketKindsLimit {
+    const MAX: usize = MAX_SOCKET_KINDS;
+    const LIST: &'static str = "sockets";
+    const ITEMS: &'static str = "entries";
+}
+
+fn too_many<L: Limit>() -> String {
+    format!("{} has more than {} {}", L::LIST, L::MAX, L::ITEMS)
+}
+
+/// A list of at most `L::MAX` items. The item past the limit is an error at once: the rest of
+/// a huge list is never read, so it costs neither its time nor its memory.
+struct Bounded<T, L>(Vec<T>, PhantomData<L>);
+
+impl<T, L> Default for Bounded<T, L> {
+    fn default() -> Self {
+        Bounded(Vec::new(), PhantomData)
+    }
+}
+
+impl<'de, T: Deserialize<'de>, L: Limit> Deserialize<'de> for Bounded<T, L> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BoundedVisitor<T, L>(PhantomData<(T, L)>);
+
+        impl<'de, T: Deserialize<'de>, L: Limit> Visitor<'de> for BoundedVisitor<T, L> {
+            type Value = Vec<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a list of at most {} {}", L::MAX, L::ITEMS)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == L::MAX {
+                        return Err(de::Error::custom(too_many::<L>()));
+                    }
+                    items.push(item);
+                }
+                Ok(items)
+            }
+        }
+
+        deserializer
+            .deserialize_seq(BoundedVisitor::<T, L>(PhantomData))
+            .map(|items| Bounded(items, PhantomData))
     }
 }
 
@@ -369,7 +538,8 @@ impl<'de> Deserialize<'de> for Mode {
             "enforce" => Ok(Mode::Enforce),
             "audit" => Ok(Mode::Audit),
             _ => Err(format!(
-                "unknown mode {s:?}: expected \"enforce\" or \"audit\""
+                "unknown mode {}: expected \"enforce\" or \"audit\"",
+                quoted(s)
             )),
         })
     }
@@ -411,7 +581,8 @@ impl<'de> Deserialize<'de> for Protocol {
             "udp" => Ok(Protocol(proto::UDP)),
             "any" => Ok(Protocol(proto::ALL)),
             _ => Err(format!(
-                "unknown protocol {s:?}: expected \"tcp\", \"udp\" or \"any\""
+                "unknown protocol {}: expected \"tcp\", \"udp\" or \"any\"",
+                quoted(s)
             )),
         })
     }
@@ -432,8 +603,9 @@ pub(super) fn check_policy_name(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid policy name {s:?}: use 1 to 63 characters of a-z, 0-9, '_', '.', '-', \
-             starting with a letter or digit"
+            "invalid policy name {}: use 1 to 63 characters of a-z, 0-9, '_', '.', '-', \
+             starting with a letter or digit",
+            quoted(s)
         ))
     }
 }
@@ -455,11 +627,13 @@ impl<'de> Deserialize<'de> for RuleName {
         from_string(deserializer, |s| {
             if s.is_empty() || s.chars().count() > MAX_RULE_NAME {
                 Err(format!(
-                    "invalid rule name {s:?}: use 1 to {MAX_RULE_NAME} characters"
+                    "invalid rule name {}: use 1 to {MAX_RULE_NAME} characters",
+                    quoted(s)
                 ))
             } else if s.chars().any(char::is_control) {
                 Err(format!(
-                    "invalid rule name {s:?}: control characters are not allowed"
+                    "invalid rule name {}: control characters are not allowed",
+                    quoted(s)
                 ))
             } else {
                 Ok(RuleName(s.to_string()))
@@ -482,15 +656,16 @@ struct Net(IpNet);
 
 pub(super) fn parse_net(s: &str) -> Result<IpNet, String> {
     let net = if s.contains('/') {
-        IpNet::from_str(s).map_err(|e| format!("invalid CIDR {s:?}: {e}"))?
+        IpNet::from_str(s).map_err(|e| format!("invalid CIDR {}: {e}", quoted(s)))?
     } else {
         IpAddr::from_str(s)
             .map(IpNet::from)
-            .map_err(|e| format!("invalid CIDR {s:?}: {e}"))?
+            .map_err(|e| format!("invalid CIDR {}: {e}", quoted(s)))?
     };
     if net.addr() != net.network() {
         return Err(format!(
-            "host bits set in {s:?}; did you mean {}/{}?",
+            "host bits set in {}; did you mean {}/{}?",
+            quoted(s),
             net.network(),
             net.prefix_len()
         ));
@@ -519,11 +694,17 @@ pub(super) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         let part = part.trim();
         if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!(
-                "invalid port {s:?}: expected a port number or a range \"lo-hi\""
+                "invalid port {}: expected a port number or a range \"lo-hi\"",
+                quoted(s)
             ));
         }
         match part.parse::<u32>() {
             Ok(n) if n <= u32::from(u16::MAX) => Ok(n as u16),
+            _ if part.len() > MAX_QUOTED_CHARS => Err(format!(
+                "port {}... ({} digits) is out of range (0-65535)",
+                &part[..MAX_QUOTED_CHARS],
+                part.len()
+            )),
             _ => Err(format!("port {part} is out of range (0-65535)")),
         }
     };
@@ -533,8 +714,9 @@ pub(super) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
             let (lo, hi) = (number(lo)?, number(hi)?);
             if lo > hi {
                 Err(format!(
-                    "invalid port range {s:?}: the low port is above the high one \
-                     (did you mean \"{hi}-{lo}\"?)"
+                    "invalid port range {}: the low port is above the high one \
+                     (did you mean \"{hi}-{lo}\"?)",
+                    quoted(s)
                 ))
             } else {
                 Ok((lo, hi))
@@ -595,8 +777,13 @@ impl<'de> Visitor<'de> for PortsVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut ports = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        let mut ports = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PORT_ENTRIES));
         while let Some(PortRange(range)) = seq.next_element()? {
+            if ports.len() == MAX_PORT_ENTRIES {
+                return Err(de::Error::custom(format!(
+                    "ports has more than {MAX_PORT_ENTRIES} entries; use ranges (\"8000-8100\")"
+                )));
+            }
             ports.push(range);
         }
         Ok(ports)
