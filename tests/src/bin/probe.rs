@@ -347,7 +347,8 @@ fn scm(arg: &str) -> io::Result<i64> {
     }
 }
 
-fn send_fd(sock: &std::os::unix::net::UnixDatagram, fd: i32) -> io::Result<()> {
+/// A one-byte message with room for one SCM_RIGHTS descriptor; `f` gets the header.
+fn with_fd_msg<R>(f: impl FnOnce(&mut libc::msghdr) -> io::Result<R>) -> io::Result<R> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -356,50 +357,46 @@ fn send_fd(sock: &std::os::unix::net::UnixDatagram, fd: i32) -> io::Result<()> {
     // SAFETY: CMSG_SPACE of one int; the buffer is u64-aligned and large enough.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
     let mut buf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: a zeroed msghdr is valid; its pointers outlive `f`.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = buf.as_mut_ptr().cast();
     msg.msg_controllen = space;
-    // SAFETY: the control buffer holds one cmsghdr with one int.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd);
-        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
-            return Err(io::Error::last_os_error());
+    f(&mut msg)
+}
+
+fn send_fd(sock: &std::os::unix::net::UnixDatagram, fd: i32) -> io::Result<()> {
+    with_fd_msg(|msg| {
+        // SAFETY: the control buffer holds one cmsghdr with one int.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd);
+            if libc::sendmsg(sock.as_raw_fd(), msg, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 fn recv_fd(sock: &std::os::unix::net::UnixDatagram) -> io::Result<i32> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: as in send_fd.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut buf = vec![0u64; space.div_ceil(8)];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = buf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: recvmsg fills the buffers we own; the cmsg is checked before it is read.
-    unsafe {
-        if libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) < 0 {
-            return Err(io::Error::last_os_error());
+    with_fd_msg(|msg| {
+        // SAFETY: recvmsg fills buffers we own; the cmsg is checked before it is read.
+        unsafe {
+            if libc::recvmsg(sock.as_raw_fd(), msg, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let c = libc::CMSG_FIRSTHDR(msg);
+            if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
+                return Err(io::Error::other("no descriptor received"));
+            }
+            Ok(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32))
         }
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
-            return Err(io::Error::other("no descriptor received"));
-        }
-        Ok(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32))
-    }
+    })
 }
 
 /// Runs a step in a forked child; the child's errno comes back as its exit status.
