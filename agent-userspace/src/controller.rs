@@ -384,6 +384,25 @@ impl State {
         for p in &set.policies {
             compiled.push(policy::compile(p)?);
         }
+        // Old and new rules sit in the tries together until the switch is done.
+        let count = |v4: bool, c: &CompiledPolicy| if v4 { c.v4.len() } else { c.v6.len() };
+        for (v4, cap, family) in [
+            (true, agent_common::MAX_PREFIXES_V4, "IPv4"),
+            (false, agent_common::MAX_PREFIXES_V6, "IPv6"),
+        ] {
+            let new: usize = compiled.iter().map(|c| count(v4, c)).sum();
+            let old: usize = self
+                .installed
+                .values()
+                .map(|i| count(v4, &i.compiled))
+                .sum();
+            if new + old > cap as usize {
+                bail!(
+                    "the policies need {new} {family} prefixes and {old} are installed; the \
+                     kernel map holds {cap} (old and new rules coexist while a reload switches)"
+                );
+            }
+        }
         let generation = self.generation + 1;
         let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
         let mut metas = Vec::new();

@@ -206,7 +206,7 @@ impl Clock {
     }
 
     pub fn wall(&self, boot_ns: u64) -> SystemTime {
-        let ns = (boot_ns as i128 + self.offset_ns).max(0) as u64;
+        let ns = (boot_ns as i128 + self.offset_ns).clamp(0, u64::MAX as i128) as u64;
         UNIX_EPOCH + Duration::from_nanos(ns)
     }
 }

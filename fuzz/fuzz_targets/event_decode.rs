@@ -1,0 +1,109 @@
+//! Any bytes as a ring-buffer record: `Event::from_bytes`, `Decision::from_event`, and the
+//! audit record the controller writes for it (and its JSON round trip).
+//!
+//! Never panics; a record shorter than an `Event` is refused; a decoded event is the record's
+//! bytes, and the decision carries its fields.
+
+#![no_main]
+
+use std::collections::HashMap;
+use std::mem::size_of;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use agent_common::{Event, NO_RULE};
+use agentwall::events::{AuditRecord, Decision, Enricher};
+use agentwall::identity::{AgentMeta, Names, PolicyMeta};
+use libfuzzer_sys::fuzz_target;
+
+/// Agent cgroup 1 and policy 1 are known (the seeds use them), so records get names.
+fn enricher() -> &'static Mutex<Enricher> {
+    static ENRICHER: OnceLock<Mutex<Enricher>> = OnceLock::new();
+    ENRICHER.get_or_init(|| {
+        let names = Names {
+            agents: HashMap::from([(
+                1,
+                AgentMeta {
+                    name: "fuzz".into(),
+                    cgroup: "agentwall/fuzz".into(),
+                    policy: "fuzz".into(),
+                },
+            )]),
+            policies: HashMap::from([(
+                1,
+                PolicyMeta {
+                    name: "fuzz".into(),
+                    version: 1,
+                    rules: vec![Some("web".into()), None, Some("dns".into())],
+                },
+            )]),
+        };
+        // A cgroup root that does not exist: no cgroup below an agent is ever found.
+        Mutex::new(Enricher::new(
+            Arc::new(RwLock::new(names)),
+            "/nonexistent/agentwall-fuzz".into(),
+        ))
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(e) = Event::from_bytes(data) else {
+        assert!(data.len() < size_of::<Event>());
+        return;
+    };
+    assert!(data.len() >= size_of::<Event>());
+    // SAFETY: Event is repr(C) plain integers without padding (agent-common asserts its size).
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&e as *const Event).cast::<u8>(), size_of::<Event>())
+    };
+    assert_eq!(bytes, &data[..size_of::<Event>()]);
+
+    let d = Decision::from_event(&e);
+    assert_eq!(d.pid, (e.pid_tgid >> 32) as u32);
+    assert_eq!(d.tid, e.pid_tgid as u32);
+    assert_eq!(d.uid, e.uid_gid as u32);
+    assert_eq!(d.gid, (e.uid_gid >> 32) as u32);
+    assert_eq!(
+        (d.cgroup_id, d.agent_cgroup_id),
+        (e.cgroup_id, e.agent_cgroup_id)
+    );
+    assert_eq!(
+        (d.policy_id, d.policy_version),
+        (e.policy_id, e.policy_version)
+    );
+    assert_eq!(d.rule_id, (e.rule_id != NO_RULE).then_some(e.rule_id));
+    match d.dst {
+        IpAddr::V4(a) => {
+            assert_eq!(e.family, 2);
+            assert_eq!(a.to_ipv6_mapped().octets(), e.addr);
+        }
+        IpAddr::V6(a) => assert_eq!(a.octets(), e.addr),
+    }
+    assert!(!d.comm.contains('\0'), "{:?}", d.comm);
+    assert!(["allow", "deny"].contains(&d.decision));
+    assert!(["audit", "enforce"].contains(&d.mode));
+    assert_eq!(
+        d.action(),
+        if d.decision == "deny" && d.mode == "enforce" {
+            "blocked"
+        } else {
+            "allowed"
+        }
+    );
+
+    let record = enricher().lock().unwrap().decision(&d);
+    let rec = record.decision.as_ref().expect("a decision record");
+    assert_eq!(rec.rule, d.rule_id);
+    assert_eq!(rec.action, d.action());
+    if d.policy_id == 1 {
+        let expected = match d.rule_id {
+            Some(0) => Some("web"),
+            Some(2) => Some("dns"),
+            _ => None,
+        };
+        assert_eq!(rec.rule_name.as_deref(), expected);
+    }
+    let json = serde_json::to_string(&record).expect("a record serializes");
+    let back: AuditRecord = serde_json::from_str(&json).expect("a record parses back");
+    assert_eq!(back, record, "{json}");
+});
