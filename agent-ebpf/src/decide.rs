@@ -27,6 +27,9 @@ use crate::{
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 256 * 1024;
 
+/// One event in the ring: the record plus its 8-byte header.
+const RECORD_BYTES: u64 = core::mem::size_of::<Event>() as u64 + 8;
+
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const AF_UNIX: u32 = 1;
@@ -339,7 +342,10 @@ fn emit(
     entry.write(event);
     // SAFETY: read of a load-time constant.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    // Wake the reader once, as pending data crosses the threshold (this record included), not
+    // on every record above it: a wake-up per record costs more than the send it reports.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if pending >= threshold && pending < threshold + RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use agent_common::{hook, mode, reason, verdict, Event, NO_RULE};
@@ -232,8 +232,15 @@ pub struct Enricher {
     root: PathBuf,
     /// cgroup id -> path; ids are never reused, so entries never go stale.
     cgroup_paths: HashMap<u64, String>,
+    /// (pid, comm) -> executable, read at most once per EXE_TTL: a busy agent makes thousands
+    /// of calls a second and /proc/PID/exe costs more than the rest of a record.
+    exes: HashMap<(u32, String), (Option<String>, Instant)>,
     seq: u64,
 }
+
+/// How long a cached executable path is trusted (an exec changes comm, which is in the key).
+const EXE_TTL: Duration = Duration::from_secs(1);
+const EXE_CACHE_MAX: usize = 4096;
 
 impl Enricher {
     pub fn new(names: Arc<RwLock<Names>>, root: PathBuf) -> Self {
@@ -243,8 +250,29 @@ impl Enricher {
             names,
             root,
             cgroup_paths: HashMap::new(),
+            exes: HashMap::new(),
             seq: 0,
         }
+    }
+
+    fn exe(&mut self, pid: u32, comm: &str) -> Option<String> {
+        let now = Instant::now();
+        let key = (pid, comm.to_string());
+        if let Some((exe, at)) = self.exes.get(&key) {
+            if now.duration_since(*at) < EXE_TTL {
+                return exe.clone();
+            }
+        }
+        let exe = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.exe())
+            .ok()
+            .map(|p| p.display().to_string());
+        if self.exes.len() >= EXE_CACHE_MAX {
+            self.exes
+                .retain(|_, (_, at)| now.duration_since(*at) < EXE_TTL);
+        }
+        self.exes.insert(key, (exe.clone(), now));
+        exe
     }
 
     /// Path of a cgroup below an agent: the caller's own /proc entry when it is still there and
@@ -286,10 +314,7 @@ impl Enricher {
             Some(a) => self.cgroup_path(d.cgroup_id, d.pid, &a.cgroup),
             None => None,
         };
-        let exe = procfs::process::Process::new(d.pid as i32)
-            .and_then(|p| p.exe())
-            .ok()
-            .map(|p| p.display().to_string());
+        let exe = self.exe(d.pid, &d.comm);
         let rec = DecisionRecord {
             agent: agent.map(|a| a.name.clone()),
             agent_cgroup: agent.map(|a| a.cgroup.clone()),

@@ -3,6 +3,8 @@
 //! Every install step the project needs lives in `setup`, so a fresh machine (or CI) gets
 //! the same environment as a developer's: nothing installed by hand survives to CI.
 
+mod bench;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -35,9 +37,9 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, then run every check and test: fmt, clippy (host and eBPF), unit tests and the
-    /// root-only kernel tests. Arguments after `--` go to the kernel test binaries
-    /// (for example `cargo xtask test -- --test-threads=1`).
+    /// Setup, then run every check and test: fmt, clippy (host and eBPF), unit tests, a short
+    /// fuzz run and the root-only kernel tests. Arguments after `--` go to the kernel test
+    /// binaries (for example `cargo xtask test -- --test-threads=1`).
     Test {
         /// Extra arguments for the kernel test binaries.
         #[arg(last = true)]
@@ -45,8 +47,27 @@ enum Cmd {
     },
     /// Setup, build, then run `agentwall demo` (needs root).
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Setup, then run each cargo-fuzz target of fuzz/ for a bounded time (a crash fails
+    /// and prints the failing input's path).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+    },
+    /// Setup, build and run the benchmarks as root: agentwall against nothing attached,
+    /// nftables and a tinyproxy CONNECT allowlist, interleaved; prints the tables and writes
+    /// target/bench/latest.json (docs/benchmarks.md).
+    Bench {
+        /// A short run (under a minute): fewer operations per run, still 4 rounds.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (at least 4; default 8, or 4 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Further arguments for agentwall-bench (e.g. `-- --idle-wait 60`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,10 +89,15 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Build { release } => build(release).map(|()| ExitCode::SUCCESS),
         Cmd::Test { args } => test(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Demo => demo(),
-        Cmd::Bench => {
-            eprintln!("benchmarks: not implemented yet");
-            Ok(ExitCode::FAILURE)
+        Cmd::Fuzz { seconds } => {
+            setup::setup()?;
+            fuzz::fuzz(seconds).map(|()| ExitCode::SUCCESS)
         }
+        Cmd::Bench {
+            quick,
+            rounds,
+            args,
+        } => bench::bench(quick, rounds, &args),
     }
 }
 
@@ -164,6 +190,7 @@ fn test(kernel_test_args: &[String]) -> Result<()> {
     })?;
     let mut tally = util::Tally::default();
     steps.step("unit tests", || run_tests(cargo().arg("test"), &mut tally))?;
+    steps.step("fuzz (short run)", || fuzz::fuzz(fuzz::TEST_SECONDS))?;
     steps.step("kernel tests (root)", || {
         if !is_root()? {
             bail!(ROOT_MESSAGE);

@@ -32,10 +32,22 @@ struct AptPackage {
     provides: &'static [&'static str],
 }
 
-const APT_PACKAGES: &[AptPackage] = &[AptPackage {
-    package: "iproute2",
-    provides: &["/usr/sbin/ip", "ip"],
-}];
+const APT_PACKAGES: &[AptPackage] = &[
+    AptPackage {
+        package: "iproute2",
+        provides: &["/usr/sbin/ip", "ip"],
+    },
+    // `cargo xtask bench`: the nftables and HTTP CONNECT proxy configurations (tinyproxy-bin is
+    // the executable alone: installing it starts no system service).
+    AptPackage {
+        package: "nftables",
+        provides: &["/usr/sbin/nft", "nft"],
+    },
+    AptPackage {
+        package: "tinyproxy-bin",
+        provides: &["/usr/bin/tinyproxy", "tinyproxy"],
+    },
+];
 
 pub fn setup() -> Result<()> {
     let start = Instant::now();
@@ -43,6 +55,7 @@ pub fn setup() -> Result<()> {
     let sysroot = check_nightly()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
+    cargo_fuzz()?;
     apt_packages()?;
     println!("setup: done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -271,6 +284,40 @@ fn apt_packages() -> Result<()> {
     }
     println!("apt packages: installed {}", missing.join(" "));
     Ok(())
+}
+
+/// cargo-fuzz release line (0.13 builds with the stable toolchain and drives the pinned nightly).
+const CARGO_FUZZ_VERSION: &str = "^0.13";
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the short fuzz run of `cargo xtask test`. Skipped when
+/// `cargo +nightly fuzz --version` works: that is how the fuzz runs call it.
+fn cargo_fuzz() -> Result<()> {
+    if let Some(version) = working_cargo_fuzz() {
+        println!("cargo-fuzz: skipped, {version} works with nightly");
+        return Ok(());
+    }
+    let start = Instant::now();
+    run(cargo()
+        .args(["install", "cargo-fuzz", "--locked"])
+        .args(["--version", CARGO_FUZZ_VERSION]))?;
+    match working_cargo_fuzz() {
+        Some(version) => {
+            println!(
+                "cargo-fuzz: installed {version} in {:.0}s",
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        None => bail!("cargo-fuzz was installed, but `cargo +nightly fuzz --version` fails"),
+    }
+}
+
+/// `cargo +nightly fuzz --version`, when it runs.
+fn working_cargo_fuzz() -> Option<String> {
+    capture(cargo().args(["+nightly", "fuzz", "--version"]))
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| v.starts_with("cargo-fuzz"))
 }
 
 fn provided(check: &str) -> bool {

@@ -1,0 +1,612 @@
+//! agentwall-bench: agentwall measured against what a user would pick instead, the same way
+//! every time, in one run on one machine. `cargo xtask bench` builds and runs it as root.
+//!
+//! Method (docs/benchmarks.md has the long form): the configurations (nothing attached,
+//! agentwall enforcing with 1,000 and 100,000 rules and logging every decision, agentwall in
+//! audit mode, the same policy in nftables with `socket cgroupv2` matching, a tinyproxy CONNECT
+//! allowlist) are set up and torn down in turn within every round, over at least 4 rounds. Each
+//! workload is a child process that joins the agent cgroup (or a cgroup that is not an agent),
+//! pins itself to one CPU while the loopback servers run on the other, and times a loop of
+//! operations. Figures are medians over the rounds with min and max; comparisons are ratios to
+//! the floor of the same round.
+
+mod cleanup;
+mod configs;
+mod daemon;
+mod load;
+mod report;
+mod rules;
+mod servers;
+mod stats;
+mod sys;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use agentwall::{cgroup, policy};
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use configs::{Active, Config, Ctx, Kind, Teardown};
+use load::Kind as LoadKind;
+use report::{EventRecord, Plan, Raw, Sample, SetupRecord};
+
+#[derive(Parser)]
+#[command(
+    name = "agentwall-bench",
+    about = "agentwall benchmarks against nothing, nftables and an HTTP CONNECT proxy (root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    internal: Option<Internal>,
+    /// A short run (under a minute): fewer operations per run, still 4 rounds.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds (at least 4).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Before each round, wait up to this long for other processes to go quiet (default 30,
+    /// 0 with --quick).
+    #[arg(long)]
+    idle_wait: Option<f64>,
+    /// Override the controller's ring-buffer wake-up threshold in bytes (`Options::wakeup_bytes`;
+    /// default: the controller's own), to compare event-delivery strategies.
+    #[arg(long)]
+    wakeup_bytes: Option<u64>,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench/latest.json")]
+    json: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Internal {
+    #[command(name = "__load", hide = true)]
+    Load(load::LoadArgs),
+    #[command(name = "__daemon", hide = true)]
+    Daemon(daemon::DaemonArgs),
+}
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    TcpAgent,
+    UdpAgent,
+    UdpcAgent,
+    TcpOther,
+    UdpOther,
+    TcpProxy,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 6] = [
+        Workload::TcpAgent,
+        Workload::UdpAgent,
+        Workload::UdpcAgent,
+        Workload::TcpOther,
+        Workload::UdpOther,
+        Workload::TcpProxy,
+    ];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Workload::TcpAgent => "TCP connect+close, agent",
+            Workload::UdpAgent => "UDP sendto (unconnected), agent",
+            Workload::UdpcAgent => "UDP send (connected), agent",
+            Workload::TcpOther => "TCP connect+close, not an agent",
+            Workload::UdpOther => "UDP sendto, not an agent",
+            Workload::TcpProxy => "TCP connect through the proxy, agent",
+        }
+    }
+
+    /// The floor workload this one is compared with.
+    pub fn floor(&self) -> Workload {
+        match self {
+            Workload::TcpProxy => Workload::TcpAgent,
+            w => *w,
+        }
+    }
+
+    fn for_config(kind: Kind) -> &'static [Workload] {
+        match kind {
+            Kind::Proxy { .. } => &[Workload::TcpProxy],
+            _ => &[
+                Workload::TcpAgent,
+                Workload::UdpAgent,
+                Workload::UdpcAgent,
+                Workload::TcpOther,
+                Workload::UdpOther,
+            ],
+        }
+    }
+
+    fn spec(&self, ctx: &Ctx, plan: &Plan, config: Kind) -> load::Spec {
+        let (kind, agent, target, n) = match self {
+            Workload::TcpAgent => (LoadKind::Tcp, true, ctx.tcp, plan.tcp_ops),
+            Workload::UdpAgent => (LoadKind::Udp, true, ctx.udp, plan.udp_ops),
+            Workload::UdpcAgent => (LoadKind::Udpc, true, ctx.udp, plan.udp_ops),
+            Workload::TcpOther => (LoadKind::Tcp, false, ctx.tcp, plan.tcp_ops),
+            Workload::UdpOther => (LoadKind::Udp, false, ctx.udp, plan.udp_ops),
+            Workload::TcpProxy => {
+                // tinyproxy fsyncs each log line: with its log on, 1/20 of the connections.
+                let n = if config == (Kind::Proxy { log: true }) {
+                    (plan.proxy_ops / 20).max(10)
+                } else {
+                    plan.proxy_ops
+                };
+                (LoadKind::Proxy, true, ctx.tcp, n)
+            }
+        };
+        let mut s = ctx.spec(kind, agent, target);
+        s.n = n;
+        s.warmup = (n / plan.warmup_divisor).max(10);
+        if *self == Workload::TcpProxy {
+            s.proxy = Some(ctx.proxy_addr());
+        }
+        s
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.internal {
+        Some(Internal::Load(a)) => load::main(a),
+        Some(Internal::Daemon(a)) => {
+            init_tracing();
+            daemon::child_main(a)
+        }
+        None => {
+            init_tracing();
+            tokio::runtime::Runtime::new()
+                .context("starting the tokio runtime")
+                .and_then(|rt| {
+                    rt.block_on(bench(
+                        cli.quick,
+                        cli.rounds,
+                        cli.idle_wait,
+                        cli.wakeup_bytes,
+                        cli.json,
+                    ))
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentwall-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Warnings of the controller (lost events, above all) go to stderr.
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+}
+
+/// Other processes' CPU use above this share of one CPU marks a round as disturbed.
+pub const FOREIGN_CPU_WARN: f64 = 0.05;
+
+fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Plan> {
+    let rounds = rounds.unwrap_or(if quick { 4 } else { 8 });
+    ensure!(rounds >= 4, "at least 4 rounds (got {rounds})");
+    let idle_wait_s = idle_wait.unwrap_or(if quick { 0.0 } else { 30.0 });
+    Ok(if quick {
+        Plan {
+            quick,
+            rounds,
+            tcp_ops: 2_000,
+            udp_ops: 15_000,
+            proxy_ops: 300,
+            warmup_divisor: 10,
+            quiesce_ms: 50,
+            idle_wait_s,
+            wakeup_bytes: 0,
+            updates: 250,
+            small_rules: 1_000,
+            large_rules: 100_000,
+        }
+    } else {
+        Plan {
+            quick,
+            rounds,
+            tcp_ops: 20_000,
+            udp_ops: 200_000,
+            proxy_ops: 2_000,
+            warmup_divisor: 20,
+            quiesce_ms: 250,
+            idle_wait_s,
+            wakeup_bytes: 0,
+            updates: 2_000,
+            small_rules: 1_000,
+            large_rules: 100_000,
+        }
+    })
+}
+
+/// nft resolves `socket cgroupv2` paths relative to /sys/fs/cgroup.
+fn nft_cgroup_path(abs: &Path) -> Result<String> {
+    let rel = abs.strip_prefix("/sys/fs/cgroup").with_context(|| {
+        format!(
+            "nftables resolves `socket cgroupv2` paths below /sys/fs/cgroup, but the agent \
+             cgroup is {}: the nftables configuration cannot run on this machine",
+            abs.display()
+        )
+    })?;
+    Ok(rel.to_string_lossy().into_owned())
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn need(cmd: &str, package: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+                .any(|d| d.join(cmd).is_file())
+        })
+        .unwrap_or(false);
+    ensure!(
+        found,
+        "`{cmd}` is missing (Debian package {package}): run `cargo xtask setup` as root, or \
+         `cargo xtask bench`, which runs it first"
+    );
+    Ok(())
+}
+
+async fn bench(
+    quick: bool,
+    rounds: Option<usize>,
+    idle_wait: Option<f64>,
+    wakeup_bytes: Option<u64>,
+    json: PathBuf,
+) -> Result<()> {
+    sys::require_root()?;
+    need("nft", "nftables")?;
+    need("tinyproxy", "tinyproxy-bin")?;
+    let mut plan = plan(quick, rounds, idle_wait)?;
+    plan.wakeup_bytes = wakeup_bytes.unwrap_or(agentwall::loader::DEFAULT_WAKEUP_BYTES);
+    let _guard = cleanup::Guard;
+    cleanup::install_signal_handlers()?;
+    let t0 = Instant::now();
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let machine = sys::Machine::probe();
+    let cpus = sys::allowed_cpus()?;
+    ensure!(
+        cpus.len() >= 2,
+        "the bench pins client and server to different CPUs and needs 2; this process may use {cpus:?}"
+    );
+    let (client_cpu, server_cpu) = (cpus[0], cpus[1]);
+
+    // Cgroups and the temp dir, registered for cleanup before anything goes in them.
+    let pid = std::process::id();
+    let root = cgroup::cgroup2_mount()?;
+    let base = root.join(format!("agentwall-bench-{pid}"));
+    let agent = base.join("agent");
+    let other = base.join("other");
+    for cg in [&base, &agent, &other] {
+        cleanup::add_cgroup(cg.clone());
+        cgroup::create(cg)?;
+    }
+    let dir = std::env::temp_dir().join(format!("agentwall-bench-{pid}"));
+    cleanup::add_dir(dir.clone());
+    std::fs::create_dir_all(&dir)?;
+
+    let servers = servers::Servers::start(server_cpu)?;
+    let ports = [servers.tcp.port(), servers.udp.port()];
+    let agent_rel = cgroup::relative(&root, &agent)?;
+    let level = cgroup::level(&agent_rel);
+    let nft_path = nft_cgroup_path(&agent)?;
+    let nft_table = format!("agentwall_bench_{pid}");
+
+    eprintln!("agentwall-bench: generating the policies");
+    let mut policies = HashMap::new();
+    let mut nft_files = HashMap::new();
+    let mut large_policy_file = PathBuf::new();
+    for n in [plan.small_rules, plan.large_rules] {
+        let cidrs = rules::cidrs(n);
+        let name = format!("bench-{}", configs::short_count(n));
+        let yaml = rules::policy_yaml(&name, false, &agent_rel, &cidrs, ports);
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, &yaml)?;
+        let p = policy::parse_policy(&file, &yaml)?;
+        ensure!(
+            p.rules.len() == n + 1,
+            "policy {name}: {} rules",
+            p.rules.len()
+        );
+        if n == plan.large_rules {
+            large_policy_file = file;
+            // Audit mode: the same policy, only the mode differs.
+            let mut audit = p.clone();
+            audit.mode = policy::Mode::Audit;
+            policies.insert(
+                (n, true),
+                policy::PolicySet {
+                    policies: vec![audit],
+                },
+            );
+        }
+        policies.insert((n, false), policy::PolicySet { policies: vec![p] });
+        let nft = rules::nft_ruleset(&nft_table, &nft_path, level, &cidrs, ports);
+        let file = dir.join(format!("nft-{}.nft", configs::short_count(n)));
+        std::fs::write(&file, nft)?;
+        nft_files.insert(n, file);
+    }
+
+    let proxy_port = free_port()?;
+    let proxy_log = dir.join("tinyproxy.log");
+    let filter = dir.join("tinyproxy.filter");
+    std::fs::write(&filter, "^127\\.0\\.0\\.1$\n")?;
+    let proxy_conf = [false, true].map(|log| dir.join(format!("tinyproxy-log-{log}.conf")));
+    for (file, level) in proxy_conf.iter().zip(["Critical", "Connect"]) {
+        std::fs::write(
+            file,
+            format!(
+                "Port {proxy_port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 1024\n\
+                 Allow 127.0.0.1\nConnectPort {}\nFilter \"{}\"\nFilterExtended Yes\n\
+                 FilterDefaultDeny Yes\nLogFile \"{}\"\nLogLevel {level}\n",
+                servers.tcp.port(),
+                filter.display(),
+                proxy_log.display()
+            ),
+        )?;
+    }
+
+    let ctx = Arc::new(Ctx {
+        exe: std::env::current_exe()?,
+        dir: dir.clone(),
+        agent: agent.clone(),
+        other,
+        client_cpu,
+        server_cpu,
+        tcp: servers.tcp,
+        udp: servers.udp,
+        canary: servers.canary,
+        policies,
+        nft_files,
+        nft_table,
+        proxy_conf,
+        proxy_log,
+        proxy_port,
+        wakeup_bytes,
+    });
+
+    let configs: Vec<Config> = [
+        Kind::Floor,
+        Kind::Agentwall {
+            rules: plan.small_rules,
+            audit: false,
+        },
+        Kind::Agentwall {
+            rules: plan.large_rules,
+            audit: false,
+        },
+        Kind::Agentwall {
+            rules: plan.large_rules,
+            audit: true,
+        },
+        Kind::Nft {
+            rules: plan.small_rules,
+        },
+        Kind::Nft {
+            rules: plan.large_rules,
+        },
+        Kind::Proxy { log: false },
+        Kind::Proxy { log: true },
+    ]
+    .into_iter()
+    .map(Config::new)
+    .collect();
+
+    println!("agentwall-bench: {}", machine.line());
+    println!(
+        "agentwall-bench: {} rounds of {} configurations; client on CPU {client_cpu}, servers on \
+         CPU {server_cpu}; cgroups under {}",
+        plan.rounds,
+        configs.len(),
+        base.display()
+    );
+
+    let mut samples = Vec::new();
+    let mut setups = Vec::new();
+    let mut events = Vec::new();
+    let mut control = Vec::new();
+    let mut rounds = Vec::new();
+    let quiesce = Duration::from_millis(plan.quiesce_ms);
+    for round in 0..plan.rounds {
+        let idle_wait_s = wait_for_idle(plan.idle_wait_s).await;
+        let rt = Instant::now();
+        let foreign0 = sys::foreign_cpu_s();
+        for cfg in &configs {
+            let (mut active, info) = configs::setup(cfg, &ctx, round)
+                .await
+                .with_context(|| format!("setting up {}", cfg.label))?;
+            // Let what the set-up (or the last teardown) left to the kernel finish first.
+            tokio::time::sleep(quiesce).await;
+            if let Some(n) = info.foreign_cgroup_programs.filter(|&n| n > 0) {
+                eprintln!(
+                    "agentwall-bench: warning: {n} cgroup socket programs of others are loaded \
+                     while the floor is measured (another agentwall or test run?): every \
+                     figure of this round may be off"
+                );
+            }
+            setups.push(SetupRecord {
+                config: cfg.id.clone(),
+                round,
+                info,
+            });
+            let measured = measure(cfg, &ctx, &plan, &mut active, round).await;
+            let td = configs::teardown(active, &ctx).await;
+            let measured = measured.with_context(|| format!("measuring {}", cfg.label))?;
+            match td.with_context(|| format!("tearing down {}", cfg.label))? {
+                Teardown::Events(check) => events.push(EventRecord {
+                    config: cfg.id.clone(),
+                    round,
+                    check,
+                }),
+                Teardown::None => {}
+            }
+            samples.extend(measured);
+            tokio::time::sleep(quiesce).await;
+        }
+        let c = ctx.clone();
+        let file = large_policy_file.clone();
+        let updates = plan.updates;
+        let rep =
+            tokio::task::spawn_blocking(move || daemon::control_rep(&c, &file, round, updates))
+                .await?
+                .context("control-plane measurements")?;
+        control.push(rep);
+        let wall_s = rt.elapsed().as_secs_f64();
+        let foreign_cpu_s = (sys::foreign_cpu_s() - foreign0).max(0.0);
+        eprintln!(
+            "agentwall-bench: round {}/{} done in {wall_s:.1} s",
+            round + 1,
+            plan.rounds,
+        );
+        if foreign_cpu_s > FOREIGN_CPU_WARN * wall_s {
+            eprintln!(
+                "agentwall-bench: warning: other processes used {foreign_cpu_s:.1} CPU-seconds \
+                 during this round ({:.0} % of one CPU): the figures of this round are disturbed",
+                100.0 * foreign_cpu_s / wall_s
+            );
+        }
+        rounds.push(report::RoundInfo {
+            round,
+            wall_s,
+            foreign_cpu_s,
+            idle_wait_s,
+        });
+    }
+    servers.stop();
+
+    let mut mode = if quick { " --quick" } else { "" }.to_string();
+    if let Some(w) = wakeup_bytes {
+        mode.push_str(&format!(" -- --wakeup-bytes {w}"));
+    }
+    let raw = Raw {
+        machine,
+        plan,
+        configs,
+        samples,
+        setups,
+        events,
+        control,
+        rounds,
+        started_unix,
+        duration_s: t0.elapsed().as_secs_f64(),
+        command: format!("cargo xtask bench{mode}"),
+    };
+    let report = raw.report();
+    println!();
+    print!("{}", report.render());
+    if let Some(parent) = json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!("JSON: {}", json.display());
+    cleanup::run_all();
+    Ok(())
+}
+
+/// Waits until other processes use less than FOREIGN_CPU_WARN of one CPU over a second, for at
+/// most `max_s`; returns how long it waited.
+async fn wait_for_idle(max_s: f64) -> f64 {
+    let start = Instant::now();
+    let mut said = false;
+    while start.elapsed().as_secs_f64() < max_s {
+        let before = sys::foreign_cpu_s();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if sys::foreign_cpu_s() - before < FOREIGN_CPU_WARN {
+            break;
+        }
+        if !said {
+            eprintln!(
+                "agentwall-bench: other processes are busy; waiting up to {max_s:.0} s for \
+                 them to go quiet before the round"
+            );
+            said = true;
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// The loopback servers' threads, left out of the controller's CPU time.
+const SERVER_THREADS: &[&str] = &["tcp-server", "udp-server"];
+
+/// One configuration in one round: the checks, then every workload.
+async fn measure(
+    cfg: &Config,
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    active: &mut Active,
+    round: usize,
+) -> Result<Vec<Sample>> {
+    configs::check(cfg, ctx).await?;
+    let mut out = Vec::new();
+    for &w in Workload::for_config(cfg.kind) {
+        let spec = w.spec(ctx, plan, cfg.kind);
+        let exe = ctx.exe.clone();
+        let before = match active {
+            Active::Agentwall { handle, .. } => Some((
+                sys::own_cpu_ns_except(SERVER_THREADS),
+                configs::counters(handle).await?.decisions(),
+            )),
+            _ => None,
+        };
+        let r = tokio::task::spawn_blocking(move || spec.run(&exe))
+            .await?
+            .with_context(|| w.label())?;
+        if r.ops == 0 {
+            bail!("{}: no operations ran", w.label());
+        }
+        let mut sample = Sample {
+            config: cfg.id.clone(),
+            workload: w,
+            round,
+            ops: r.ops,
+            ns: r.ns,
+            controller_cpu_ns: None,
+            decisions: None,
+        };
+        if let Active::Agentwall { handle, follower } = active {
+            let (cpu0, d0) = before.expect("read above");
+            sample.controller_cpu_ns = Some(sys::own_cpu_ns_except(SERVER_THREADS) - cpu0);
+            sample.decisions = Some(configs::counters(handle).await?.decisions() - d0);
+            let c = configs::settle(handle, follower).await?;
+            if w == Workload::TcpAgent || w == Workload::UdpAgent {
+                ensure!(
+                    c.decisions() >= r.ops,
+                    "{}: agentwall counted {} decisions for {} operations: the agent is not \
+                     being judged",
+                    w.label(),
+                    c.decisions(),
+                    r.ops
+                );
+            }
+        }
+        out.push(sample);
+    }
+    Ok(out)
+}
