@@ -83,6 +83,22 @@ pub struct Counters {
     pub errors: u64,
 }
 
+/// The prefixes a compiled policy wrote, without their rule sets (what removal needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixKeys {
+    pub v4: Vec<(u8, [u8; 4])>,
+    pub v6: Vec<(u8, [u8; 16])>,
+}
+
+impl PrefixKeys {
+    pub fn of(c: &CompiledPolicy) -> Self {
+        Self {
+            v4: c.v4.iter().map(|(l, a, _)| (*l, *a)).collect(),
+            v6: c.v6.iter().map(|(l, a, _)| (*l, *a)).collect(),
+        }
+    }
+}
+
 /// How to load.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -395,18 +411,14 @@ impl Enforcer {
     }
 
     /// Removes what `install_rules` wrote for `policy_id`.
-    pub fn remove_rules(
-        &mut self,
-        policy_id: u32,
-        compiled: &CompiledPolicy,
-    ) -> Result<(), LoaderError> {
-        for (len, addr, _) in &compiled.v4 {
+    pub fn remove_rules(&mut self, policy_id: u32, keys: &PrefixKeys) -> Result<(), LoaderError> {
+        for (len, addr) in &keys.v4 {
             match self.rules_v4.remove(&key_v4(policy_id, *len, *addr)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(LoaderError::Map("AW_RULES_V4", e)),
             }
         }
-        for (len, addr, _) in &compiled.v6 {
+        for (len, addr) in &keys.v6 {
             match self.rules_v6.remove(&key_v6(policy_id, *len, *addr)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
