@@ -18,8 +18,9 @@ pub const MAX_AGENTS: u32 = 16_384;
 pub const MAX_PREFIXES_V4: u32 = 262_144;
 pub const MAX_PREFIXES_V6: u32 = 262_144;
 
-/// Ring buffer size in bytes (power of two, multiple of the page size).
-pub const EVENT_RING_BYTES: u32 = 8 << 20;
+/// Ring buffer size in bytes (power of two, multiple of the page size): about 130,000 events,
+/// so a burst of that many decisions is kept even while the reader is starved of CPU.
+pub const EVENT_RING_BYTES: u32 = 16 << 20;
 
 /// Decision codes (`Event::verdict`): what the policy says, before the mode is applied.
 pub mod verdict {
