@@ -87,6 +87,8 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     handle.shutdown().await?;
     let _ = std::fs::remove_dir(root.join(&selector));
+    // The parent too, when the demo made it and nothing else lives there (rmdir refuses then).
+    let _ = std::fs::remove_dir(root.join(parent));
 
     println!("\naudit records (full JSON in {}):", audit_log.display());
     let mut n = 0;
