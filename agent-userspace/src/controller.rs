@@ -334,10 +334,7 @@ impl State {
                     "generation": self.generation,
                     "policies": self.installed.keys().collect::<Vec<_>>(),
                     "agents": agents,
-                    "counters": {
-                        "allowed": c.allowed, "denied": c.denied, "audited": c.audited,
-                        "lost": c.lost, "errors": c.errors,
-                    },
+                    "counters": c,
                 }))
             }
         }

@@ -73,14 +73,21 @@ pub enum LoaderError {
     Other(String),
 }
 
-/// Sums of the per-CPU counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Sums of the per-CPU counters (also the `counters` of `agentwall status`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
     pub lost: u64,
     pub errors: u64,
+}
+
+impl Counters {
+    /// Agent decisions made (each produced an event or a lost count).
+    pub fn decisions(&self) -> u64 {
+        self.allowed + self.denied + self.audited
+    }
 }
 
 /// The prefixes a compiled policy wrote, without their rule sets (what removal needs).

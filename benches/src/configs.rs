@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use agentwall::loader::Counters;
 use agentwall::{
     api::Request,
     controller::{self, Handle, Options, PolicySource},
@@ -243,32 +244,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The controller's counters, through the same request `agentwall status` sends.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Counters {
-    pub allowed: u64,
-    pub denied: u64,
-    pub audited: u64,
-    pub lost: u64,
-    pub errors: u64,
-}
-
-impl Counters {
-    pub fn decisions(&self) -> u64 {
-        self.allowed + self.denied + self.audited
-    }
-}
-
 pub async fn counters(handle: &Handle) -> Result<Counters> {
     let v = handle.request(Request::Status).await?;
-    let c = &v["counters"];
-    let get = |k: &str| c[k].as_u64().unwrap_or(0);
-    Ok(Counters {
-        allowed: get("allowed"),
-        denied: get("denied"),
-        audited: get("audited"),
-        lost: get("lost"),
-        errors: get("errors"),
-    })
+    Ok(serde_json::from_value(v["counters"].clone())?)
 }
 
 /// Waits until every decision the kernel counted is in the audit log or counted as lost.
