@@ -54,8 +54,9 @@ fn find_agent() -> Option<(u64, &'static AgentEntry)> {
     if levels == 0 {
         return None;
     }
-    let mut level = MAX_CGROUP_LEVEL as i32;
-    // Deepest first, so a nested agent overrides its parent's registration.
+    // Deepest first, so a nested agent overrides its parent's registration; levels above the
+    // deepest registered one are never probed.
+    let mut level = (MAX_CGROUP_LEVEL - levels.leading_zeros()) as i32;
     while level >= 0 {
         if levels & (1u32 << level) != 0 {
             // 0 when the task's cgroup is shallower than `level`.
@@ -261,56 +262,70 @@ fn finish(
     r: u32,
     rule_id: u32,
 ) -> i32 {
-    let (v, r, rule_id, mode_) = apply_deadman(agent, v, r, rule_id);
-    let ret = if v == verdict::ALLOW {
+    let out = apply_deadman(
+        agent,
+        Outcome {
+            verdict: v,
+            reason: r,
+            rule_id,
+            mode: agent.mode,
+        },
+    );
+    let ret = if out.verdict == verdict::ALLOW {
         count(counter::ALLOWED);
         ALLOW
-    } else if mode_ == mode::AUDIT {
+    } else if out.mode == mode::AUDIT {
         count(counter::AUDITED);
         ALLOW
     } else {
         count(counter::DENIED);
         DENY
     };
-    emit(hook, agent_cg, agent, dest, v, r, rule_id, mode_);
+    emit(hook, agent_cg, agent, dest, &out);
     ret
+}
+
+/// The decision as it is enforced and reported.
+struct Outcome {
+    verdict: u32,
+    reason: u32,
+    rule_id: u32,
+    /// The mode in force (a dead-man audit-all fallback makes it audit).
+    mode: u32,
 }
 
 /// When the controller has been silent longer than the agent's dead-man time, the fallback
 /// replaces the decision: deny-all, or audit-all (decide as usual, let everything through).
 #[inline(always)]
-fn apply_deadman(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (u32, u32, u32, u32) {
+fn apply_deadman(agent: &AgentEntry, out: Outcome) -> Outcome {
     if agent.deadman_secs == 0 || agent.deadman_mode == deadman::OFF {
-        return (v, r, rule_id, agent.mode);
+        return out;
     }
     let Some(cfg) = CONFIG.get(0) else {
-        return (v, r, rule_id, agent.mode);
+        return out;
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let silent = now.saturating_sub(cfg.heartbeat_ns);
-    if silent <= agent.deadman_secs as u64 * 1_000_000_000 {
-        return (v, r, rule_id, agent.mode);
+    if now.saturating_sub(cfg.heartbeat_ns) <= agent.deadman_secs as u64 * 1_000_000_000 {
+        return out;
     }
     if agent.deadman_mode == deadman::AUDIT_ALL {
-        (v, r, rule_id, mode::AUDIT)
+        Outcome {
+            mode: mode::AUDIT,
+            ..out
+        }
     } else {
-        (verdict::DENY, reason::DEADMAN, NO_RULE, mode::ENFORCE)
+        Outcome {
+            verdict: verdict::DENY,
+            reason: reason::DEADMAN,
+            rule_id: NO_RULE,
+            mode: mode::ENFORCE,
+        }
     }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn emit(
-    hook: u32,
-    agent_cg: u64,
-    agent: &AgentEntry,
-    dest: &Dest,
-    v: u32,
-    r: u32,
-    rule_id: u32,
-    mode_: u32,
-) {
+fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::LOST);
         return;
@@ -328,10 +343,10 @@ fn emit(
             family: dest.family,
             protocol: dest.protocol,
             hook,
-            verdict: v,
-            mode: mode_,
-            reason: r,
-            rule_id,
+            verdict: out.verdict,
+            mode: out.mode,
+            reason: out.reason,
+            rule_id: out.rule_id,
             policy_id: agent.policy_id,
             policy_version: agent.policy_version,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),

@@ -232,9 +232,10 @@ pub struct Enricher {
     root: PathBuf,
     /// cgroup id -> path; ids are never reused, so entries never go stale.
     cgroup_paths: HashMap<u64, String>,
-    /// (pid, comm) -> executable, read at most once per EXE_TTL: a busy agent makes thousands
-    /// of calls a second and /proc/PID/exe costs more than the rest of a record.
-    exes: HashMap<(u32, String), (Option<String>, Instant)>,
+    /// pid -> (comm, executable, when read): /proc/PID/exe is read at most once per EXE_TTL
+    /// for a process whose comm is unchanged; a busy agent makes thousands of calls a second
+    /// and the read costs more than the rest of a record.
+    exes: HashMap<u32, (String, Option<String>, Instant)>,
     seq: u64,
 }
 
@@ -257,9 +258,8 @@ impl Enricher {
 
     fn exe(&mut self, pid: u32, comm: &str) -> Option<String> {
         let now = Instant::now();
-        let key = (pid, comm.to_string());
-        if let Some((exe, at)) = self.exes.get(&key) {
-            if now.duration_since(*at) < EXE_TTL {
+        if let Some((c, exe, at)) = self.exes.get(&pid) {
+            if c == comm && now.duration_since(*at) < EXE_TTL {
                 return exe.clone();
             }
         }
@@ -269,9 +269,9 @@ impl Enricher {
             .map(|p| p.display().to_string());
         if self.exes.len() >= EXE_CACHE_MAX {
             self.exes
-                .retain(|_, (_, at)| now.duration_since(*at) < EXE_TTL);
+                .retain(|_, (_, _, at)| now.duration_since(*at) < EXE_TTL);
         }
-        self.exes.insert(key, (exe.clone(), now));
+        self.exes.insert(pid, (comm.to_string(), exe.clone(), now));
         exe
     }
 

@@ -143,12 +143,7 @@ async fn load_mode(args: &DaemonArgs) -> Result<()> {
     let set = PolicySet { policies: vec![p] };
     let rss_before_kib = sys::status_kib("VmRSS")?;
     sys::reset_peak_rss()?;
-    let mut opts = Options::new(PolicySource::Fixed(set));
-    opts.control_socket = None;
-    opts.audit_log = Some(args.audit_log.clone());
-    if let Some(w) = args.wakeup_bytes {
-        opts.wakeup_bytes = w;
-    }
+    let opts = options(PolicySource::Fixed(set), &args.audit_log, args.wakeup_bytes);
     let t = Instant::now();
     let handle = controller::start(opts).await?;
     let start_ms = ms(t.elapsed());
@@ -165,13 +160,27 @@ async fn load_mode(args: &DaemonArgs) -> Result<()> {
     }))
 }
 
-async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
-    let mut opts = Options::new(PolicySource::Path(args.policy.clone()));
+/// A controller with no control socket, logging to `audit_log`.
+fn options(
+    policy: PolicySource,
+    audit_log: &std::path::Path,
+    wakeup_bytes: Option<u64>,
+) -> Options {
+    let mut opts = Options::new(policy);
     opts.control_socket = None;
-    opts.audit_log = Some(args.audit_log.clone());
-    if let Some(w) = args.wakeup_bytes {
+    opts.audit_log = Some(audit_log.to_path_buf());
+    if let Some(w) = wakeup_bytes {
         opts.wakeup_bytes = w;
     }
+    opts
+}
+
+async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
+    let opts = options(
+        PolicySource::Path(args.policy.clone()),
+        &args.audit_log,
+        args.wakeup_bytes,
+    );
     let t = Instant::now();
     let handle = controller::start(opts).await?;
     let start_ms = ms(t.elapsed());
