@@ -18,6 +18,12 @@ pub const MAX_AGENTS: u32 = 16_384;
 pub const MAX_PREFIXES_V4: u32 = 262_144;
 pub const MAX_PREFIXES_V6: u32 = 262_144;
 
+/// Capacity of the Unix-socket path trie (all policies together).
+pub const MAX_UNIX_PATHS: u32 = 16_384;
+
+/// Bytes of `sun_path` in `struct sockaddr_un`.
+pub const UNIX_PATH_MAX: usize = 108;
+
 /// Ring buffer size in bytes (power of two, multiple of the page size): about 130,000 events,
 /// so a burst of that many decisions is kept even while the reader is starved of CPU.
 pub const EVENT_RING_BYTES: u32 = 16 << 20;
@@ -53,6 +59,11 @@ pub mod reason {
     pub const SOCKET_ALLOWED: u32 = 6;
     /// The controller has been silent longer than the policy's dead-man time: deny-all.
     pub const DEADMAN: u32 = 7;
+    /// A Unix socket path or abstract name that no `unix` entry of the policy allows.
+    pub const NO_PATH_MATCH: u32 = 8;
+    /// A Unix socket path with a `..` component: never allowed, so a directory entry cannot
+    /// be climbed out of.
+    pub const PATH_DOTDOT: u32 = 9;
 }
 
 /// What an agent falls back to when the controller stops signalling liveness
@@ -90,6 +101,10 @@ pub mod hook {
     pub const SENDMSG4: u32 = 3;
     pub const SENDMSG6: u32 = 4;
     pub const SOCK_CREATE: u32 = 5;
+    /// connect() on an AF_UNIX socket (cgroup/connect_unix).
+    pub const CONNECT_UNIX: u32 = 6;
+    /// sendmsg() with a destination on an AF_UNIX socket (cgroup/sendmsg_unix).
+    pub const SENDMSG_UNIX: u32 = 7;
 }
 
 /// Protocol bits in `PortRule::protocols`.
@@ -154,6 +169,26 @@ pub struct PrefixV6 {
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<PrefixV6>() == 20);
+
+/// Data part of a Unix-path LPM key. A path name is matched with its terminating NUL (an exact
+/// entry) or without it (a directory entry, ending in `/`); an abstract name starts with a NUL
+/// byte, as in `sun_path`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixKey {
+    pub policy: [u8; 4],
+    pub path: [u8; UNIX_PATH_MAX],
+}
+const _: () = assert!(size_of::<UnixKey>() == 4 + UNIX_PATH_MAX);
+
+/// Value of the Unix-path trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UnixRule {
+    /// Index of the policy's `unix` entry.
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<UnixRule>() == 4);
 
 /// Bits of an LPM key taken by the policy id.
 pub const POLICY_PREFIX_BITS: u32 = 32;
@@ -249,6 +284,21 @@ const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16 + 8);
 
 pub const NO_RULE: u32 = u32::MAX;
 
+/// A decision about a Unix socket: the common event plus the address the caller gave.
+/// Told apart from `Event` by its hook (`CONNECT_UNIX`, `SENDMSG_UNIX`) and its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixEvent {
+    pub event: Event,
+    /// Bytes of `path` the caller passed (its address length minus the family).
+    pub path_len: u32,
+    /// `sun_path` as the kernel uses it: a path name ends at its first NUL (the rest is
+    /// zeroed); an abstract name starts with a NUL and is `path_len` bytes long.
+    pub path: [u8; UNIX_PATH_MAX],
+}
+const _: () = assert!(size_of::<UnixEvent>() == size_of::<Event>() + 4 + UNIX_PATH_MAX);
+const _: () = assert!(size_of::<UnixEvent>().is_multiple_of(8));
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -260,6 +310,9 @@ mod pod {
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for UnixKey {}
+    unsafe impl aya::Pod for UnixRule {}
+    unsafe impl aya::Pod for UnixEvent {}
 }
 
 impl Event {
@@ -271,5 +324,30 @@ impl Event {
         // SAFETY: length checked; Event is plain integers, any bit pattern is valid;
         // read_unaligned because ring buffer records are only 8-byte aligned by contract.
         Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Event) })
+    }
+}
+
+impl UnixEvent {
+    /// Reads a Unix event from ring-buffer bytes; `None` if the record is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<UnixEvent> {
+        if bytes.len() < size_of::<UnixEvent>() {
+            return None;
+        }
+        // SAFETY: as for Event.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const UnixEvent) })
+    }
+
+    /// The name as the kernel resolves it: a path name up to its first NUL, or an abstract
+    /// name (leading NUL included) of `path_len` bytes.
+    pub fn name(&self) -> &[u8] {
+        let len = (self.path_len as usize).min(UNIX_PATH_MAX);
+        let raw = &self.path[..len];
+        if raw.first() == Some(&0) {
+            return raw;
+        }
+        match raw.iter().position(|&b| b == 0) {
+            Some(end) => &raw[..end],
+            None => raw,
+        }
     }
 }

@@ -1,11 +1,14 @@
 //! The one place a decision is made: identify the agent, look up the destination, apply the mode,
 //! count it and report it.
 
+use core::{ffi::c_void, mem::size_of};
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel, generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
     },
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext},
@@ -13,11 +16,12 @@ use aya_ebpf::{
 
 use agent_common::{
     counter, deadman, hook, mode, proto, reason, sock, verdict, AgentEntry, Event, PrefixV4,
-    PrefixV6, RuleSet, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE, POLICY_PREFIX_BITS,
+    PrefixV6, RuleSet, UnixEvent, UnixKey, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE,
+    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
-    maps::{count, AGENTS, CONFIG, EVENTS, RULES_V4, RULES_V6},
+    maps::{count, AGENTS, CONFIG, EVENTS, RULES_V4, RULES_V6, UNIX_PATHS},
     ALLOW, DENY,
 };
 
@@ -27,8 +31,8 @@ use crate::{
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 256 * 1024;
 
-/// One event in the ring: the record plus its 8-byte header.
-const RECORD_BYTES: u64 = core::mem::size_of::<Event>() as u64 + 8;
+/// Bytes of the header the ring puts before each record.
+const RECORD_HEADER_BYTES: u64 = 8;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -262,6 +266,15 @@ fn finish(
     r: u32,
     rule_id: u32,
 ) -> i32 {
+    let (ret, out) = settle(agent, v, r, rule_id);
+    emit(hook, agent_cg, agent, dest, &out);
+    ret
+}
+
+/// Applies the dead-man switch and the mode and counts the decision: what the hook returns,
+/// and the outcome its event reports.
+#[inline(always)]
+fn settle(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (i32, Outcome) {
     let out = apply_deadman(
         agent,
         Outcome {
@@ -281,8 +294,7 @@ fn finish(
         count(counter::DENIED);
         DENY
     };
-    emit(hook, agent_cg, agent, dest, &out);
-    ret
+    (ret, out)
 }
 
 /// The decision as it is enforced and reported.
@@ -330,8 +342,14 @@ fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome
         count(counter::LOST);
         return;
     };
+    entry.write(event(hook, agent_cg, agent, dest, out));
+    entry.submit(wakeup_flags(size_of::<Event>() as u64));
+}
+
+#[inline(always)]
+fn event(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome) -> Event {
     // SAFETY: plain helper calls with no arguments that can be wrong.
-    let event = unsafe {
+    unsafe {
         Event {
             boot_ns: bpf_ktime_get_boot_ns(),
             cgroup_id: bpf_get_current_cgroup_id(),
@@ -353,20 +371,164 @@ fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome
             sock_type: dest.sock_type,
             sock_kind: dest.sock_kind,
         }
-    };
-    entry.write(event);
+    }
+}
+
+/// Submit flags for a record of `size` bytes: wake the reader once, as pending data crosses the
+/// threshold (this record included), not on every record above it: a wake-up per record costs
+/// more than the send it reports.
+#[inline(always)]
+fn wakeup_flags(size: u64) -> u64 {
     // SAFETY: read of a load-time constant.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    // Wake the reader once, as pending data crosses the threshold (this record included), not
-    // on every record above it: a wake-up per record costs more than the send it reports.
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let flags = if pending >= threshold && pending < threshold + RECORD_BYTES {
-        BPF_RB_FORCE_WAKEUP
+    let record = size + RECORD_HEADER_BYTES;
+    if pending >= threshold && pending < threshold + record {
+        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
+
+/// Load-time constants: where `struct bpf_sock_addr_kern` (what a sock_addr program's context
+/// really points to) keeps the caller's address and its length. The controller reads both
+/// offsets from the kernel's BTF; the defaults are Linux 6.7 to 6.18's.
+#[unsafe(no_mangle)]
+static KCTX_UADDR_OFFSET: u64 = 8;
+#[unsafe(no_mangle)]
+static KCTX_UADDRLEN_OFFSET: u64 = 32;
+
+/// Bytes of `struct sockaddr_un` before `sun_path`.
+const SUN_PATH_OFFSET: u32 = 2;
+
+/// cgroup/connect_unix and cgroup/sendmsg_unix: an agent may reach a Unix socket only by a path
+/// or abstract name its policy lists. The kernel has no context field for the address of a
+/// Unix call, so it is read from the kernel's own context with bpf_probe_read_kernel.
+pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
+    let Some((agent_cg, agent)) = find_agent() else {
+        return Ok(ALLOW);
+    };
+    let base = ctx.sock_addr as *const u8;
+    // SAFETY: reads of load-time constants; the helper reads kernel memory safely and fails
+    // instead of faulting.
+    let (uaddr, addrlen) = unsafe {
+        let uaddr_off = core::ptr::read_volatile(&KCTX_UADDR_OFFSET) as usize;
+        let len_off = core::ptr::read_volatile(&KCTX_UADDRLEN_OFFSET) as usize;
+        let uaddr = bpf_probe_read_kernel(base.add(uaddr_off) as *const u64);
+        let len = bpf_probe_read_kernel(base.add(len_off) as *const u32);
+        match (uaddr, len) {
+            (Ok(a), Ok(l)) => (a, l),
+            _ => {
+                count(counter::ERRORS);
+                return Err(-1);
+            }
+        }
+    };
+    // The kernel has checked 2 < addrlen <= sizeof(struct sockaddr_un) before the hook runs.
+    let n = addrlen.wrapping_sub(SUN_PATH_OFFSET) as usize;
+    if n == 0 || n > UNIX_PATH_MAX {
+        count(counter::ERRORS);
+        return Err(-1);
+    }
+    let mut buf = PathBuf {
+        key: Key::new(
+            POLICY_PREFIX_BITS + UNIX_PATH_MAX as u32 * 8,
+            UnixKey {
+                policy: agent.policy_id.to_be_bytes(),
+                path: [0; UNIX_PATH_MAX],
+            },
+        ),
+        _spare: [0; PATH_READ_MASK + 1 - UNIX_PATH_MAX],
+    };
+    // Exactly the caller's `n` bytes: the kernel ends the name there, so the trie must too (a
+    // longer read would let a cut-short name pass as the allowed one it starts). The volatile
+    // reload and the mask give the verifier a bound it can see (LLVM would fold a plain one).
+    // SAFETY: reads of a local; the helper writes at most PATH_READ_MASK bytes from `path`,
+    // which `_spare` leaves room for, and fails instead of faulting on a bad source.
+    let rc = unsafe {
+        let len = core::ptr::read_volatile(&n) & PATH_READ_MASK;
+        bpf_probe_read_kernel_raw(
+            buf.key.data.path.as_mut_ptr() as *mut c_void,
+            len as u32,
+            (uaddr + SUN_PATH_OFFSET as u64) as *const c_void,
+        )
+    };
+    if rc != 0 {
+        count(counter::ERRORS);
+        return Err(-1);
+    }
+    let key = &buf.key;
+    let (v, r, rule) = if key.data.path[0] != 0 && climbs(&key.data.path) {
+        (verdict::DENY, reason::PATH_DOTDOT, NO_RULE)
+    } else {
+        match UNIX_PATHS.get(key) {
+            Some(rule) => (verdict::ALLOW, reason::RULE, rule.rule_id),
+            None => (verdict::DENY, reason::NO_PATH_MATCH, NO_RULE),
+        }
+    };
+    let (ret, out) = settle(agent, v, r, rule);
+    let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
+        count(counter::LOST);
+        return Ok(ret);
+    };
+    // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    let dest = Dest {
+        addr: [0; 16],
+        port: 0,
+        family: AF_UNIX,
+        protocol: 0,
+        sock_type,
+        sock_kind: 0,
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` is the reserved record, valid for a UnixEvent until submitted.
+    unsafe {
+        (*p).event = event(hook, agent_cg, agent, &dest, &out);
+        (*p).path_len = n as u32;
+        (*p).path = key.data.path;
+    }
+    entry.submit(wakeup_flags(size_of::<UnixEvent>() as u64));
+    Ok(ret)
+}
+
+/// Whether a path name has a `..` component (up to its first NUL, where the kernel ends it).
+/// Bytes after that NUL need no care: every trie entry is a prefix that a NUL before its end
+/// fails to match (an exact path carries its own NUL, a directory has none inside).
+#[inline(always)]
+fn climbs(path: &[u8; UNIX_PATH_MAX]) -> bool {
+    // The last four bytes, behind an imagined leading '/', so a relative "../" counts too.
+    let mut window = b'/' as u32;
+    let mut climbs = false;
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        let c = path[i];
+        window = (window << 8) | c as u32;
+        if window == DOTDOT_DIR || window == DOTDOT_END {
+            climbs = true;
+        }
+        if c == 0 {
+            break;
+        }
+        i += 1;
+    }
+    // A name that fills sun_path ends without a NUL.
+    climbs || window & 0x00ff_ffff == DOTDOT_END >> 8
+}
+
+/// The LPM key with room behind it for the masked read length.
+#[repr(C)]
+struct PathBuf {
+    key: Key<UnixKey>,
+    _spare: [u8; PATH_READ_MASK + 1 - UNIX_PATH_MAX],
+}
+
+/// Bound the verifier sees on the path read (a power of two minus one, >= UNIX_PATH_MAX).
+const PATH_READ_MASK: usize = 127;
+
+/// "/../" and "/..<NUL>" as the window holds them.
+const DOTDOT_DIR: u32 = u32::from_be_bytes(*b"/../");
+const DOTDOT_END: u32 = u32::from_be_bytes(*b"/..\0");
 
 // Silence unused warnings for constants kept for readability.
 const _: u32 = AF_INET;

@@ -11,6 +11,7 @@ mod decide;
 mod maps;
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
@@ -28,6 +29,8 @@ const CONNECT6_ON_ERROR: i32 = DENY;
 const SENDMSG4_ON_ERROR: i32 = DENY;
 const SENDMSG6_ON_ERROR: i32 = DENY;
 const SOCK_CREATE_ON_ERROR: i32 = DENY;
+const CONNECT_UNIX_ON_ERROR: i32 = DENY;
+const SENDMSG_UNIX_ON_ERROR: i32 = DENY;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -75,6 +78,31 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         Ok(ALLOW) => ALLOW,
         Ok(_) => DENY,
         Err(_) => SOCK_CREATE_ON_ERROR,
+    }
+}
+
+// aya 0.14 has no attach type for the Unix hooks (cgroup/connect_unix, cgroup/sendmsg_unix, Linux
+// 6.7+). The section names below only let aya parse the object; the controller loads these two
+// itself with the Unix attach types (agent-userspace/src/unix_hooks.rs).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "cgroup/connect4")]
+pub fn connect_unix(ctx: *mut bpf_sock_addr) -> i32 {
+    match decide::unix(&SockAddrContext::new(ctx), hook::CONNECT_UNIX) {
+        // Spelled out so the verifier sees a return value of exactly 0 or 1.
+        Ok(ALLOW) => ALLOW,
+        Ok(_) => DENY,
+        Err(_) => CONNECT_UNIX_ON_ERROR,
+    }
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "cgroup/sendmsg4")]
+pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
+    match decide::unix(&SockAddrContext::new(ctx), hook::SENDMSG_UNIX) {
+        // Spelled out so the verifier sees a return value of exactly 0 or 1.
+        Ok(ALLOW) => ALLOW,
+        Ok(_) => DENY,
+        Err(_) => SENDMSG_UNIX_ON_ERROR,
     }
 }
 

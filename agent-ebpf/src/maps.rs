@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, EVENT_RING_BYTES, MAX_AGENTS,
-    MAX_PREFIXES_V4, MAX_PREFIXES_V6,
+    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES,
+    MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 
 /// Which cgroup levels hold agents (one entry).
@@ -25,6 +25,10 @@ pub static RULES_V4: LpmTrie<PrefixV4, RuleSet> = LpmTrie::with_max_entries(MAX_
 /// Per-policy IPv6 prefixes.
 #[map(name = "AW_RULES_V6")]
 pub static RULES_V6: LpmTrie<PrefixV6, RuleSet> = LpmTrie::with_max_entries(MAX_PREFIXES_V6, 0);
+
+/// Per-policy Unix socket paths and abstract names (the key's first 32 bits are the policy id).
+#[map(name = "AW_UNIX")]
+pub static UNIX_PATHS: LpmTrie<UnixKey, UnixRule> = LpmTrie::with_max_entries(MAX_UNIX_PATHS, 0);
 
 /// One event per agent decision.
 #[map(name = "AW_EVENTS")]

@@ -21,7 +21,8 @@ use crate::{
     cgroup,
     events::{self, AuditRecord, Enricher, Sink},
     identity::{agent_name, AgentMeta, Names, PolicyMeta},
-    loader::{self, Enforcer, LoadOptions, PrefixKeys},
+    loader::{self, Enforcer, LoadOptions, PrefixKeys, Retired},
+    pin,
     policy::{self, PolicySet},
 };
 
@@ -169,6 +170,11 @@ pub async fn start(opts: Options) -> Result<Handle> {
         PolicySource::Path(p) => policy::load_dir(p)?,
         PolicySource::Fixed(s) => s.clone(),
     };
+    // A newer layout pinned beside ours refuses the start before anything is loaded.
+    let older_layouts = match &opts.pin_dir {
+        Some(dir) => pin::older_layouts(dir)?,
+        None => Vec::new(),
+    };
     let mut enforcer = Enforcer::load(&LoadOptions {
         wakeup_bytes: opts.wakeup_bytes,
         ring_bytes: opts.ring_bytes,
@@ -183,6 +189,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
             name: "conflict:deny-all".into(),
             version: 0,
             rules: vec![],
+            unix: vec![],
         },
     );
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -225,15 +232,27 @@ pub async fn start(opts: Options) -> Result<Handle> {
         );
     }
     let attach_to = opts.attach_to.clone().unwrap_or_else(|| root.clone());
-    state.enforcer.attach(&attach_to)?;
+    state.enforcer.attach(&attach_to, &older_layouts)?;
     tracing::info!(cgroup = %attach_to.display(), "programs attached");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())
+    let mut sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())
         .with_context(|| format!("opening the audit log {:?}", opts.audit_log))?;
     let mut tasks: Vec<JoinHandle<Result<()>>> = Vec::new();
-    let enricher = Enricher::new(names, root.clone());
+    let mut enricher = Enricher::new(names, root.clone());
+    // An upgrade across layout versions: the older layout's links now run this controller's
+    // programs (switched in one step, pinned here too), so its own pins can go; its ring is
+    // read to the end (nothing writes to it any more) and its maps removed.
+    for dir in &older_layouts {
+        pin::unpin_links(dir)?;
+        let mut retired = Retired::open(dir)?;
+        events::drain_retired(&mut retired, &mut enricher, &mut sink)
+            .context("writing the events of an older layout")?;
+        drop(retired);
+        pin::uninstall(dir)?;
+        tracing::info!(dir = %dir.display(), "retired an older pinned layout");
+    }
     let rx = shutdown_rx.clone();
     let drain = opts.drain_interval;
     tasks.push(tokio::spawn(async move {
@@ -306,9 +325,23 @@ impl State {
     fn api(&mut self, req: Request) -> Response {
         match req {
             Request::Register { cgroup } => match self.register_path(&cgroup) {
-                Ok(meta) => Response::ok(json!({
-                    "agent": meta.name, "cgroup": meta.cgroup, "policy": meta.policy,
-                })),
+                Ok(meta) => {
+                    let sockets: Vec<&str> = self
+                        .set
+                        .get(&meta.policy)
+                        .map(|p| {
+                            policy::SOCKET_KINDS
+                                .iter()
+                                .filter(|(_, bit)| p.sockets & bit != 0)
+                                .map(|(name, _)| *name)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Response::ok(json!({
+                        "agent": meta.name, "cgroup": meta.cgroup, "policy": meta.policy,
+                        "sockets": sockets,
+                    }))
+                }
                 Err(e) => Response::err(format!("{e:#}")),
             },
             Request::Reload => match self.reload() {
@@ -408,6 +441,15 @@ impl State {
                 );
             }
         }
+        let new: usize = compiled.iter().map(|c| c.unix.len()).sum();
+        let old: usize = self.installed.values().map(|i| i.keys.unix.len()).sum();
+        let cap = agent_common::MAX_UNIX_PATHS as usize;
+        if new + old > cap {
+            bail!(
+                "the policies need {new} Unix socket entries and {old} are installed; the kernel \
+                 map holds {cap} (old and new entries coexist while a reload switches)"
+            );
+        }
         let generation = self.generation + 1;
         let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
         let mut metas = Vec::new();
@@ -431,6 +473,7 @@ impl State {
                     name: p.name.clone(),
                     version: generation,
                     rules: p.rules.iter().map(|r| r.name.clone()).collect(),
+                    unix: p.unix.iter().map(|u| u.to_string()).collect(),
                 },
             ));
             fresh.insert(

@@ -5,6 +5,7 @@
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -31,7 +32,12 @@ const TARGETS: &[(&str, &str)] = &[
     ("tcp", "[::ffff:127.0.0.1]:8080"),
     ("udp", "127.0.0.1:5353"),
     ("udp", "127.0.0.1:5354"),
+    ("unix", "/run/agentwall-demo/tools.sock"),
+    ("unix", "/run/agentwall-demo/secret.sock"),
 ];
+
+/// Where the demo's Unix sockets live (the demo policy lists tools.sock).
+const UNIX_DIR: &str = "/run/agentwall-demo";
 
 pub async fn run(audit_log: PathBuf) -> Result<()> {
     let demo = policy::parse_policy(Path::new("policies/demo.yaml"), DEMO_POLICY)?;
@@ -111,11 +117,19 @@ fn print_record(rec: &AuditRecord) {
             "  #{:<3} {:<8} {} {} agent={} pid={} ({}) reason={}{}",
             rec.seq,
             d.action,
-            d.protocol,
-            d.dst
-                .parse::<std::net::IpAddr>()
-                .map(|ip| SocketAddr::new(ip, d.port).to_string())
-                .unwrap_or_else(|_| format!("{}:{}", d.dst, d.port)),
+            if d.family == "unix" {
+                "unix"
+            } else {
+                &d.protocol
+            },
+            match &d.unix_path {
+                Some(p) => p.clone(),
+                None => d
+                    .dst
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, d.port).to_string())
+                    .unwrap_or_else(|_| format!("{}:{}", d.dst, d.port)),
+            },
             d.agent.as_deref().unwrap_or("?"),
             d.pid,
             d.comm,
@@ -132,10 +146,14 @@ fn print_record(rec: &AuditRecord) {
 /// The demo agent: tries each target and says what happened.
 pub fn agent() -> Result<()> {
     for (proto, target) in TARGETS {
-        let addr: SocketAddr = target.parse()?;
         let result = match *proto {
-            "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ()),
+            "unix" => UnixStream::connect(target).map(|_| ()),
+            "tcp" => {
+                let addr: SocketAddr = target.parse()?;
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ())
+            }
             _ => {
+                let addr: SocketAddr = target.parse()?;
                 let bind = if addr.is_ipv4() {
                     "127.0.0.1:0"
                 } else {
@@ -161,17 +179,35 @@ pub fn agent() -> Result<()> {
     Ok(())
 }
 
-/// Loopback listeners for every target, so allowed connections really complete.
+/// Loopback (and Unix) listeners for every target, so allowed connections really complete.
 struct Servers {
     _tcp: Vec<TcpListener>,
     _udp: Vec<UdpSocket>,
+    _unix: Vec<UnixListener>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(UNIX_DIR);
+    }
 }
 
 impl Servers {
     fn start() -> Result<Self> {
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
+        let mut unix = Vec::new();
         for (proto, target) in TARGETS {
+            if *proto == "unix" {
+                std::fs::create_dir_all(UNIX_DIR)
+                    .with_context(|| format!("creating {UNIX_DIR}"))?;
+                let _ = std::fs::remove_file(target);
+                unix.push(
+                    UnixListener::bind(target)
+                        .with_context(|| format!("demo server on {target}"))?,
+                );
+                continue;
+            }
             let mut addr: SocketAddr = target.parse()?;
             if let SocketAddr::V6(v6) = addr {
                 if let Some(v4) = v6.ip().to_ipv4_mapped() {
@@ -197,6 +233,7 @@ impl Servers {
         Ok(Self {
             _tcp: tcp,
             _udp: udp,
+            _unix: unix,
         })
     }
 }

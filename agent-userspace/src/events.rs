@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agent_common::{hook, mode, reason, verdict, Event, NO_RULE};
+use agent_common::{hook, mode, reason, verdict, Event, UnixEvent, NO_RULE};
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use tokio::{
@@ -50,9 +50,38 @@ pub struct Decision {
     /// For sock_create decisions: the socket kind (`raw`, `ping`, ...) and type number.
     pub socket: Option<&'static str>,
     pub sock_type: u32,
+    /// For Unix-socket decisions: the path, or `@name` for an abstract socket.
+    pub unix_path: Option<String>,
 }
 
 impl Decision {
+    /// Decodes one ring record: an `Event`, or a `UnixEvent` for the Unix-socket hooks.
+    pub fn from_record(bytes: &[u8]) -> Option<Decision> {
+        let e = Event::from_bytes(bytes)?;
+        if matches!(e.hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX) {
+            return UnixEvent::from_bytes(bytes).map(|u| Decision::from_unix_event(&u));
+        }
+        Some(Decision::from_event(&e))
+    }
+
+    pub fn from_unix_event(u: &UnixEvent) -> Decision {
+        let name = u.name();
+        let shown = match name.split_first() {
+            Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+            _ => String::from_utf8_lossy(name).into_owned(),
+        };
+        Decision {
+            protocol: match u.event.sock_type {
+                1 => "stream".to_string(),
+                2 => "dgram".to_string(),
+                5 => "seqpacket".to_string(),
+                t => format!("sock-type-{t}"),
+            },
+            unix_path: Some(shown),
+            ..Decision::from_event(&u.event)
+        }
+    }
+
     pub fn from_event(e: &Event) -> Decision {
         let v6 = Ipv6Addr::from(e.addr);
         // IPv4 is carried as ::ffff:a.b.c.d; show it as a plain IPv4 address only when the
@@ -91,6 +120,8 @@ impl Decision {
                 hook::SENDMSG4 => "sendmsg4",
                 hook::SENDMSG6 => "sendmsg6",
                 hook::SOCK_CREATE => "sock_create",
+                hook::CONNECT_UNIX => "connect_unix",
+                hook::SENDMSG_UNIX => "sendmsg_unix",
                 _ => "unknown",
             },
             decision: if e.verdict == verdict::ALLOW {
@@ -111,6 +142,8 @@ impl Decision {
                 reason::SOCKET_KIND => "default-deny:socket-kind",
                 reason::SOCKET_ALLOWED => "socket-kind-allowed",
                 reason::DEADMAN => "deadman:deny-all",
+                reason::NO_PATH_MATCH => "default-deny:no-path-match",
+                reason::PATH_DOTDOT => "deny:path-dotdot",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),
@@ -120,6 +153,7 @@ impl Decision {
             socket: (e.hook == hook::SOCK_CREATE)
                 .then(|| crate::policy::socket_kind_name(e.sock_kind).unwrap_or("unknown")),
             sock_type: e.sock_type,
+            unix_path: None,
         }
     }
 
@@ -169,9 +203,12 @@ pub struct DecisionRecord {
     /// sock_create decisions: the socket kind (raw, ping, packet, udplite, sctp, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
-    /// sock_create decisions: the socket type (SOCK_RAW = 3, ...).
+    /// sock_create and Unix-socket decisions: the socket type (SOCK_RAW = 3, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sock_type: Option<u32>,
+    /// Unix-socket decisions: the socket path, or `@name` for an abstract socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_path: Option<String>,
     /// What the policy says: allow or deny.
     pub decision: String,
     /// enforce or audit.
@@ -329,14 +366,15 @@ impl Enricher {
             hook: d.hook.to_string(),
             family: d.family.to_string(),
             protocol: d.protocol.clone(),
-            dst: if d.socket.is_some() {
+            dst: if d.socket.is_some() || d.unix_path.is_some() {
                 String::new()
             } else {
                 d.dst.to_string()
             },
             port: d.port,
             socket: d.socket.map(str::to_string),
-            sock_type: d.socket.map(|_| d.sock_type),
+            sock_type: (d.socket.is_some() || d.unix_path.is_some()).then_some(d.sock_type),
+            unix_path: d.unix_path.clone(),
             decision: d.decision.to_string(),
             mode: d.mode.to_string(),
             action: d.action().to_string(),
@@ -344,7 +382,10 @@ impl Enricher {
             rule: d.rule_id,
             rule_name: d
                 .rule_id
-                .and_then(|r| names.rule_name(d.policy_id, r))
+                .and_then(|r| match d.unix_path {
+                    Some(_) => names.unix_entry(d.policy_id, r),
+                    None => names.rule_name(d.policy_id, r),
+                })
                 .map(str::to_string),
             policy: policy.map(|p| p.name.clone()),
             policy_version: d.policy_version,
@@ -464,16 +505,40 @@ pub async fn run(
     }
 }
 
+/// Writes what an older layout's ring still holds, and the losses its controller never
+/// reported, before that layout's maps are removed.
+pub fn drain_retired(
+    retired: &mut crate::loader::Retired,
+    enricher: &mut Enricher,
+    sink: &mut Sink,
+) -> io::Result<()> {
+    if let Some(ring) = &mut retired.ring {
+        drain(ring, enricher, sink)?;
+    }
+    if retired.lost > 0 {
+        sink.write(&enricher.lost(retired.lost))?;
+    }
+    sink.flush()
+}
+
 fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sink: &mut Sink) -> io::Result<()> {
     let mut any = false;
+    let mut undecodable = 0;
     while let Some(item) = ring.next() {
         any = true;
-        match Event::from_bytes(&item) {
-            Some(e) => sink.write(&enricher.decision(&Decision::from_event(&e)))?,
-            None => tracing::error!(len = item.len(), "short record in the event ring"),
+        match Decision::from_record(&item) {
+            Some(d) => sink.write(&enricher.decision(&d))?,
+            None => undecodable += 1,
         }
         // Dropping the item moves the consumer position: only after the record is written.
         drop(item);
+    }
+    if undecodable > 0 {
+        tracing::error!(
+            records = undecodable,
+            "records of an unknown size in the event ring: reported as lost"
+        );
+        sink.write(&enricher.lost(undecodable))?;
     }
     if any {
         sink.flush()?;
@@ -484,6 +549,7 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sink: &mut Sink) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::size_of;
 
     fn event() -> Event {
         Event {
@@ -573,6 +639,49 @@ mod tests {
         assert_eq!(Event::from_bytes(&bytes[..10]), None);
     }
 
+    fn unix_event(path: &[u8], path_len: u32) -> UnixEvent {
+        let mut p = [0u8; agent_common::UNIX_PATH_MAX];
+        p[..path.len()].copy_from_slice(path);
+        UnixEvent {
+            event: Event {
+                hook: hook::CONNECT_UNIX,
+                family: 1,
+                protocol: 0,
+                sock_type: 1,
+                reason: reason::NO_PATH_MATCH,
+                addr: [0; 16],
+                port: 0,
+                ..event()
+            },
+            path_len,
+            path: p,
+        }
+    }
+
+    fn as_bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: the event types are plain integers without padding.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    #[test]
+    fn decodes_unix_records_by_hook() {
+        // A path name ends at its first NUL, within the caller's length.
+        let u = unix_event(b"/run/a.sock\0/etc", 16);
+        let d = Decision::from_record(as_bytes(&u)).unwrap();
+        assert_eq!(d.unix_path.as_deref(), Some("/run/a.sock"));
+        assert_eq!((d.hook, d.protocol.as_str()), ("connect_unix", "stream"));
+        assert_eq!(d.reason, "default-deny:no-path-match");
+        // An abstract name is exactly path_len bytes, leading NUL shown as '@'.
+        let u = unix_event(b"\0broker", 7);
+        let d = Decision::from_record(as_bytes(&u)).unwrap();
+        assert_eq!(d.unix_path.as_deref(), Some("@broker"));
+        // A Unix hook's record cut to an Event's size is refused, not misread.
+        assert!(Decision::from_record(&as_bytes(&u)[..size_of::<Event>()]).is_none());
+        // Other hooks decode as plain events.
+        let d = Decision::from_record(as_bytes(&event())).unwrap();
+        assert_eq!((d.hook, d.unix_path), ("connect4", None));
+    }
+
     #[test]
     fn a_record_names_agent_policy_and_rule() {
         let mut names = Names::default();
@@ -590,6 +699,7 @@ mod tests {
                 name: "demo".into(),
                 version: 1,
                 rules: vec![Some("local-api".into())],
+                unix: vec!["/run/tools/".into()],
             },
         );
         let mut en = Enricher::new(Arc::new(RwLock::new(names)), PathBuf::from("/nonexistent"));
@@ -605,10 +715,19 @@ mod tests {
         assert_eq!(d.rule_name.as_deref(), Some("local-api"));
         assert_eq!(d.policy.as_deref(), Some("demo"));
         assert_eq!(d.action, "allowed");
+        let mut u = unix_event(b"/run/tools/x.sock\0junk", 17);
+        u.event.verdict = verdict::ALLOW;
+        u.event.reason = reason::RULE;
+        u.event.rule_id = 0;
+        let rec = en.decision(&Decision::from_unix_event(&u));
+        let d = rec.decision.unwrap();
+        assert_eq!(d.unix_path.as_deref(), Some("/run/tools/x.sock"));
+        assert_eq!(d.rule_name.as_deref(), Some("/run/tools/"));
+        assert_eq!((d.dst.as_str(), d.sock_type), ("", Some(1)));
         let lost = en.lost(7);
         assert_eq!(
             (lost.seq, lost.kind.as_str(), lost.lost),
-            (2, "lost", Some(7))
+            (3, "lost", Some(7))
         );
     }
 }

@@ -20,6 +20,8 @@ pub struct PolicyMeta {
     pub version: u32,
     /// Rule names by rule id (None when the rule has no name).
     pub rules: Vec<Option<String>>,
+    /// The `unix` entries as written, by entry index.
+    pub unix: Vec<String>,
 }
 
 /// Names for the ids the kernel reports. Policy entries are kept after a reload so events still
@@ -37,6 +39,15 @@ impl Names {
             .rules
             .get(rule_id as usize)?
             .as_deref()
+    }
+
+    /// The `unix` entry a Unix-socket decision names.
+    pub fn unix_entry(&self, policy_id: u32, rule_id: u32) -> Option<&str> {
+        self.policies
+            .get(&policy_id)?
+            .unix
+            .get(rule_id as usize)
+            .map(String::as_str)
     }
 }
 

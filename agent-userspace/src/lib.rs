@@ -2,6 +2,7 @@
 //! agent cgroups and writes one audit record per decision.
 
 pub mod api;
+pub mod btf;
 pub mod cgroup;
 pub mod controller;
 pub mod demo;
@@ -10,3 +11,5 @@ pub mod identity;
 pub mod loader;
 pub mod pin;
 pub mod policy;
+pub mod sys;
+pub mod unix_hooks;

@@ -6,6 +6,7 @@ use std::{
     ffi::CString,
     fs::File,
     io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -19,11 +20,15 @@ use aya::{
 };
 use thiserror::Error;
 
-use agent_common::{counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, POLICY_PREFIX_BITS};
+use agent_common::{
+    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
+    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
+};
 
 use crate::{
     pin::{self, PinError},
     policy::CompiledPolicy,
+    unix_hooks::{self, UnixHookError, UnixProgram},
 };
 
 /// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
@@ -33,7 +38,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The socket-creation guard (inet families).
 pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
-/// Every program, as its link is pinned.
+/// Every program aya loads, as its link is pinned (the Unix-socket programs are in
+/// `unix_hooks::PROGRAMS`).
 pub const ALL_PROGRAMS: [&str; 5] = [
     "connect4",
     "connect6",
@@ -67,6 +73,8 @@ pub enum LoaderError {
     AlreadyAttached,
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error(transparent)]
+    UnixHook(#[from] UnixHookError),
     #[error("pinning {0}: {1}")]
     PinLink(String, String),
     #[error("{0}")]
@@ -95,6 +103,8 @@ impl Counters {
 pub struct PrefixKeys {
     pub v4: Vec<(u8, [u8; 4])>,
     pub v6: Vec<(u8, [u8; 16])>,
+    /// Unix entries: bits of the path matched, and the path.
+    pub unix: Vec<(u32, [u8; UNIX_PATH_MAX])>,
 }
 
 impl PrefixKeys {
@@ -102,6 +112,7 @@ impl PrefixKeys {
         Self {
             v4: c.v4.iter().map(|(l, a, _)| (*l, *a)).collect(),
             v6: c.v6.iter().map(|(l, a, _)| (*l, *a)).collect(),
+            unix: c.unix.iter().map(|(l, p, _)| (*l, *p)).collect(),
         }
     }
 }
@@ -130,8 +141,14 @@ pub struct Enforcer {
     agents: HashMap<MapData, u64, AgentEntry>,
     rules_v4: LpmTrie<MapData, PrefixV4, RuleSet>,
     rules_v6: LpmTrie<MapData, PrefixV6, RuleSet>,
+    unix_paths: LpmTrie<MapData, UnixKey, UnixRule>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// The Unix-socket programs (empty on a kernel without those hooks).
+    unix_programs: Vec<UnixProgram>,
+    /// Their links, held so they stay attached while this Enforcer lives (pinned too, when
+    /// pinning).
+    unix_links: Vec<std::os::fd::OwnedFd>,
 }
 
 macro_rules! take_map {
@@ -154,8 +171,19 @@ impl Enforcer {
             0 => DEFAULT_WAKEUP_BYTES,
             n => n,
         };
+        let unix_offsets = unix_hooks::kernel_context_offsets()?;
         let mut loader = EbpfLoader::new();
         loader.override_global("WAKEUP_BYTES", &wakeup_bytes, true);
+        match &unix_offsets {
+            Some((uaddr, uaddrlen)) => {
+                loader.override_global("KCTX_UADDR_OFFSET", uaddr, true);
+                loader.override_global("KCTX_UADDRLEN_OFFSET", uaddrlen, true);
+            }
+            None => tracing::warn!(
+                "this kernel has no Unix-socket hooks (Linux 6.7+): agents' Unix-socket \
+                 connections are not judged"
+            ),
+        }
         if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("AW_EVENTS", bytes);
         }
@@ -172,9 +200,15 @@ impl Enforcer {
             for spec in &specs {
                 loader.map_pin_path(spec.name, dir.join("maps").join(spec.name));
             }
-            adopted = pin::links_exist(dir, &ALL_PROGRAMS);
+            adopted = pin::links_exist(dir, &ALL_PROGRAMS)
+                && (unix_offsets.is_none()
+                    || pin::links_exist(dir, &unix_hooks::PROGRAMS.map(|(n, _)| n)));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let unix_programs = match unix_offsets {
+            Some(_) => unix_hooks::load(EBPF_OBJECT, &ebpf)?,
+            None => Vec::new(),
+        };
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?
                 .load()
@@ -188,6 +222,7 @@ impl Enforcer {
         let agents = take_map!(ebpf, "AW_AGENTS");
         let rules_v4 = take_map!(ebpf, "AW_RULES_V4");
         let rules_v6 = take_map!(ebpf, "AW_RULES_V6");
+        let unix_paths = take_map!(ebpf, "AW_UNIX");
         let counters = take_map!(ebpf, "AW_COUNTERS");
         let events = Some(take_map!(ebpf, "AW_EVENTS"));
         // An adopted config keeps its agent levels until the controller has re-registered.
@@ -205,73 +240,109 @@ impl Enforcer {
             agents,
             rules_v4,
             rules_v6,
+            unix_paths,
             counters,
             events,
+            unix_programs,
+            unix_links: Vec::new(),
         })
     }
 
     /// Attaches every program to `cgroup` (the cgroup2 root in production) with bpf links,
     /// which coexist with other programs on the node. Unpinned, dropping the Enforcer detaches
-    /// them; pinned, they stay. When an earlier controller's links are pinned, each link is
-    /// switched to this object's program in one step instead (restart and upgrade alike).
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoaderError> {
+    /// them; pinned, they stay. A link already pinned for a program, by an earlier controller in
+    /// this directory or in an `older` layout's, is switched to this object's program in one
+    /// step (BPF_LINK_UPDATE) and pinned here: restart, upgrade and layout migration alike, and
+    /// no call is ever judged by neither program nor by both.
+    pub fn attach(&mut self, cgroup: &Path, older: &[PathBuf]) -> Result<(), LoaderError> {
         if self.attached {
             return Err(LoaderError::AlreadyAttached);
-        }
-        if let (true, Some(dir)) = (self.adopted, self.pin_dir.clone()) {
-            for name in SOCK_ADDR_PROGRAMS {
-                let prog = sock_addr_program(&mut self.ebpf, name)?;
-                let fd = prog.fd().map_err(|e| LoaderError::Program(name, e))?;
-                pin::link_update(&dir.join("links").join(name), fd)?;
-            }
-            let prog = sock_program(&mut self.ebpf)?;
-            let fd = prog
-                .fd()
-                .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
-            pin::link_update(&dir.join("links").join(SOCK_CREATE_PROGRAM), fd)?;
-            self.attached = true;
-            return Ok(());
         }
         let fd = File::open(cgroup).map_err(|source| LoaderError::Cgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
-        // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
-        let pin_dir = self.pin_dir.clone();
-        let pin = |name: &str, link: Result<FdLink, String>| -> Result<(), LoaderError> {
-            if let Some(dir) = &pin_dir {
-                let path = dir.join("links").join(name);
-                link.and_then(|l| l.pin(&path).map(drop).map_err(|e| e.to_string()))
-                    .map_err(|e| LoaderError::PinLink(path.display().to_string(), e))?;
+        let unix: Vec<&'static str> = self.unix_programs.iter().map(|p| p.name).collect();
+        for name in ALL_PROGRAMS.into_iter().chain(unix) {
+            if let Some(dir) = self.pin_dir.clone() {
+                let own = dir.join("links").join(name);
+                let prior = std::iter::once(own.clone())
+                    .chain(older.iter().rev().map(|d| d.join("links").join(name)))
+                    .find(|p| p.exists());
+                if let Some(prior) = prior {
+                    pin::link_update(&prior, self.program_fd(name)?)?;
+                    if prior != own {
+                        pin::repin(&prior, &own)?;
+                    }
+                    continue;
+                }
             }
-            Ok(())
-        };
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog = sock_addr_program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(&fd, CgroupAttachMode::Single)
-                .map_err(|e| LoaderError::Program(name, e))?;
-            if pin_dir.is_some() {
-                let link = prog
-                    .take_link(id)
-                    .map_err(|e| LoaderError::Program(name, e))?;
-                pin(name, FdLink::try_from(link).map_err(|e| e.to_string()))?;
-            }
-        }
-        let prog = sock_program(&mut self.ebpf)?;
-        let id = prog
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
-        if pin_dir.is_some() {
-            let link = prog
-                .take_link(id)
-                .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
-            pin(
-                SOCK_CREATE_PROGRAM,
-                FdLink::try_from(link).map_err(|e| e.to_string()),
-            )?;
+            self.attach_new(name, &fd)?;
         }
         self.attached = true;
+        Ok(())
+    }
+
+    /// The loaded program called `name`.
+    fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, LoaderError> {
+        if let Some(p) = self.unix_programs.iter().find(|p| p.name == name) {
+            return Ok(p.fd.as_fd());
+        }
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(LoaderError::Missing("program", name))?;
+        let fd = match prog {
+            aya::programs::Program::CgroupSockAddr(p) => p.fd(),
+            aya::programs::Program::CgroupSock(p) => p.fd(),
+            _ => return Err(LoaderError::Missing("cgroup program", name)),
+        };
+        Ok(fd.map_err(|e| LoaderError::Program(name, e))?.as_fd())
+    }
+
+    /// Attaches `name` to the cgroup with a new link, pinned when pinning.
+    fn attach_new(&mut self, name: &'static str, cgroup: &File) -> Result<(), LoaderError> {
+        let pin_path = self.pin_dir.as_ref().map(|d| d.join("links").join(name));
+        let pin_err = |path: &Path, e: String| LoaderError::PinLink(path.display().to_string(), e);
+        if let Some(prog) = self.unix_programs.iter().find(|p| p.name == name) {
+            let link = prog.attach(cgroup)?;
+            if let Some(path) = &pin_path {
+                unix_hooks::pin_link(&link, path).map_err(|e| pin_err(path, e.to_string()))?;
+            }
+            self.unix_links.push(link);
+            return Ok(());
+        }
+        // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
+        let link: FdLink = if name == SOCK_CREATE_PROGRAM {
+            let prog = sock_program(&mut self.ebpf)?;
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| LoaderError::Program(name, e))?;
+            if pin_path.is_none() {
+                return Ok(());
+            }
+            let link = prog
+                .take_link(id)
+                .map_err(|e| LoaderError::Program(name, e))?;
+            FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
+        } else {
+            let prog = sock_addr_program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| LoaderError::Program(name, e))?;
+            if pin_path.is_none() {
+                return Ok(());
+            }
+            let link = prog
+                .take_link(id)
+                .map_err(|e| LoaderError::Program(name, e))?;
+            FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
+        };
+        if let Some(path) = &pin_path {
+            link.pin(path)
+                .map(drop)
+                .map_err(|e| pin_err(path, e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -302,7 +373,17 @@ impl Enforcer {
             .keys()
             .filter_map(Result::ok)
             .map(|k| u32::from_be_bytes(k.data().policy));
-        v4.chain(v6).collect()
+        let unix = self
+            .unix_paths
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u32::from_be_bytes(k.data().policy));
+        v4.chain(v6).chain(unix).collect()
+    }
+
+    /// Whether agents' Unix-socket connections are judged (the kernel has the hooks).
+    pub fn unix_hooks(&self) -> bool {
+        !self.unix_programs.is_empty()
     }
 
     /// Removes every prefix whose policy id is not in `keep` (left by an earlier controller).
@@ -319,7 +400,13 @@ impl Enforcer {
             .filter_map(Result::ok)
             .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
             .collect();
-        let n = stale4.len() + stale6.len();
+        let stale_unix: Vec<_> = self
+            .unix_paths
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
+            .collect();
+        let n = stale4.len() + stale6.len() + stale_unix.len();
         for k in stale4 {
             match self.rules_v4.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -330,6 +417,12 @@ impl Enforcer {
             match self.rules_v6.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
+            }
+        }
+        for k in stale_unix {
+            match self.unix_paths.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_UNIX", e)),
             }
         }
         Ok(n)
@@ -414,6 +507,15 @@ impl Enforcer {
                 .insert(&key_v6(policy_id, *len, *addr), rules, 0)
                 .map_err(|e| LoaderError::Map("AW_RULES_V6", e))?;
         }
+        for (bits, path, rule_id) in &compiled.unix {
+            self.unix_paths
+                .insert(
+                    &key_unix(policy_id, *bits, *path),
+                    UnixRule { rule_id: *rule_id },
+                    0,
+                )
+                .map_err(|e| LoaderError::Map("AW_UNIX", e))?;
+        }
         Ok(())
     }
 
@@ -429,6 +531,12 @@ impl Enforcer {
             match self.rules_v6.remove(&key_v6(policy_id, *len, *addr)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
+            }
+        }
+        for (bits, path) in &keys.unix {
+            match self.unix_paths.remove(&key_unix(policy_id, *bits, *path)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(LoaderError::Map("AW_UNIX", e)),
             }
         }
         Ok(())
@@ -448,6 +556,60 @@ impl Enforcer {
             audited: sum(counter::AUDITED)?,
             lost: sum(counter::LOST)?,
             errors: sum(counter::ERRORS)?,
+        })
+    }
+}
+
+/// What an older pinned layout leaves once its links are unpinned: its event ring, still to be
+/// read, and the events it lost that its controller never reported. The ring's records and the
+/// counters' slots are the same in every layout so far (v1, v2).
+pub struct Retired {
+    pub dir: PathBuf,
+    pub ring: Option<RingBuf<MapData>>,
+    pub lost: u64,
+}
+
+impl Retired {
+    pub fn open(dir: &Path) -> Result<Retired, LoaderError> {
+        let maps = dir.join("maps");
+        let path = maps.join("AW_EVENTS");
+        let ring = if path.exists() {
+            let mut spec = pin::spec("AW_EVENTS", None).expect("a ring spec");
+            spec.max_entries = 0;
+            pin::check_map(&path, &spec)?;
+            let data = MapData::from_pin(&path).map_err(|e| LoaderError::Map("AW_EVENTS", e))?;
+            Some(
+                RingBuf::try_from(aya::maps::Map::RingBuf(data))
+                    .map_err(|e| LoaderError::Map("AW_EVENTS", e))?,
+            )
+        } else {
+            None
+        };
+        let path = maps.join("AW_COUNTERS");
+        let lost = if path.exists() {
+            pin::check_map(
+                &path,
+                &pin::spec("AW_COUNTERS", None).expect("a counters spec"),
+            )?;
+            let data = MapData::from_pin(&path).map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+            let counters: PerCpuArray<MapData, u64> =
+                PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+                    .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+            let get = |i: u32| {
+                counters
+                    .get(&i, 0)
+                    .map_err(|e| LoaderError::Map("AW_COUNTERS", e))
+            };
+            let lost: u64 = get(counter::LOST)?.iter().sum();
+            let reported = get(counter::LOST_REPORTED)?.first().copied().unwrap_or(0);
+            lost.saturating_sub(reported)
+        } else {
+            0
+        };
+        Ok(Retired {
+            dir: dir.to_path_buf(),
+            ring,
+            lost,
         })
     }
 }
@@ -493,6 +655,16 @@ fn key_v6(policy_id: u32, len: u8, addr: [u8; 16]) -> Key<PrefixV6> {
         PrefixV6 {
             policy: policy_id.to_be_bytes(),
             addr,
+        },
+    )
+}
+
+fn key_unix(policy_id: u32, bits: u32, path: [u8; UNIX_PATH_MAX]) -> Key<UnixKey> {
+    Key::new(
+        POLICY_PREFIX_BITS + bits,
+        UnixKey {
+            policy: policy_id.to_be_bytes(),
+            path,
         },
     )
 }

@@ -223,16 +223,46 @@ fn uninstall(a: UninstallArgs) -> Result<()> {
             a.control_socket.display()
         );
     }
-    let dir = a.pin_dir.unwrap_or_else(|| pin::default_dir(&a.bpffs));
-    let removed = pin::uninstall(&dir)?;
-    if removed.is_empty() {
-        println!("nothing pinned in {}", dir.display());
+    // Without --pin-dir: every layout version agentwall pinned under this bpffs.
+    let dirs = match a.pin_dir {
+        Some(d) => vec![d],
+        None => pin::all_layouts(&a.bpffs),
+    };
+    let mut total = 0;
+    for dir in &dirs {
+        let removed = pin::uninstall(dir)?;
+        total += removed.len();
+        println!("removed {} pins from {}", removed.len(), dir.display());
+    }
+    if total == 0 {
+        println!("nothing pinned");
     } else {
-        println!(
-            "removed {} pins from {}: agents are no longer enforced",
-            removed.len(),
-            dir.display()
-        );
+        println!("agents are no longer enforced");
+    }
+    Ok(())
+}
+
+/// Packet sockets (AF_PACKET) bypass every cgroup socket hook, and the BPF LSM hook that would
+/// see them is not on every kernel; without CAP_NET_RAW the kernel refuses them (and raw
+/// sockets) itself. Dropped from every set, the bounding set included, so no exec gets it back;
+/// where the bounding set cannot be changed (no CAP_SETPCAP), no_new_privs has the same effect.
+fn drop_net_raw() -> Result<()> {
+    use caps::{CapSet, Capability};
+    let bounding = caps::drop(None, CapSet::Bounding, Capability::CAP_NET_RAW);
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        caps::drop(None, set, Capability::CAP_NET_RAW)
+            .with_context(|| format!("from the {set:?} set"))?;
+    }
+    if bounding.is_err() {
+        // SAFETY: plain prctl with constant arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            bail!("setting no_new_privs: {}", std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -266,6 +296,13 @@ fn exec(a: ExecArgs) -> Result<()> {
     };
     tracing::debug!(?reply, "registered");
     cgroup::move_pid(&path, std::process::id())?;
+    let sockets: Vec<String> = reply
+        .get("sockets")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    if !sockets.iter().any(|s| s == "raw" || s == "packet") {
+        drop_net_raw().context("dropping CAP_NET_RAW for the agent")?;
+    }
     let err = std::process::Command::new(&a.command[0])
         .args(&a.command[1..])
         .exec();

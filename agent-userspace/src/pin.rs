@@ -2,26 +2,28 @@
 //! (aya reuses a pinned map without checking its type or sizes), swapping the program behind a
 //! pinned link in one step, and removing it all.
 //!
-//! Layout, under one versioned directory (bumped when a map's layout changes):
-//! `<bpffs>/agentwall/v1/maps/<MAP>` and `<bpffs>/agentwall/v1/links/<PROGRAM>`.
+//! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
+//! layout, changes): `<bpffs>/agentwall/v2/maps/<MAP>` and `<bpffs>/agentwall/v2/links/<PROGRAM>`.
+//! v1 had no Unix-socket programs and no AW_UNIX map.
 
 use std::{
-    ffi::CString,
     io,
     mem::size_of,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, EVENT_RING_BYTES, MAX_AGENTS,
-    MAX_PREFIXES_V4, MAX_PREFIXES_V6,
+    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES,
+    MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 use aya::maps::{MapInfo, MapType};
 use thiserror::Error;
 
+use crate::sys;
+
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -39,7 +41,7 @@ pub struct MapSpec {
 }
 
 /// Every map agentwall pins, as the programs define them.
-pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 6] {
+pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 7] {
     let s = |n: usize| n as u32;
     [
         MapSpec {
@@ -71,6 +73,13 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 6] {
             max_entries: MAX_PREFIXES_V6,
         },
         MapSpec {
+            name: "AW_UNIX",
+            map_type: MapType::LpmTrie,
+            key_size: s(4 + size_of::<UnixKey>()),
+            value_size: s(size_of::<UnixRule>()),
+            max_entries: MAX_UNIX_PATHS,
+        },
+        MapSpec {
             name: "AW_EVENTS",
             map_type: MapType::RingBuf,
             key_size: 0,
@@ -87,8 +96,105 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 6] {
     ]
 }
 
+/// The version of a layout directory named `v<N>`.
+fn layout_version(dir: &Path) -> Option<u32> {
+    dir.file_name()?.to_str()?.strip_prefix('v')?.parse().ok()
+}
+
+/// Older layouts pinned beside `dir` (siblings named `v<N>` with a lower N), to retire once this
+/// controller's programs are attached. A newer layout there is an error: its controller is the
+/// one to run (a downgrade would leave it enforcing beside this one).
+pub fn older_layouts(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let (Some(own), Some(parent)) = (layout_version(dir), dir.parent()) else {
+        return Ok(Vec::new());
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(Vec::new());
+    };
+    let mut older = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        match layout_version(&path) {
+            Some(v) if v < own => older.push(path),
+            Some(v) if v > own => {
+                return Err(PinError::Newer {
+                    path,
+                    version: v,
+                    own,
+                })
+            }
+            _ => {}
+        }
+    }
+    older.sort();
+    Ok(older)
+}
+
+/// Pins the object pinned at `from` at `to` as well (a link moving to a new layout directory;
+/// the old pin is removed when that layout is retired).
+pub fn repin(from: &Path, to: &Path) -> Result<(), PinError> {
+    let fd = obj_get(from)?;
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| PinError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    sys::obj_pin(&fd, to).map_err(|source| PinError::Io {
+        path: to.to_path_buf(),
+        source,
+    })
+}
+
+/// Every layout directory (`v<N>`) under `<bpffs>/agentwall`, oldest first.
+pub fn all_layouts(bpffs: &Path) -> Vec<PathBuf> {
+    let parent = default_dir(bpffs)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| layout_version(&e.path()).map(|v| (v, e.path())))
+        .collect();
+    dirs.sort();
+    dirs.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Removes the link pins of `dir`, which detaches its programs (nothing else holds them).
+pub fn unpin_links(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    remove_pins(&dir.join("links"))
+}
+
+fn remove_pins(d: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(d) else {
+        return Ok(removed);
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        std::fs::remove_file(&p).map_err(|source| PinError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        removed.push(p);
+    }
+    let _ = std::fs::remove_dir(d);
+    Ok(removed)
+}
+
 #[derive(Debug, Error)]
 pub enum PinError {
+    #[error(
+        "{path} holds a newer pinned layout (v{version}) than this controller's (v{own}); run \
+         the newer controller, or `agentwall uninstall` it first"
+    )]
+    Newer {
+        path: PathBuf,
+        version: u32,
+        own: u32,
+    },
     #[error("pinned map {path}: {reason}; refusing to reuse it (run `agentwall uninstall` to start over)")]
     Mismatch { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
@@ -104,39 +210,56 @@ pub enum PinError {
 pub fn check_maps(dir: &Path, ring_bytes: Option<u32>) -> Result<(), PinError> {
     for spec in expected_maps(ring_bytes) {
         let path = dir.join("maps").join(spec.name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path).map_err(|e| PinError::Mismatch {
-            path: path.clone(),
-            reason: format!("cannot read its info: {e}"),
-        })?;
-        let found = (
-            info.map_type()
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|_| "unknown".into()),
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-        );
-        let want = (
-            format!("{:?}", spec.map_type),
-            spec.key_size,
-            spec.value_size,
-            spec.max_entries,
-        );
-        if found != want {
-            return Err(PinError::Mismatch {
-                path,
-                reason: format!(
-                    "found type {}, key {} B, value {} B, {} entries; expected {}, key {} B, \
-                     value {} B, {} entries",
-                    found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
-                ),
-            });
+        if path.exists() {
+            check_map(&path, &spec)?;
         }
     }
     Ok(())
+}
+
+/// Checks the map pinned at `path` against `spec`.
+pub fn check_map(path: &Path, spec: &MapSpec) -> Result<(), PinError> {
+    let info = MapInfo::from_pin(path).map_err(|e| PinError::Mismatch {
+        path: path.to_path_buf(),
+        reason: format!("cannot read its info: {e}"),
+    })?;
+    let found = (
+        info.map_type()
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_else(|_| "unknown".into()),
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+    );
+    let want = (
+        format!("{:?}", spec.map_type),
+        spec.key_size,
+        spec.value_size,
+        // 0: any size (a retired layout's ring may have been sized by its controller).
+        if spec.max_entries == 0 {
+            found.3
+        } else {
+            spec.max_entries
+        },
+    );
+    if found != want {
+        return Err(PinError::Mismatch {
+            path: path.to_path_buf(),
+            reason: format!(
+                "found type {}, key {} B, value {} B, {} entries; expected {}, key {} B, \
+                 value {} B, {} entries",
+                found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The spec of map `name` in this layout.
+pub fn spec(name: &str, ring_bytes: Option<u32>) -> Option<MapSpec> {
+    expected_maps(ring_bytes)
+        .into_iter()
+        .find(|s| s.name == name)
 }
 
 /// Whether programs are pinned (attached) in `dir`.
@@ -144,78 +267,23 @@ pub fn links_exist(dir: &Path, programs: &[&str]) -> bool {
     programs.iter().all(|p| dir.join("links").join(p).exists())
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-// enum bpf_cmd in include/uapi/linux/bpf.h.
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a repr(C) bpf_attr prefix for `cmd`, valid for its size.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 /// Opens a pinned object (BPF_OBJ_GET).
 pub fn obj_get(path: &Path) -> Result<OwnedFd, PinError> {
-    let err = |source| PinError::Io {
+    sys::obj_get(path).map_err(|source| PinError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr).map_err(err)?;
-    // SAFETY: the kernel returned a new descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    })
 }
 
 /// Replaces the program of the link pinned at `link` with `prog`, atomically (BPF_LINK_UPDATE):
 /// there is no moment when the hook runs neither program.
 pub fn link_update(link: &Path, prog: impl AsFd) -> Result<(), PinError> {
     let fd = obj_get(link)?;
-    tracing::debug!(link = %link.display(), fd = fd.as_raw_fd(), "updating link");
-    let mut attr = LinkUpdateAttr {
-        link_fd: fd.as_raw_fd() as u32,
-        new_prog_fd: prog.as_fd().as_raw_fd() as u32,
-        ..Default::default()
-    };
-    bpf(BPF_LINK_UPDATE, &mut attr).map_err(|source| PinError::Io {
+    tracing::debug!(link = %link.display(), "updating link");
+    sys::link_update(&fd, prog).map_err(|source| PinError::Io {
         path: link.to_path_buf(),
         source,
-    })?;
-    Ok(())
+    })
 }
 
 /// Removes everything pinned in `dir`: links first (that detaches the programs), then maps.
@@ -223,19 +291,7 @@ pub fn link_update(link: &Path, prog: impl AsFd) -> Result<(), PinError> {
 pub fn uninstall(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
-        let d = dir.join(sub);
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            std::fs::remove_file(&p).map_err(|source| PinError::Io {
-                path: p.clone(),
-                source,
-            })?;
-            removed.push(p);
-        }
-        let _ = std::fs::remove_dir(&d);
+        removed.extend(remove_pins(&dir.join(sub))?);
     }
     let _ = std::fs::remove_dir(dir);
     if let Some(parent) = dir.parent() {
@@ -253,8 +309,26 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v1")
+            PathBuf::from("/sys/fs/bpf/agentwall/v2")
         );
+    }
+
+    #[test]
+    fn older_layouts_are_found_and_newer_ones_refused() {
+        let base = std::env::temp_dir().join(format!("agentwall-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        for d in ["v1", "v2", "v10", "other"] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        assert_eq!(
+            older_layouts(&base.join("v10")).unwrap(),
+            [base.join("v1"), base.join("v2")]
+        );
+        let newer = older_layouts(&base.join("v1")).unwrap_err().to_string();
+        assert!(newer.contains("newer pinned layout (v"), "{newer}");
+        // A pin directory not named v<N> has no siblings to retire.
+        assert!(older_layouts(&base.join("other")).unwrap().is_empty());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
@@ -264,6 +338,14 @@ mod tests {
         assert_eq!((v4.key_size, v4.value_size), (12, 196));
         let v6 = maps.iter().find(|m| m.name == "AW_RULES_V6").unwrap();
         assert_eq!(v6.key_size, 24);
-        assert_eq!(expected_maps(Some(4096))[4].max_entries, 4096);
+        let unix = maps.iter().find(|m| m.name == "AW_UNIX").unwrap();
+        assert_eq!((unix.key_size, unix.value_size), (116, 4));
+        let ring = |m: &[MapSpec]| {
+            m.iter()
+                .find(|m| m.name == "AW_EVENTS")
+                .unwrap()
+                .max_entries
+        };
+        assert_eq!(ring(&expected_maps(Some(4096))), 4096);
     }
 }

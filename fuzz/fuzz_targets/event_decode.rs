@@ -1,8 +1,9 @@
-//! Any bytes as a ring-buffer record: `Event::from_bytes`, `Decision::from_event`, and the
-//! audit record the controller writes for it (and its JSON round trip).
+//! Any bytes as a ring-buffer record: `Event::from_bytes`, `Decision::from_record` (an `Event`,
+//! or a `UnixEvent` for the Unix-socket hooks), and the audit record the controller writes for
+//! it (and its JSON round trip).
 //!
-//! Never panics; a record shorter than an `Event` is refused; a decoded event is the record's
-//! bytes, and the decision carries its fields.
+//! Never panics; a record shorter than an `Event` (or, for a Unix hook, a `UnixEvent`) is
+//! refused; a decoded event is the record's bytes, and the decision carries its fields.
 
 #![no_main]
 
@@ -11,7 +12,7 @@ use std::mem::size_of;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use agent_common::{Event, NO_RULE};
+use agent_common::{hook, Event, UnixEvent, NO_RULE};
 use agentwall::events::{AuditRecord, Decision, Enricher};
 use agentwall::identity::{AgentMeta, Names, PolicyMeta};
 use libfuzzer_sys::fuzz_target;
@@ -35,6 +36,7 @@ fn enricher() -> &'static Mutex<Enricher> {
                     name: "fuzz".into(),
                     version: 1,
                     rules: vec![Some("web".into()), None, Some("dns".into())],
+                    unix: vec!["/run/tools/".into()],
                 },
             )]),
         };
@@ -58,7 +60,22 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(bytes, &data[..size_of::<Event>()]);
 
-    let d = Decision::from_event(&e);
+    let is_unix = matches!(e.hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX);
+    let Some(d) = Decision::from_record(data) else {
+        assert!(is_unix && data.len() < size_of::<UnixEvent>());
+        return;
+    };
+    assert_eq!(d.unix_path.is_some(), is_unix);
+    if let Some(path) = &d.unix_path {
+        let u = UnixEvent::from_bytes(data).expect("decoded as a Unix event");
+        let name = u.name();
+        assert!(name.len() <= u.path_len as usize);
+        // An abstract name shows as '@'; a path name never holds a NUL.
+        match name.first() {
+            Some(0) => assert!(path.starts_with('@'), "{path:?}"),
+            _ => assert!(!name.contains(&0), "{name:?}"),
+        }
+    }
     assert_eq!(d.pid, (e.pid_tgid >> 32) as u32);
     assert_eq!(d.tid, e.pid_tgid as u32);
     assert_eq!(d.uid, e.uid_gid as u32);
@@ -96,9 +113,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(rec.rule, d.rule_id);
     assert_eq!(rec.action, d.action());
     if d.policy_id == 1 {
-        let expected = match d.rule_id {
-            Some(0) => Some("web"),
-            Some(2) => Some("dns"),
+        let expected = match (d.rule_id, is_unix) {
+            (Some(0), true) => Some("/run/tools/"),
+            (Some(0), false) => Some("web"),
+            (Some(2), false) => Some("dns"),
             _ => None,
         };
         assert_eq!(rec.rule_name.as_deref(), expected);

@@ -530,6 +530,18 @@ impl Drop for Daemon {
             let _ = self.signal(libc::SIGTERM);
         }
         let _ = agentwall::pin::uninstall(&self.pin_dir);
+        // A test that moved pin_dir into layout directories (<test dir>/v1, v2...): all of them.
+        if let Some(parent) = self.pin_dir.parent() {
+            let ours = parent
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("agentwall-test-"));
+            if ours {
+                for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                    let _ = agentwall::pin::uninstall(&e.path());
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,5 +1,6 @@
 //! The `agentwall` binary end to end: `run` as a daemon, `exec` an agent through the control
-//! socket, `reload` with a broken policy (refused, enforcement unchanged), SIGTERM, audit log.
+//! socket (packet sockets refused unless listed), `reload` with a broken policy (refused,
+//! enforcement unchanged), SIGTERM, audit log.
 
 use agentwall_tests::{tcp_server, Daemon, TestCgroups, EPERM};
 use anyhow::{bail, ensure, Result};
@@ -17,6 +18,13 @@ fn run_exec_reload_and_stop() -> Result<()> {
     let (_srv, addr) = tcp_server("127.0.0.1")?;
     let (a, b) = (addr.port(), addr.port() ^ 1);
     d.write_policy("e2e.yaml", &policy(&cg.base, &a.to_string()))?;
+    d.write_policy(
+        "packets.yaml",
+        &format!(
+            "name: packets\nagents:\n  cgroups: [{}/packets]\nsockets: [packet]\negress: []\n",
+            cg.base
+        ),
+    )?;
     d.start()?;
 
     let allowed = format!("tcp:{addr}");
@@ -24,6 +32,18 @@ fn run_exec_reload_and_stop() -> Result<()> {
     let (ok, out, err) = d.exec_probe(&cg.base, "e2e", &[allowed.clone(), denied.clone()])?;
     ensure!(ok, "exec failed: {err}");
     assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "{out:?}");
+
+    // Packet sockets pass every cgroup socket hook: exec drops CAP_NET_RAW, so the kernel
+    // refuses them (and raw sockets) itself, unless the policy lists them.
+    let (ok, out, err) = d.exec_probe(&cg.base, "e2e", &["packet".into()])?;
+    ensure!(ok, "exec failed: {err}");
+    assert_eq!(out[0].errno, EPERM, "a packet socket was created: {out:?}");
+    let (ok, out, err) = d.exec_probe(&cg.base, "packets", &["packet".into()])?;
+    ensure!(ok, "exec failed: {err}");
+    assert_eq!(
+        out[0].errno, 0,
+        "a listed packet socket was refused: {out:?}"
+    );
 
     // No policy selects this agent: exec refuses and the command never runs.
     let (ok, out, err) = d.exec_probe(&cg.base, "stranger", std::slice::from_ref(&allowed))?;

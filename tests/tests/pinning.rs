@@ -1,6 +1,7 @@
 //! Fail closed: enforcement outlives the controller. SIGKILL during a connect loop changes no
 //! verdict; a restart adopts the pinned programs and maps and writes the events of the down
-//! time; a pinned map of the wrong shape is refused; uninstall removes everything.
+//! time; an upgrade retires an older pinned layout the same way; a pinned map of the wrong shape
+//! and a newer layout are refused; uninstall removes everything.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -85,6 +86,92 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
         out[0].errno, EPERM,
         "still enforced after uninstall: {out:?}"
     );
+    Ok(())
+}
+
+/// An upgrade across pinned-layout versions: a controller whose layout is v2 finds v1 pinned
+/// beside its own directory, attaches its programs, then detaches v1's, writes what v1's ring
+/// still holds and removes v1. No verdict changes on the way, and no event is dropped.
+#[test]
+fn an_older_pinned_layout_is_retired_without_a_window() -> Result<()> {
+    let cg = TestCgroups::new()?;
+    let mut d = Daemon::prepare("layout")?;
+    let base = d.pin_dir.clone();
+    d.pin_dir = base.join("v1");
+    let (_srv, addr) = tcp_server("127.0.0.1")?;
+    let denied = format!("127.0.0.1:{}", addr.port() ^ 1);
+    d.write_policy("pin.yaml", &policy(&cg.base, addr.port()))?;
+    d.start()?;
+    // Long enough to run through the kill, the down time and the upgraded start.
+    let lp = d.spawn_probe(&cg.base, "pinned", &[format!("loop:{addr},{denied},3000")])?;
+    std::thread::sleep(Duration::from_millis(400));
+    let status = d.signal(libc::SIGKILL)?;
+    ensure!(!status.success(), "the daemon was not killed: {status}");
+    // Decisions while nobody reads: they wait in v1's ring.
+    let agent = cg.path("pinned");
+    let out = probe_in(&agent, &[format!("tcp:{addr}"), format!("tcp:{denied}")])?;
+    assert_eq!(
+        (out[0].errno, out[1].errno),
+        (0, EPERM),
+        "while down: {out:?}"
+    );
+
+    d.pin_dir = base.join("v2");
+    d.start()?;
+    let looped = Daemon::wait_probe(lp)?;
+    assert!(
+        looped[0].ok,
+        "verdicts changed around the upgrade: {}",
+        looped[0].detail
+    );
+    let attempts = looped[0].value as u64;
+    assert!(attempts > 20, "the loop barely ran: {attempts}");
+    assert!(!base.join("v1").exists(), "v1 is still pinned");
+    assert!(base.join("v2/links/connect4").exists(), "v2 is not pinned");
+    assert!(
+        d.log().contains("retired an older pinned layout"),
+        "{}",
+        d.log()
+    );
+    let out = probe_in(&agent, &[format!("tcp:{addr}"), format!("tcp:{denied}")])?;
+    assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "after: {out:?}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let status = d.signal(libc::SIGTERM)?;
+    ensure!(status.success(), "stop: {status}: {}", d.log());
+    let records = d.records()?;
+    let unique: HashSet<(String, u32)> = records
+        .iter()
+        .filter_map(|r| r.decision.as_ref().map(|x| (r.time.clone(), x.tid)))
+        .collect();
+    let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
+    assert_eq!(
+        unique.len() as u64 + lost,
+        attempts + 4,
+        "{} decisions + {lost} lost for {} attempts",
+        unique.len(),
+        attempts + 4
+    );
+    let (ok, msg) = d.uninstall()?;
+    ensure!(ok, "uninstall: {msg}");
+    assert!(!base.exists(), "{} is left", base.display());
+    Ok(())
+}
+
+#[test]
+fn a_newer_pinned_layout_refuses_the_start() -> Result<()> {
+    let cg = TestCgroups::new()?;
+    let mut d = Daemon::prepare("newer")?;
+    let base = d.pin_dir.clone();
+    d.pin_dir = base.join("v2");
+    d.write_policy("pin.yaml", &policy(&cg.base, 1))?;
+    std::fs::create_dir_all(base.join("v3"))?;
+    let err = d.start().expect_err("started beside a newer layout");
+    let _ = std::fs::remove_dir(base.join("v3"));
+    let _ = std::fs::remove_dir(&base);
+    let msg = format!("{err:#}");
+    assert!(msg.contains("newer pinned layout (v3)"), "{msg}");
+    assert!(!base.join("v2").exists(), "it pinned before refusing");
     Ok(())
 }
 

@@ -21,7 +21,9 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use agent_common::{proto, PortRule, RuleSet, MAX_PORT_RULES, MAX_PREFIXES_V4, MAX_PREFIXES_V6};
+use agent_common::{
+    proto, PortRule, RuleSet, MAX_PORT_RULES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, UNIX_PATH_MAX,
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{Policy, Rule};
@@ -33,6 +35,9 @@ use super::{Policy, Rule};
 pub struct CompiledPolicy {
     pub v4: Vec<(u8, [u8; 4], RuleSet)>,
     pub v6: Vec<(u8, [u8; 16], RuleSet)>,
+    /// Unix entries: bits of the path to match, the path, the entry's index. One key per
+    /// distinct entry (a repeat keeps the first index).
+    pub unix: Vec<(u32, [u8; UNIX_PATH_MAX], u32)>,
 }
 
 impl CompiledPolicy {
@@ -260,7 +265,15 @@ pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
         .into_iter()
         .map(|(p, set)| (p.len, p.addr.to_be_bytes(), set))
         .collect();
-    Ok(CompiledPolicy { v4, v6 })
+    let mut unix: Vec<(u32, [u8; UNIX_PATH_MAX], u32)> = Vec::with_capacity(policy.unix.len());
+    let mut seen = std::collections::HashSet::with_capacity(policy.unix.len());
+    for (index, target) in policy.unix.iter().enumerate() {
+        let (bits, path) = target.key();
+        if seen.insert((bits, path)) {
+            unix.push((bits, path, index as u32));
+        }
+    }
+    Ok(CompiledPolicy { v4, v6, unix })
 }
 
 #[derive(Clone, Copy)]
@@ -436,6 +449,7 @@ mod tests {
             mode: Mode::Enforce,
             sockets: 0,
             deadman: None,
+            unix: Vec::new(),
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules
                 .iter()

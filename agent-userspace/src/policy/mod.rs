@@ -179,8 +179,116 @@ pub struct Policy {
     pub sockets: u32,
     /// What the agents fall back to when the controller stops signalling liveness.
     pub deadman: Option<Deadman>,
+    /// Unix sockets the agents may connect or send to (default: none).
+    pub unix: Vec<UnixTarget>,
     /// The file it was read from.
     pub source: PathBuf,
+}
+
+/// One entry of `unix`; its index in the list is the `rule_id` the kernel reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnixTarget {
+    /// `/run/x.sock`: this socket path exactly.
+    Path(String),
+    /// `/run/tools/`: any socket path under this directory (never one with a `..` component).
+    Directory(String),
+    /// `@name`: the abstract socket `name`.
+    Abstract(String),
+}
+
+/// Longest exact socket path: `sun_path` holds it with its terminating NUL.
+pub const MAX_UNIX_PATH: usize = agent_common::UNIX_PATH_MAX - 1;
+/// Longest abstract name: after the leading NUL, with a NUL after it to make the match exact.
+pub const MAX_UNIX_ABSTRACT: usize = agent_common::UNIX_PATH_MAX - 2;
+
+impl UnixTarget {
+    /// Checks one `unix` entry; the error is the reason.
+    pub fn parse(s: &str) -> Result<UnixTarget, String> {
+        let shown = raw::quoted(s);
+        if s.contains('\0') || s.chars().any(char::is_control) {
+            return Err(format!("unix entry {shown} contains a control character"));
+        }
+        if let Some(name) = s.strip_prefix('@') {
+            if name.is_empty() || name.len() > MAX_UNIX_ABSTRACT {
+                return Err(format!(
+                    "abstract socket name {shown} must have 1 to {MAX_UNIX_ABSTRACT} bytes after '@'"
+                ));
+            }
+            return Ok(UnixTarget::Abstract(name.to_string()));
+        }
+        if !s.starts_with('/') {
+            return Err(format!(
+                "unix entry {shown}: expected an absolute socket path (/run/x.sock), a directory \
+                 ending in '/' (/run/tools/) or an abstract name (@name)"
+            ));
+        }
+        let is_dir = s.ends_with('/');
+        let body = s.trim_start_matches('/').trim_end_matches('/');
+        for component in body.split('/').filter(|_| !body.is_empty()) {
+            match component {
+                "" => return Err(format!("unix path {shown} has an empty component (//)")),
+                "." | ".." => {
+                    return Err(format!(
+                        "unix path {shown} has a {component:?} component; write the path as the \
+                         agent will (agents' paths with '..' are always refused)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if s.starts_with("//") || (is_dir && s.ends_with("//")) {
+            return Err(format!("unix path {shown} has an empty component (//)"));
+        }
+        if is_dir {
+            if s.len() > agent_common::UNIX_PATH_MAX {
+                return Err(format!(
+                    "unix directory {shown} is longer than {} bytes",
+                    agent_common::UNIX_PATH_MAX
+                ));
+            }
+            Ok(UnixTarget::Directory(s.to_string()))
+        } else {
+            if s.len() > MAX_UNIX_PATH {
+                return Err(format!(
+                    "unix path {shown} is longer than {MAX_UNIX_PATH} bytes (sun_path holds 108 \
+                     with the terminating NUL)"
+                ));
+            }
+            Ok(UnixTarget::Path(s.to_string()))
+        }
+    }
+
+    /// The trie key's path bytes and how many of their bits must match.
+    pub fn key(&self) -> (u32, [u8; agent_common::UNIX_PATH_MAX]) {
+        let mut path = [0u8; agent_common::UNIX_PATH_MAX];
+        let len = match self {
+            // With the NUL after it: this path and no longer one.
+            UnixTarget::Path(p) => {
+                path[..p.len()].copy_from_slice(p.as_bytes());
+                p.len() + 1
+            }
+            // Without a NUL: every path that starts with it.
+            UnixTarget::Directory(d) => {
+                path[..d.len()].copy_from_slice(d.as_bytes());
+                d.len()
+            }
+            // A leading NUL as in sun_path, and a NUL after the name.
+            UnixTarget::Abstract(n) => {
+                path[1..1 + n.len()].copy_from_slice(n.as_bytes());
+                n.len() + 2
+            }
+        };
+        (len as u32 * 8, path)
+    }
+}
+
+impl fmt::Display for UnixTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixTarget::Path(p) | UnixTarget::Directory(p) => f.write_str(p),
+            UnixTarget::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
 }
 
 /// A dead-man switch: after `after_secs` without a controller heartbeat the kernel applies

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 
-use agent_common::{proto, MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6};
+use agent_common::{proto, MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS};
 use ipnet::IpNet;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::budget::BudgetBreach;
@@ -47,6 +47,8 @@ pub(super) const MAX_PORT_ENTRIES: usize = 1024;
 pub(super) const MAX_SELECTORS: usize = MAX_AGENTS as usize;
 /// Most entries in `sockets` (there are 7 kinds; a repeat is harmless, a million are not).
 pub(super) const MAX_SOCKET_KINDS: usize = 64;
+/// Most entries in `unix` (the kernel's path trie holds this many for all policies).
+pub(super) const MAX_UNIX_ENTRIES: usize = MAX_UNIX_PATHS as usize;
 
 /// Longest value quoted whole in an error message (a hostile file can hold a value of
 /// megabytes); a longer one is cut, and its length is given.
@@ -237,6 +239,18 @@ struct RawPolicy {
     sockets: Bounded<SocketKind, SocketKindsLimit>,
     /// Fallback when the controller is silent (default: none; the pinned policy keeps going).
     deadman: Option<RawDeadman>,
+    /// Unix sockets the agents may reach (default: none).
+    #[serde(default)]
+    unix: Bounded<UnixEntry, UnixLimit>,
+}
+
+/// One entry of `unix:`.
+struct UnixEntry(super::UnixTarget);
+
+impl<'de> Deserialize<'de> for UnixEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| super::UnixTarget::parse(s).map(UnixEntry))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -421,6 +435,7 @@ impl RawPolicy {
                 after_secs: d.after_seconds.0,
                 fallback: d.fallback.0,
             }),
+            unix: self.unix.0.into_iter().map(|e| e.0).collect(),
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
@@ -460,6 +475,13 @@ struct SocketKindsLimit;
 impl Limit for SocketKindsLimit {
     const MAX: usize = MAX_SOCKET_KINDS;
     const LIST: &'static str = "sockets";
+    const ITEMS: &'static str = "entries";
+}
+
+struct UnixLimit;
+impl Limit for UnixLimit {
+    const MAX: usize = MAX_UNIX_ENTRIES;
+    const LIST: &'static str = "unix";
     const ITEMS: &'static str = "entries";
 }
 

@@ -166,6 +166,11 @@ fn demo_policy() {
     assert_eq!(*len, 128);
     assert_eq!(*addr, std::net::Ipv6Addr::LOCALHOST.octets());
     assert_eq!(&set.rules[..set.count as usize], &[pr(8080, 8080, TCP, 3)]);
+    assert_eq!(
+        p.unix,
+        [UnixTarget::Path("/run/agentwall-demo/tools.sock".into())]
+    );
+    assert_eq!(c.unix.len(), 1);
 
     let set = load_dir(&policies_dir().join("demo.yaml")).unwrap();
     assert_eq!(set.policies.len(), 1);
@@ -195,6 +200,14 @@ fn example_policy() {
         [true, false, false]
     );
     assert_eq!(p.rules.len(), 5);
+    assert_eq!(
+        p.unix,
+        [
+            UnixTarget::Path("/run/nscd/socket".into()),
+            UnixTarget::Directory("/run/agent-tools/".into()),
+            UnixTarget::Abstract("tool-broker".into()),
+        ]
+    );
     assert_eq!(p.rules[0].ports, vec![(443, 443), (8000, 8099)]);
     assert_eq!(p.rules[1].nets.len(), 2);
     assert_eq!(p.rules[1].protocols, ALL);
@@ -1404,4 +1417,61 @@ fn hundred_thousand_rules() {
             .iter()
             .any(|r| r.port_lo == 443 && r.protocols & TCP != 0 && r.rule_id == 0));
     }
+}
+
+#[test]
+fn unix_entries_parse_and_compile_to_trie_keys() {
+    let p = parse(&format!(
+        "{HEAD}  []\nunix:\n  - /run/nscd/socket\n  - /run/tools/\n  - \"@broker\"\n  - \
+         /run/nscd/socket\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        p.unix,
+        [
+            UnixTarget::Path("/run/nscd/socket".into()),
+            UnixTarget::Directory("/run/tools/".into()),
+            UnixTarget::Abstract("broker".into()),
+            UnixTarget::Path("/run/nscd/socket".into()),
+        ]
+    );
+    let c = compile(&p).unwrap();
+    // The repeat is dropped; ids are positions in the list.
+    assert_eq!(
+        c.unix.iter().map(|(_, _, id)| *id).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // An exact path matches with its NUL, a directory without one, an abstract name between
+    // a leading and a trailing NUL.
+    assert_eq!(c.unix[0].0, 17 * 8);
+    assert_eq!(&c.unix[0].1[..17], b"/run/nscd/socket\0");
+    assert_eq!(c.unix[1].0, 11 * 8);
+    assert_eq!(&c.unix[1].1[..11], b"/run/tools/");
+    assert_eq!(c.unix[2].0, 8 * 8);
+    assert_eq!(&c.unix[2].1[..8], b"\0broker\0");
+    // No `unix`: no Unix socket is allowed.
+    assert!(parse(&format!("{HEAD}  []\n")).unwrap().unix.is_empty());
+}
+
+#[test]
+fn error_unix_entries() {
+    let at = |entry: &str, needle: &str| {
+        assert_error(&format!("{HEAD}  []\nunix:\n  - {entry}\n"), 7, 5, needle)
+    };
+    at("run/x.sock", "expected an absolute socket path");
+    at("/run/../x.sock", "has a \"..\" component");
+    at("/run/./x.sock", "has a \".\" component");
+    at("/run//x.sock", "empty component");
+    at("\"@\"", "must have 1 to 106 bytes");
+    at("\"/run/\\tx\"", "control character");
+    at(&format!("/{}", "a".repeat(107)), "longer than 107 bytes");
+    at(&format!("/{}/", "a".repeat(107)), "longer than 108 bytes");
+    // The longest accepted of each kind.
+    let ok = |entry: String| {
+        parse(&format!("{HEAD}  []\nunix:\n  - \"{entry}\"\n"))
+            .unwrap_or_else(|e| panic!("{entry}: {e}"))
+    };
+    ok(format!("/{}", "a".repeat(106)));
+    ok(format!("/{}/", "a".repeat(106)));
+    ok(format!("@{}", "a".repeat(106)));
 }

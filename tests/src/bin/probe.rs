@@ -17,6 +17,9 @@
 //!   ping:ADDR            ICMP datagram ("ping") socket, sendto an echo request
 //!   udplite:ADDR         UDP-Lite socket, sendto
 //!   packet               AF_PACKET socket
+//!   unix:NAME[,N]        Unix stream socket, connect to NAME: a path, or @name for an
+//!                        abstract socket; N cuts the address to N bytes of sun_path
+//!   unixdg:NAME          Unix datagram socket, sendto NAME (unconnected)
 //!   uring-connect:ADDR   TCP connect through io_uring
 //!   uring-sendmsg:ADDR   unconnected UDP sendmsg through io_uring
 //!   scm:CGROUP,ADDR      a child joins CGROUP and connects a TCP socket this process
@@ -167,6 +170,22 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             )?;
             Ok(0)
         }
+        "unix" => {
+            let (name, cut) = match arg.split_once(',') {
+                Some((n, c)) => (
+                    n,
+                    Some(c.parse().map_err(|_| io::Error::other("unix:NAME,N"))?),
+                ),
+                None => (arg, None),
+            };
+            let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            s.connect(&unix_addr(name, cut)?)?;
+            Ok(0)
+        }
+        "unixdg" => {
+            let s = Socket::new(Domain::UNIX, Type::DGRAM, None)?;
+            Ok(s.send_to(b"unix", &unix_addr(arg, None)?)? as i64)
+        }
         "loop" => connect_loop(arg),
         "uring-connect" => uring(arg, true),
         "uring-sendmsg" => uring(arg, false),
@@ -191,6 +210,39 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             format!("unknown step {spec:?}"),
         )),
     }
+}
+
+/// A Unix socket address: a path, or `@name` for an abstract socket; `cut` sets how many bytes
+/// of sun_path the address length covers (to hand the kernel a name cut short).
+fn unix_addr(name: &str, cut: Option<usize>) -> io::Result<SockAddr> {
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let (bytes, len) = match name.strip_prefix('@') {
+        Some(n) => ([&[0u8][..], n.as_bytes()].concat(), 1 + n.len()),
+        None => (name.as_bytes().to_vec(), name.len() + 1),
+    };
+    if bytes.len() > sun.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+    }
+    for (d, b) in sun.sun_path.iter_mut().zip(&bytes) {
+        *d = *b as libc::c_char;
+    }
+    let path_len = cut.unwrap_or(len).min(sun.sun_path.len());
+    let total = (std::mem::size_of::<libc::sa_family_t>() + path_len) as libc::socklen_t;
+    // SAFETY: the storage holds a sockaddr_un; `total` is within it.
+    let (_, addr) = unsafe {
+        SockAddr::try_init(|storage, len| {
+            std::ptr::copy_nonoverlapping(
+                &sun as *const libc::sockaddr_un as *const u8,
+                storage as *mut u8,
+                std::mem::size_of::<libc::sockaddr_un>(),
+            );
+            *len = total;
+            Ok(())
+        })
+    }?;
+    Ok(addr)
 }
 
 /// One sendmmsg call with one message per destination, on one unconnected UDP socket.
