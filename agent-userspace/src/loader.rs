@@ -363,22 +363,10 @@ impl Enforcer {
 
     /// Policy ids that have prefixes in the tries.
     pub fn rule_policy_ids(&self) -> BTreeSet<u32> {
-        let v4 = self
-            .rules_v4
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| u32::from_be_bytes(k.data().policy));
-        let v6 = self
-            .rules_v6
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| u32::from_be_bytes(k.data().policy));
-        let unix = self
-            .unix_paths
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| u32::from_be_bytes(k.data().policy));
-        v4.chain(v6).chain(unix).collect()
+        policy_ids(&self.rules_v4)
+            .chain(policy_ids(&self.rules_v6))
+            .chain(policy_ids(&self.unix_paths))
+            .collect()
     }
 
     /// Whether agents' Unix-socket connections are judged (the kernel has the hooks).
@@ -388,44 +376,9 @@ impl Enforcer {
 
     /// Removes every prefix whose policy id is not in `keep` (left by an earlier controller).
     pub fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
-        let stale4: Vec<_> = self
-            .rules_v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
-            .collect();
-        let stale6: Vec<_> = self
-            .rules_v6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
-            .collect();
-        let stale_unix: Vec<_> = self
-            .unix_paths
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(&u32::from_be_bytes(k.data().policy)))
-            .collect();
-        let n = stale4.len() + stale6.len() + stale_unix.len();
-        for k in stale4 {
-            match self.rules_v4.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_RULES_V4", e)),
-            }
-        }
-        for k in stale6 {
-            match self.rules_v6.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
-            }
-        }
-        for k in stale_unix {
-            match self.unix_paths.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_UNIX", e)),
-            }
-        }
-        Ok(n)
+        Ok(remove_stale(&mut self.rules_v4, keep, "AW_RULES_V4")?
+            + remove_stale(&mut self.rules_v6, keep, "AW_RULES_V6")?
+            + remove_stale(&mut self.unix_paths, keep, "AW_UNIX")?)
     }
 
     /// Lost events already reported (kept in the pinned counters across restarts).
@@ -522,22 +475,25 @@ impl Enforcer {
     /// Removes what `install_rules` wrote for `policy_id`.
     pub fn remove_rules(&mut self, policy_id: u32, keys: &PrefixKeys) -> Result<(), LoaderError> {
         for (len, addr) in &keys.v4 {
-            match self.rules_v4.remove(&key_v4(policy_id, *len, *addr)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_RULES_V4", e)),
-            }
+            remove_key(
+                &mut self.rules_v4,
+                &key_v4(policy_id, *len, *addr),
+                "AW_RULES_V4",
+            )?;
         }
         for (len, addr) in &keys.v6 {
-            match self.rules_v6.remove(&key_v6(policy_id, *len, *addr)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_RULES_V6", e)),
-            }
+            remove_key(
+                &mut self.rules_v6,
+                &key_v6(policy_id, *len, *addr),
+                "AW_RULES_V6",
+            )?;
         }
         for (bits, path) in &keys.unix {
-            match self.unix_paths.remove(&key_unix(policy_id, *bits, *path)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(LoaderError::Map("AW_UNIX", e)),
-            }
+            remove_key(
+                &mut self.unix_paths,
+                &key_unix(policy_id, *bits, *path),
+                "AW_UNIX",
+            )?;
         }
         Ok(())
     }
@@ -637,6 +593,66 @@ fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
         .ok_or(LoaderError::Missing("program", SOCK_CREATE_PROGRAM))?
         .try_into()
         .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))
+}
+
+/// A trie key whose first 32 bits are the policy id.
+trait PolicyKeyed: aya::Pod {
+    fn policy_id(&self) -> u32;
+}
+
+impl PolicyKeyed for PrefixV4 {
+    fn policy_id(&self) -> u32 {
+        u32::from_be_bytes(self.policy)
+    }
+}
+
+impl PolicyKeyed for PrefixV6 {
+    fn policy_id(&self) -> u32 {
+        u32::from_be_bytes(self.policy)
+    }
+}
+
+impl PolicyKeyed for UnixKey {
+    fn policy_id(&self) -> u32 {
+        u32::from_be_bytes(self.policy)
+    }
+}
+
+fn policy_ids<K: PolicyKeyed, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+) -> impl Iterator<Item = u32> + '_ {
+    trie.keys()
+        .filter_map(Result::ok)
+        .map(|k| k.data().policy_id())
+}
+
+/// Removes one key; a key already gone is fine.
+fn remove_key<K: aya::Pod, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    key: &Key<K>,
+    name: &'static str,
+) -> Result<(), LoaderError> {
+    match trie.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(LoaderError::Map(name, e)),
+    }
+}
+
+/// Removes every key whose policy id is not in `keep`; returns how many.
+fn remove_stale<K: PolicyKeyed, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    keep: &BTreeSet<u32>,
+    name: &'static str,
+) -> Result<usize, LoaderError> {
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(&k.data().policy_id()))
+        .collect();
+    for k in &stale {
+        remove_key(trie, k, name)?;
+    }
+    Ok(stale.len())
 }
 
 fn key_v4(policy_id: u32, len: u8, addr: [u8; 4]) -> Key<PrefixV4> {

@@ -14,6 +14,25 @@ fn policy(base: &str, port: u16) -> String {
     )
 }
 
+/// Every attempt is in the audit log or counted as lost. A record may be written twice when a
+/// kill lands between write and consume: each (time, thread) counts once.
+#[track_caller]
+fn assert_every_attempt_recorded(d: &Daemon, attempts: u64) -> Result<()> {
+    let records = d.records()?;
+    let unique: HashSet<(String, u32)> = records
+        .iter()
+        .filter_map(|r| r.decision.as_ref().map(|x| (r.time.clone(), x.tid)))
+        .collect();
+    let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
+    assert_eq!(
+        unique.len() as u64 + lost,
+        attempts,
+        "{} decisions + {lost} lost for {attempts} attempts",
+        unique.len(),
+    );
+    Ok(())
+}
+
 #[test]
 fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     let cg = TestCgroups::new()?;
@@ -50,9 +69,7 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     let attempts = looped[0].value as u64;
     assert!(attempts > 20, "the loop barely ran: {attempts}");
 
-    // Every attempt (loop + the two while down) is in the audit log or counted as lost. A
-    // record may be written twice when the kill lands between write and consume: count each
-    // (time, thread) once.
+    // Every attempt (loop + the two while down) is in the audit log or counted as lost.
     std::thread::sleep(Duration::from_millis(300));
     let status = d.signal(libc::SIGTERM)?;
     ensure!(
@@ -60,19 +77,7 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
         "stop after restart: {status}: {}",
         d.log()
     );
-    let records = d.records()?;
-    let unique: HashSet<(String, u32)> = records
-        .iter()
-        .filter_map(|r| r.decision.as_ref().map(|x| (r.time.clone(), x.tid)))
-        .collect();
-    let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
-    assert_eq!(
-        unique.len() as u64 + lost,
-        attempts + 2,
-        "{} decisions + {lost} lost for {} attempts",
-        unique.len(),
-        attempts + 2
-    );
+    assert_every_attempt_recorded(&d, attempts + 2)?;
     assert!(d.log().contains("adopted pinned programs"), "{}", d.log());
 
     // Stopped cleanly but still pinned: still enforcing. Uninstall ends that.
@@ -139,19 +144,7 @@ fn an_older_pinned_layout_is_retired_without_a_window() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let status = d.signal(libc::SIGTERM)?;
     ensure!(status.success(), "stop: {status}: {}", d.log());
-    let records = d.records()?;
-    let unique: HashSet<(String, u32)> = records
-        .iter()
-        .filter_map(|r| r.decision.as_ref().map(|x| (r.time.clone(), x.tid)))
-        .collect();
-    let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
-    assert_eq!(
-        unique.len() as u64 + lost,
-        attempts + 4,
-        "{} decisions + {lost} lost for {} attempts",
-        unique.len(),
-        attempts + 4
-    );
+    assert_every_attempt_recorded(&d, attempts + 4)?;
     let (ok, msg) = d.uninstall()?;
     ensure!(ok, "uninstall: {msg}");
     assert!(!base.exists(), "{} is left", base.display());
