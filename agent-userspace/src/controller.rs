@@ -326,16 +326,11 @@ impl State {
         match req {
             Request::Register { cgroup } => match self.register_path(&cgroup) {
                 Ok(meta) => {
-                    let sockets: Vec<&str> = self
+                    // `exec` keeps CAP_NET_RAW only for agents allowed raw or packet sockets.
+                    let sockets = self
                         .set
                         .get(&meta.policy)
-                        .map(|p| {
-                            policy::SOCKET_KINDS
-                                .iter()
-                                .filter(|(_, bit)| p.sockets & bit != 0)
-                                .map(|(name, _)| *name)
-                                .collect()
-                        })
+                        .map(|p| p.socket_kind_names())
                         .unwrap_or_default();
                     Response::ok(json!({
                         "agent": meta.name, "cgroup": meta.cgroup, "policy": meta.policy,

@@ -28,6 +28,7 @@ use agent_common::{
 use crate::{
     pin::{self, PinError},
     policy::CompiledPolicy,
+    sys,
     unix_hooks::{self, UnixHookError, UnixProgram},
 };
 
@@ -307,36 +308,33 @@ impl Enforcer {
         if let Some(prog) = self.unix_programs.iter().find(|p| p.name == name) {
             let link = prog.attach(cgroup)?;
             if let Some(path) = &pin_path {
-                unix_hooks::pin_link(&link, path).map_err(|e| pin_err(path, e.to_string()))?;
+                sys::obj_pin(&link, path).map_err(|e| pin_err(path, e.to_string()))?;
             }
             self.unix_links.push(link);
             return Ok(());
         }
+        // aya's two cgroup program types share no attach trait: the same steps for each.
         // aya 0.14: any mode but Single fails with EINVAL for links; links are multi-attach.
+        macro_rules! attach_and_take {
+            ($prog:expr) => {{
+                let prog = $prog;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(|e| LoaderError::Program(name, e))?;
+                if pin_path.is_none() {
+                    // Unpinned: aya keeps the link, and dropping the Enforcer detaches it.
+                    return Ok(());
+                }
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| LoaderError::Program(name, e))?;
+                FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
+            }};
+        }
         let link: FdLink = if name == SOCK_CREATE_PROGRAM {
-            let prog = sock_program(&mut self.ebpf)?;
-            let id = prog
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(|e| LoaderError::Program(name, e))?;
-            if pin_path.is_none() {
-                return Ok(());
-            }
-            let link = prog
-                .take_link(id)
-                .map_err(|e| LoaderError::Program(name, e))?;
-            FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
+            attach_and_take!(sock_program(&mut self.ebpf)?)
         } else {
-            let prog = sock_addr_program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(|e| LoaderError::Program(name, e))?;
-            if pin_path.is_none() {
-                return Ok(());
-            }
-            let link = prog
-                .take_link(id)
-                .map_err(|e| LoaderError::Program(name, e))?;
-            FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
+            attach_and_take!(sock_addr_program(&mut self.ebpf, name)?)
         };
         if let Some(path) = &pin_path {
             link.pin(path)

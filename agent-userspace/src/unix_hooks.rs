@@ -6,7 +6,6 @@
 use std::{
     collections::HashSet,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::Path,
 };
 
 use aya::{maps::Map, Ebpf};
@@ -121,9 +120,4 @@ pub fn load(object: &[u8], ebpf: &Ebpf) -> Result<Vec<UnixProgram>, UnixHookErro
             })
         })
         .collect()
-}
-
-/// Pins a link made by `UnixProgram::attach`.
-pub fn pin_link(link: &OwnedFd, path: &Path) -> std::io::Result<()> {
-    sys::obj_pin(link, path)
 }

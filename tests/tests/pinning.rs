@@ -33,6 +33,51 @@ fn assert_every_attempt_recorded(d: &Daemon, attempts: u64) -> Result<()> {
     Ok(())
 }
 
+/// Starts a connect loop of `loop_ms` in the agent (allowed and denied alternately), lets it
+/// run, then SIGKILLs the controller mid-loop. Returns the loop, still running.
+fn kill_during_a_loop(
+    d: &mut Daemon,
+    cg: &TestCgroups,
+    allowed: &str,
+    denied: &str,
+    loop_ms: u64,
+) -> Result<std::process::Child> {
+    let lp = d.spawn_probe(
+        &cg.base,
+        "pinned",
+        &[format!("loop:{allowed},{denied},{loop_ms}")],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let status = d.signal(libc::SIGKILL)?;
+    ensure!(!status.success(), "the daemon was not killed: {status}");
+    Ok(lp)
+}
+
+/// A new agent process is judged as before: allowed connects, denied gets EPERM.
+#[track_caller]
+fn assert_still_judged(cg: &TestCgroups, allowed: &str, denied: &str, when: &str) -> Result<()> {
+    let out = probe_in(
+        &cg.path("pinned"),
+        &[format!("tcp:{allowed}"), format!("tcp:{denied}")],
+    )?;
+    assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "{when}: {out:?}");
+    Ok(())
+}
+
+/// Waits for the loop: no verdict changed during it. Returns its attempts.
+#[track_caller]
+fn loop_attempts(lp: std::process::Child, around: &str) -> Result<u64> {
+    let looped = Daemon::wait_probe(lp)?;
+    assert!(
+        looped[0].ok,
+        "verdicts changed around the {around}: {}",
+        looped[0].detail
+    );
+    let attempts = looped[0].value as u64;
+    assert!(attempts > 20, "the loop barely ran: {attempts}");
+    Ok(attempts)
+}
+
 #[test]
 fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     let cg = TestCgroups::new()?;
@@ -43,31 +88,17 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     d.start()?;
 
     // A connect loop runs through the kill and the restart.
-    let lp = d.spawn_probe(&cg.base, "pinned", &[format!("loop:{addr},{denied},2500")])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let status = d.signal(libc::SIGKILL)?;
-    ensure!(!status.success(), "the daemon was not killed: {status}");
+    let allowed = addr.to_string();
+    let lp = kill_during_a_loop(&mut d, &cg, &allowed, &denied, 2500)?;
 
     // Down: the pinned programs still decide, for the loop and for a new process alike.
     std::thread::sleep(Duration::from_millis(300));
-    let agent = cg.path("pinned");
-    let out = probe_in(&agent, &[format!("tcp:{addr}"), format!("tcp:{denied}")])?;
-    assert_eq!(
-        (out[0].errno, out[1].errno),
-        (0, EPERM),
-        "while down: {out:?}"
-    );
+    assert_still_judged(&cg, &allowed, &denied, "while down")?;
     std::thread::sleep(Duration::from_millis(300));
 
     d.start()?;
-    let looped = Daemon::wait_probe(lp)?;
-    assert!(
-        looped[0].ok,
-        "verdicts changed around the crash: {}",
-        looped[0].detail
-    );
-    let attempts = looped[0].value as u64;
-    assert!(attempts > 20, "the loop barely ran: {attempts}");
+    let attempts = loop_attempts(lp, "crash")?;
+    let agent = cg.path("pinned");
 
     // Every attempt (loop + the two while down) is in the audit log or counted as lost.
     std::thread::sleep(Duration::from_millis(300));
@@ -95,8 +126,9 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
 }
 
 /// An upgrade across pinned-layout versions: a controller whose layout is v2 finds v1 pinned
-/// beside its own directory, attaches its programs, then detaches v1's, writes what v1's ring
-/// still holds and removes v1. No verdict changes on the way, and no event is dropped.
+/// beside its own directory, switches each of v1's links to its own program and pins it under
+/// v2, writes what v1's ring still holds and removes v1. No verdict changes on the way, and no
+/// event is dropped.
 #[test]
 fn an_older_pinned_layout_is_retired_without_a_window() -> Result<()> {
     let cg = TestCgroups::new()?;
@@ -108,29 +140,14 @@ fn an_older_pinned_layout_is_retired_without_a_window() -> Result<()> {
     d.write_policy("pin.yaml", &policy(&cg.base, addr.port()))?;
     d.start()?;
     // Long enough to run through the kill, the down time and the upgraded start.
-    let lp = d.spawn_probe(&cg.base, "pinned", &[format!("loop:{addr},{denied},3000")])?;
-    std::thread::sleep(Duration::from_millis(400));
-    let status = d.signal(libc::SIGKILL)?;
-    ensure!(!status.success(), "the daemon was not killed: {status}");
+    let allowed = addr.to_string();
+    let lp = kill_during_a_loop(&mut d, &cg, &allowed, &denied, 3000)?;
     // Decisions while nobody reads: they wait in v1's ring.
-    let agent = cg.path("pinned");
-    let out = probe_in(&agent, &[format!("tcp:{addr}"), format!("tcp:{denied}")])?;
-    assert_eq!(
-        (out[0].errno, out[1].errno),
-        (0, EPERM),
-        "while down: {out:?}"
-    );
+    assert_still_judged(&cg, &allowed, &denied, "while down")?;
 
     d.pin_dir = base.join("v2");
     d.start()?;
-    let looped = Daemon::wait_probe(lp)?;
-    assert!(
-        looped[0].ok,
-        "verdicts changed around the upgrade: {}",
-        looped[0].detail
-    );
-    let attempts = looped[0].value as u64;
-    assert!(attempts > 20, "the loop barely ran: {attempts}");
+    let attempts = loop_attempts(lp, "upgrade")?;
     assert!(!base.join("v1").exists(), "v1 is still pinned");
     assert!(base.join("v2/links/connect4").exists(), "v2 is not pinned");
     assert!(
@@ -138,8 +155,7 @@ fn an_older_pinned_layout_is_retired_without_a_window() -> Result<()> {
         "{}",
         d.log()
     );
-    let out = probe_in(&agent, &[format!("tcp:{addr}"), format!("tcp:{denied}")])?;
-    assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "after: {out:?}");
+    assert_still_judged(&cg, &allowed, &denied, "after")?;
 
     std::thread::sleep(Duration::from_millis(300));
     let status = d.signal(libc::SIGTERM)?;

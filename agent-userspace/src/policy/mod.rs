@@ -291,6 +291,17 @@ impl fmt::Display for UnixTarget {
     }
 }
 
+impl Policy {
+    /// The names of the `sockets` kinds this policy allows.
+    pub fn socket_kind_names(&self) -> Vec<&'static str> {
+        SOCKET_KINDS
+            .iter()
+            .filter(|(_, bit)| self.sockets & bit != 0)
+            .map(|(name, _)| *name)
+            .collect()
+    }
+}
+
 /// A dead-man switch: after `after_secs` without a controller heartbeat the kernel applies
 /// `fallback` to the policy's agents, until the controller is back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
