@@ -92,6 +92,8 @@ pub mod sock {
     pub const MPTCP: u32 = 1 << 5;
     /// Any other protocol in AF_INET/AF_INET6.
     pub const OTHER_INET: u32 = 1 << 6;
+    /// Any family but inet, inet6, Unix, netlink and packet (vsock, XDP, CAN, TIPC, ...).
+    pub const OTHER_FAMILY: u32 = 1 << 7;
 }
 
 /// Which program decided (`Event::hook`).
@@ -105,6 +107,22 @@ pub mod hook {
     pub const CONNECT_UNIX: u32 = 6;
     /// sendmsg() with a destination on an AF_UNIX socket (cgroup/sendmsg_unix).
     pub const SENDMSG_UNIX: u32 = 7;
+    /// socket() of a family no cgroup hook sees (packet, vsock, ...), judged as the syscall
+    /// returns (tracepoint sys_exit).
+    pub const SOCKET: u32 = 8;
+}
+
+/// What happened to the call (`Event::action`).
+pub mod action {
+    /// Not recorded: an event from pinned layout v2 or older, whose verdict and mode tell.
+    pub const UNRECORDED: u32 = 0;
+    /// The call went through.
+    pub const ALLOWED: u32 = 1;
+    /// The call failed with EPERM (by this hook, or for `hook::SOCKET` by the kernel itself).
+    pub const BLOCKED: u32 = 2;
+    /// The call succeeded against the policy and the calling process was killed before it
+    /// returned to user space (`hook::SOCKET`, where no hook can make it fail).
+    pub const KILLED: u32 = 3;
 }
 
 /// Protocol bits in `PortRule::protocols`.
@@ -279,8 +297,15 @@ pub struct Event {
     pub sock_type: u32,
     /// `sock::*` bit of the socket kind (sock_create events; 0 for the others).
     pub sock_kind: u32,
+    /// `action::*`
+    pub action: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16 + 8);
+const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16 + 16);
+
+/// Bytes of an `Event` as layout v2 and older wrote it (no `action`); such records may still
+/// wait in a retired layout's ring.
+pub const EVENT_V2_BYTES: usize = size_of::<Event>() - 8;
 
 pub const NO_RULE: u32 = u32::MAX;
 
@@ -299,6 +324,41 @@ pub struct UnixEvent {
 const _: () = assert!(size_of::<UnixEvent>() == size_of::<Event>() + 4 + UNIX_PATH_MAX);
 const _: () = assert!(size_of::<UnixEvent>().is_multiple_of(8));
 
+/// Where the socket-syscall guard (`hook::SOCKET`) finds what it reads: syscall numbers of this
+/// architecture and byte offsets in kernel structs, from the kernel's BTF. A load-time constant;
+/// `enabled == 0` turns the guard off (an architecture it does not know).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SyscallLayout {
+    pub enabled: u32,
+    /// socket(2) in the native table; socket and socketcall in the compat (32-bit) table, or
+    /// `u32::MAX` when there is none.
+    pub nr_socket: u32,
+    pub nr_compat_socket: u32,
+    pub nr_compat_socketcall: u32,
+    /// `struct pt_regs`: the syscall number, and the first three arguments in the native and
+    /// the compat calling convention.
+    pub regs_nr: u32,
+    pub regs_args: [u32; 3],
+    pub regs_compat_args: [u32; 3],
+    /// `task_struct.thread_info.status` and the bit that marks a compat syscall in it.
+    pub task_status: u32,
+    pub status_compat: u32,
+    /// The path from the task to a new socket: task_struct.files, files_struct.fdt,
+    /// fdtable.max_fds, fdtable.fd, file.private_data, socket.sk.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// In struct sock: skc_family, sk_type, sk_protocol (u16 each).
+    pub sk_family: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+}
+const _: () = assert!(size_of::<SyscallLayout>() == 4 * 22);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -313,28 +373,50 @@ mod pod {
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for UnixRule {}
     unsafe impl aya::Pod for UnixEvent {}
+    unsafe impl aya::Pod for SyscallLayout {}
+}
+
+/// Reads a `T` from the first bytes of `bytes`; `None` if there are fewer.
+fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is one of this crate's records, plain integers, for which any
+    // bit pattern is valid; read_unaligned because ring records are only 8-byte aligned.
+    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+/// `bytes` widened to a current record of `N` bytes: a layout v2 record, `EVENT_V2_BYTES`
+/// shorter, gets a zero `action` and its tail (a Unix event's path) moved behind it.
+fn widen_v2<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut buf = [0u8; N];
+    if bytes.len() >= N {
+        buf.copy_from_slice(&bytes[..N]);
+    } else if bytes.len() + 8 >= N && bytes.len() >= EVENT_V2_BYTES {
+        buf[..EVENT_V2_BYTES].copy_from_slice(&bytes[..EVENT_V2_BYTES]);
+        let tail = &bytes[EVENT_V2_BYTES..];
+        buf[EVENT_V2_BYTES + 8..EVENT_V2_BYTES + 8 + tail.len()].copy_from_slice(tail);
+    }
+    buf
 }
 
 impl Event {
-    /// Reads an event from ring-buffer bytes; `None` if the record is too short.
+    /// Reads an event from ring-buffer bytes (a layout v2 record too); `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
-        if bytes.len() < size_of::<Event>() {
+        if bytes.len() < EVENT_V2_BYTES {
             return None;
         }
-        // SAFETY: length checked; Event is plain integers, any bit pattern is valid;
-        // read_unaligned because ring buffer records are only 8-byte aligned by contract.
-        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Event) })
+        read_record(&widen_v2::<{ size_of::<Event>() }>(bytes))
     }
 }
 
 impl UnixEvent {
-    /// Reads a Unix event from ring-buffer bytes; `None` if the record is too short.
+    /// Reads a Unix event from ring-buffer bytes (a layout v2 record too); `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<UnixEvent> {
-        if bytes.len() < size_of::<UnixEvent>() {
+        if bytes.len() + 8 < size_of::<UnixEvent>() {
             return None;
         }
-        // SAFETY: as for Event.
-        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const UnixEvent) })
+        read_record(&widen_v2::<{ size_of::<UnixEvent>() }>(bytes))
     }
 
     /// The name as the kernel resolves it: a path name up to its first NUL, or an abstract

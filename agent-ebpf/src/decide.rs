@@ -8,15 +8,16 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel, generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+        bpf_probe_read_kernel,
+        generated::{bpf_probe_read_kernel as bpf_probe_read_kernel_raw, bpf_send_signal},
     },
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext},
 };
 
 use agent_common::{
-    counter, deadman, hook, mode, proto, reason, sock, verdict, AgentEntry, Event, PrefixV4,
-    PrefixV6, RuleSet, UnixEvent, UnixKey, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE,
+    action, counter, deadman, hook, mode, proto, reason, sock, verdict, AgentEntry, Event,
+    PrefixV4, PrefixV6, RuleSet, UnixEvent, UnixKey, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE,
     POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
@@ -53,7 +54,7 @@ const IPPROTO_MPTCP: u32 = 262;
 /// The agent the calling task belongs to: the registered cgroup nearest to it among its own
 /// cgroup and its ancestors. Only levels that hold some agent are probed.
 #[inline(always)]
-fn find_agent() -> Option<(u64, &'static AgentEntry)> {
+pub(crate) fn find_agent() -> Option<(u64, &'static AgentEntry)> {
     let levels = CONFIG.get(0)?.agent_levels;
     if levels == 0 {
         return None;
@@ -210,14 +211,14 @@ fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
         },
         AF_PACKET => sock::PACKET,
         AF_UNIX | AF_NETLINK => 0,
-        _ => sock::OTHER_INET,
+        _ => sock::OTHER_FAMILY,
     }
 }
 
 /// cgroup/sock_create: refuses inet sockets that the connect and send hooks would never see
 /// (raw, ping, UDP-Lite, SCTP, ...), unless the agent's policy allows that kind. The kernel runs
-/// this hook from inet_create and inet6_create only: AF_PACKET needs a BPF LSM program, which
-/// the machines here refuse to load (EPERM), so it is not guarded yet.
+/// this hook from inet_create and inet6_create only: other families are judged by
+/// `socket_call`.
 pub fn sock_create(ctx: &SockContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands every sock program a valid context.
     let sk = unsafe { &*ctx.sock };
@@ -256,6 +257,65 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
     ))
 }
 
+/// The socket-syscall guard (tp_btf/sys_exit, see syscall.rs): socket(2) of a family no cgroup
+/// hook sees (packet, vsock, XDP, ...). `what` is the socket's (family, type, protocol), `None`
+/// when it could not be read; `created`: the call succeeded, else the kernel refused it with
+/// EPERM or EACCES. A tracepoint cannot make the call fail: a socket the policy does not allow
+/// that the kernel did create gets its caller killed (SIGKILL to the whole process) before
+/// socket() returns to user space.
+pub fn socket_call(
+    (agent_cg, agent): (u64, &AgentEntry),
+    what: Option<(u32, u32, u32)>,
+    created: bool,
+) -> Result<(), i32> {
+    let ((family, ty, protocol), kind) = match what {
+        // Inet sockets were judged by sock_create; Unix and netlink stay on the host.
+        Some((AF_INET | AF_INET6, _, _)) => return Ok(()),
+        Some(w) => match socket_kind(w.0, w.1, w.2) {
+            0 => return Ok(()),
+            kind => (w, kind),
+        },
+        None => ((0, 0, 0), 0),
+    };
+    let (v, r) = if kind == 0 {
+        // Unreadable: fail closed.
+        (verdict::DENY, reason::ERROR)
+    } else if agent.sockets & kind != 0 {
+        (verdict::ALLOW, reason::SOCKET_ALLOWED)
+    } else {
+        (verdict::DENY, reason::SOCKET_KIND)
+    };
+    if !created && v == verdict::ALLOW {
+        // The kernel's own refusal of an allowed kind: no decision of ours.
+        return Ok(());
+    }
+    let (ret, mut out) = settle(agent, v, r, NO_RULE);
+    // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
+    out.action = if !created {
+        action::BLOCKED
+    } else if ret == ALLOW {
+        action::ALLOWED
+    } else if unsafe { bpf_send_signal(SIGKILL) } == 0 {
+        action::KILLED
+    } else {
+        // The task is already exiting (or in a context a signal cannot be sent from).
+        count(counter::ERRORS);
+        action::ALLOWED
+    };
+    let dest = Dest {
+        addr: [0; 16],
+        port: 0,
+        family,
+        protocol,
+        sock_type: ty,
+        sock_kind: kind,
+    };
+    emit(hook::SOCKET, agent_cg, agent, &dest, &out);
+    Ok(())
+}
+
+const SIGKILL: u32 = 9;
+
 /// Applies the mode, counts, reports; returns what the hook returns.
 #[inline(always)]
 fn finish(
@@ -283,6 +343,7 @@ fn settle(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (i32, Outcome) {
             reason: r,
             rule_id,
             mode: agent.mode,
+            action: action::UNRECORDED,
         },
     );
     let ret = if out.verdict == verdict::ALLOW {
@@ -295,7 +356,12 @@ fn settle(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (i32, Outcome) {
         count(counter::DENIED);
         DENY
     };
-    (ret, out)
+    let action = if ret == ALLOW {
+        action::ALLOWED
+    } else {
+        action::BLOCKED
+    };
+    (ret, Outcome { action, ..out })
 }
 
 /// The decision as it is enforced and reported.
@@ -305,6 +371,8 @@ struct Outcome {
     rule_id: u32,
     /// The mode in force (a dead-man audit-all fallback makes it audit).
     mode: u32,
+    /// `action::*`: what happened to the call.
+    action: u32,
 }
 
 /// When the controller has been silent longer than the agent's dead-man time, the fallback
@@ -333,6 +401,7 @@ fn apply_deadman(agent: &AgentEntry, out: Outcome) -> Outcome {
             reason: reason::DEADMAN,
             rule_id: NO_RULE,
             mode: mode::ENFORCE,
+            action: out.action,
         }
     }
 }
@@ -371,6 +440,8 @@ fn event(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcom
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
             sock_type: dest.sock_type,
             sock_kind: dest.sock_kind,
+            action: out.action,
+            _reserved: 0,
         }
     }
 }

@@ -9,11 +9,12 @@
 
 mod decide;
 mod maps;
+mod syscall;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr},
+    programs::{BtfTracePointContext, SockAddrContext, SockContext},
 };
 
 use agent_common::hook;
@@ -104,6 +105,15 @@ pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
         Ok(_) => DENY,
         Err(_) => SENDMSG_UNIX_ON_ERROR,
     }
+}
+
+/// socket(2) of the families no cgroup hook sees (see syscall.rs). A tracepoint's return value
+/// is ignored: its failures are counted (`counter::ERRORS`), and an agent's socket that cannot be
+/// read is judged as denied.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn socket_exit(ctx: BtfTracePointContext) -> i32 {
+    let _ = syscall::socket_exit(&ctx);
+    0
 }
 
 #[cfg(not(test))]

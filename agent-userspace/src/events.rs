@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agent_common::{hook, mode, reason, verdict, Event, UnixEvent, NO_RULE};
+use agent_common::{action, hook, mode, reason, verdict, Event, UnixEvent, NO_RULE};
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 use tokio::{
@@ -47,7 +47,9 @@ pub struct Decision {
     pub policy_id: u32,
     pub policy_version: u32,
     pub comm: String,
-    /// For sock_create decisions: the socket kind (`raw`, `ping`, ...) and type number.
+    /// What happened to the call: allowed, blocked or killed.
+    pub action: &'static str,
+    /// For socket-creation decisions: the socket kind (`raw`, `ping`, ...) and type number.
     pub socket: Option<&'static str>,
     pub sock_type: u32,
     /// For Unix-socket decisions: the path, or `@name` for an abstract socket.
@@ -107,6 +109,8 @@ impl Decision {
                 10 => "inet6",
                 16 => "netlink",
                 17 => "packet",
+                40 => "vsock",
+                44 => "xdp",
                 _ => "other",
             },
             protocol: match e.protocol {
@@ -122,6 +126,7 @@ impl Decision {
                 hook::SOCK_CREATE => "sock_create",
                 hook::CONNECT_UNIX => "connect_unix",
                 hook::SENDMSG_UNIX => "sendmsg_unix",
+                hook::SOCKET => "socket",
                 _ => "unknown",
             },
             decision: if e.verdict == verdict::ALLOW {
@@ -150,19 +155,18 @@ impl Decision {
             policy_id: e.policy_id,
             policy_version: e.policy_version,
             comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
-            socket: (e.hook == hook::SOCK_CREATE)
+            action: match e.action {
+                action::ALLOWED => "allowed",
+                action::BLOCKED => "blocked",
+                action::KILLED => "killed",
+                // A layout v2 record: the verdict and the mode tell.
+                _ if e.verdict == verdict::ALLOW || e.mode == mode::AUDIT => "allowed",
+                _ => "blocked",
+            },
+            socket: matches!(e.hook, hook::SOCK_CREATE | hook::SOCKET)
                 .then(|| crate::policy::socket_kind_name(e.sock_kind).unwrap_or("unknown")),
             sock_type: e.sock_type,
             unix_path: None,
-        }
-    }
-
-    /// What happened to the call: the verdict, unless audit mode let a denial through.
-    pub fn action(&self) -> &'static str {
-        if self.decision == "allow" || self.mode == "audit" {
-            "allowed"
-        } else {
-            "blocked"
         }
     }
 }
@@ -213,7 +217,8 @@ pub struct DecisionRecord {
     pub decision: String,
     /// enforce or audit.
     pub mode: String,
-    /// What happened to the call: allowed or blocked.
+    /// What happened to the call: allowed, blocked, or killed (the process, for a socket it
+    /// made against the policy where no hook could refuse it).
     pub action: String,
     pub reason: String,
     pub rule: Option<u32>,
@@ -377,7 +382,7 @@ impl Enricher {
             unix_path: d.unix_path.clone(),
             decision: d.decision.to_string(),
             mode: d.mode.to_string(),
-            action: d.action().to_string(),
+            action: d.action.to_string(),
             reason: d.reason.to_string(),
             rule: d.rule_id,
             rule_name: d
@@ -572,6 +577,8 @@ mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             sock_type: 0,
             sock_kind: 0,
+            action: action::BLOCKED,
+            _reserved: 0,
         }
     }
 
@@ -584,7 +591,7 @@ mod tests {
         assert_eq!(d.protocol, "tcp");
         assert_eq!(d.hook, "connect4");
         assert_eq!(d.decision, "deny");
-        assert_eq!(d.action(), "blocked");
+        assert_eq!(d.action, "blocked");
         assert_eq!(d.rule_id, None);
         assert_eq!(d.reason, "default-deny:no-address-match");
     }
@@ -618,14 +625,48 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_killed_socket_call() {
+        let mut e = event();
+        e.hook = hook::SOCKET;
+        e.reason = reason::SOCKET_KIND;
+        e.family = 17;
+        e.sock_type = 3;
+        e.sock_kind = agent_common::sock::PACKET;
+        e.action = action::KILLED;
+        let d = Decision::from_event(&e);
+        assert_eq!(
+            (d.hook, d.family, d.socket, d.decision, d.action),
+            ("socket", "packet", Some("packet"), "deny", "killed")
+        );
+    }
+
+    #[test]
+    fn layout_v2_records_decode_with_the_action_their_verdict_tells() {
+        // v2 wrote no `action`: the same fields, 8 bytes shorter.
+        let v2 = |e: &Event| as_bytes(e)[..agent_common::EVENT_V2_BYTES].to_vec();
+        let mut e = event();
+        e.action = 0;
+        let d = Decision::from_record(&v2(&e)).unwrap();
+        assert_eq!((d.hook, d.port, d.action), ("connect4", 8080, "blocked"));
+        e.mode = mode::AUDIT;
+        assert_eq!(Decision::from_record(&v2(&e)).unwrap().action, "allowed");
+        // A v2 Unix record: its path follows the shorter event.
+        let u = unix_event(b"/run/a.sock\0", 12);
+        let mut bytes = v2(&u.event);
+        bytes.extend_from_slice(&as_bytes(&u)[size_of::<Event>()..]);
+        let d = Decision::from_record(&bytes).unwrap();
+        assert_eq!(d.unix_path.as_deref(), Some("/run/a.sock"));
+        assert_eq!(d.action, "blocked");
+        assert!(Decision::from_record(&bytes[..agent_common::EVENT_V2_BYTES - 1]).is_none());
+    }
+
+    #[test]
     fn audit_mode_lets_a_denial_through() {
         let mut e = event();
         e.mode = mode::AUDIT;
+        e.action = action::ALLOWED;
         let d = Decision::from_event(&e);
-        assert_eq!(
-            (d.decision, d.mode, d.action()),
-            ("deny", "audit", "allowed")
-        );
+        assert_eq!((d.decision, d.mode, d.action), ("deny", "audit", "allowed"));
     }
 
     #[test]
@@ -707,6 +748,7 @@ mod tests {
         e.verdict = verdict::ALLOW;
         e.reason = reason::RULE;
         e.rule_id = 0;
+        e.action = action::ALLOWED;
         let rec = en.decision(&Decision::from_event(&e));
         let d = rec.decision.unwrap();
         assert_eq!(rec.seq, 1);
@@ -719,6 +761,7 @@ mod tests {
         u.event.verdict = verdict::ALLOW;
         u.event.reason = reason::RULE;
         u.event.rule_id = 0;
+        u.event.action = action::ALLOWED;
         let rec = en.decision(&Decision::from_unix_event(&u));
         let d = rec.decision.unwrap();
         assert_eq!(d.unix_path.as_deref(), Some("/run/tools/x.sock"));

@@ -11,5 +11,6 @@ pub mod identity;
 pub mod loader;
 pub mod pin;
 pub mod policy;
+pub mod socket_guard;
 pub mod sys;
 pub mod unix_hooks;

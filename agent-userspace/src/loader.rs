@@ -15,8 +15,10 @@ use aya::{
         lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
         RingBuf,
     },
-    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
-    Ebpf, EbpfError, EbpfLoader,
+    programs::{
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+    },
+    Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use thiserror::Error;
 
@@ -28,7 +30,7 @@ use agent_common::{
 use crate::{
     pin::{self, PinError},
     policy::CompiledPolicy,
-    sys,
+    socket_guard, sys,
     unix_hooks::{self, UnixHookError, UnixProgram},
 };
 
@@ -76,6 +78,8 @@ pub enum LoaderError {
     Pin(#[from] PinError),
     #[error(transparent)]
     UnixHook(#[from] UnixHookError),
+    #[error("reading the kernel's BTF for the socket-syscall guard: {0}")]
+    SocketGuard(#[from] crate::btf::BtfError),
     #[error("pinning {0}: {1}")]
     PinLink(String, String),
     #[error("{0}")]
@@ -150,6 +154,8 @@ pub struct Enforcer {
     /// Their links, held so they stay attached while this Enforcer lives (pinned too, when
     /// pinning).
     unix_links: Vec<std::os::fd::OwnedFd>,
+    /// The socket-syscall guard is loaded (this architecture is one it knows).
+    socket_guard: bool,
 }
 
 macro_rules! take_map {
@@ -185,6 +191,15 @@ impl Enforcer {
                  connections are not judged"
             ),
         }
+        let syscall_layout = socket_guard::kernel_layout()?;
+        let socket_guard = syscall_layout.enabled != 0;
+        if !socket_guard {
+            tracing::warn!(
+                "the socket-syscall guard knows x86-64 only: agents' packet and other non-inet \
+                 sockets are not judged on this architecture"
+            );
+        }
+        loader.override_global("SYSCALL_LAYOUT", &syscall_layout, true);
         if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("AW_EVENTS", bytes);
         }
@@ -203,7 +218,8 @@ impl Enforcer {
             }
             adopted = pin::links_exist(dir, &ALL_PROGRAMS)
                 && (unix_offsets.is_none()
-                    || pin::links_exist(dir, &unix_hooks::PROGRAMS.map(|(n, _)| n)));
+                    || pin::links_exist(dir, &unix_hooks::PROGRAMS.map(|(n, _)| n)))
+                && (!socket_guard || pin::links_exist(dir, &[socket_guard::PROGRAM]));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let unix_programs = match unix_offsets {
@@ -218,6 +234,13 @@ impl Enforcer {
         sock_program(&mut ebpf)?
             .load()
             .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+        if socket_guard {
+            let btf = Btf::from_sys_fs()
+                .map_err(|e| LoaderError::Other(format!("reading the kernel's BTF: {e}")))?;
+            guard_program(&mut ebpf)?
+                .load(socket_guard::TRACEPOINT, &btf)
+                .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))?;
+        }
 
         let config: Array<MapData, Config> = take_map!(ebpf, "AW_CONFIG");
         let agents = take_map!(ebpf, "AW_AGENTS");
@@ -246,6 +269,7 @@ impl Enforcer {
             events,
             unix_programs,
             unix_links: Vec::new(),
+            socket_guard,
         })
     }
 
@@ -280,8 +304,42 @@ impl Enforcer {
             }
             self.attach_new(name, &fd)?;
         }
+        if self.socket_guard {
+            self.attach_socket_guard()?;
+        }
         self.attached = true;
         Ok(())
+    }
+
+    /// Attaches the socket-syscall guard to its tracepoint. A tracing link cannot switch
+    /// programs (no BPF_LINK_UPDATE), so a pinned one is replaced the other way round: the new
+    /// link is attached first and its pin renamed over the old one, which detaches the old
+    /// program. For that moment both judge a socket() call; never neither.
+    fn attach_socket_guard(&mut self) -> Result<(), LoaderError> {
+        let name = socket_guard::PROGRAM;
+        let prog = guard_program(&mut self.ebpf)?;
+        let id = prog.attach().map_err(|e| LoaderError::Program(name, e))?;
+        let Some(dir) = &self.pin_dir else {
+            // Unpinned: aya keeps the link, and dropping the Enforcer detaches it.
+            return Ok(());
+        };
+        let link = prog
+            .take_link(id)
+            .map_err(|e| LoaderError::Program(name, e))?;
+        let link = FdLink::from(link);
+        let own = dir.join("links").join(name);
+        // bpffs refuses names with a dot.
+        let fresh = dir.join("links").join(format!("{name}_new"));
+        let _ = std::fs::remove_file(&fresh);
+        let pin_err = |e: String| LoaderError::PinLink(fresh.display().to_string(), e);
+        let with_source = |e: aya::pin::PinError| match std::error::Error::source(&e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        };
+        link.pin(&fresh)
+            .map(drop)
+            .map_err(|e| pin_err(with_source(e)))?;
+        std::fs::rename(&fresh, &own).map_err(|e| pin_err(e.to_string()))
     }
 
     /// The loaded program called `name`.
@@ -584,6 +642,13 @@ fn sock_addr_program<'a>(
         .ok_or(LoaderError::Missing("program", name))?
         .try_into()
         .map_err(|e| LoaderError::Program(name, e))
+}
+
+fn guard_program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, LoaderError> {
+    ebpf.program_mut(socket_guard::PROGRAM)
+        .ok_or(LoaderError::Missing("program", socket_guard::PROGRAM))?
+        .try_into()
+        .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))
 }
 
 fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {

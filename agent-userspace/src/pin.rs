@@ -3,8 +3,9 @@
 //! pinned link in one step, and removing it all.
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
-//! layout, changes): `<bpffs>/agentwall/v2/maps/<MAP>` and `<bpffs>/agentwall/v2/links/<PROGRAM>`.
-//! v1 had no Unix-socket programs and no AW_UNIX map.
+//! layout, changes): `<bpffs>/agentwall/v3/maps/<MAP>` and `<bpffs>/agentwall/v3/links/<PROGRAM>`.
+//! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no socket-syscall guard
+//! (`socket_exit`) and 8 bytes less per event (no `action`).
 
 use std::{
     io,
@@ -23,7 +24,7 @@ use thiserror::Error;
 use crate::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -309,7 +310,7 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v2")
+            PathBuf::from("/sys/fs/bpf/agentwall/v3")
         );
     }
 

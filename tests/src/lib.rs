@@ -209,36 +209,79 @@ pub struct Outcome {
 
 /// Runs the probe with `steps`; returns one outcome per step.
 pub fn probe(steps: &[String]) -> Result<Vec<Outcome>> {
+    let (status, outcomes) = probe_status(steps)?;
+    ensure!(status.success(), "probe exited with {status}");
+    ensure!(outcomes.len() == steps.len(), "probe output: {outcomes:?}");
+    Ok(outcomes)
+}
+
+/// Runs the probe with `steps`, however it ends; returns how, and the outcomes it printed
+/// (one line per finished step).
+pub fn probe_status(steps: &[String]) -> Result<(std::process::ExitStatus, Vec<Outcome>)> {
     let out = Command::new(sibling_exe("probe")?)
         .args(steps)
         .output()
         .context("running the probe")?;
-    ensure!(
-        out.status.success(),
-        "probe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let text = String::from_utf8(out.stdout)?;
     let outcomes: Vec<Outcome> = text
         .lines()
         .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    ensure!(outcomes.len() == steps.len(), "probe output: {text}");
-    Ok(outcomes)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("probe output: {text}"))?;
+    if !out.status.success() && out.status.code().is_some() {
+        bail!("probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((out.status, outcomes))
 }
 
 /// Runs `steps` in a probe that first joins `cgroup`; returns the outcomes after the join.
 pub fn probe_in(cgroup: &Path, steps: &[String]) -> Result<Vec<Outcome>> {
+    let (status, out) = probe_status_in(cgroup, steps)?;
+    ensure!(status.success(), "probe exited with {status}");
+    ensure!(out.len() == steps.len(), "probe output: {out:?}");
+    Ok(out)
+}
+
+/// As `probe_in`, however the probe ends: how it ended and the outcomes of the steps after the
+/// join that finished.
+pub fn probe_status_in(
+    cgroup: &Path,
+    steps: &[String],
+) -> Result<(std::process::ExitStatus, Vec<Outcome>)> {
     let mut all = vec![format!("join:{}", cgroup.display())];
     all.extend_from_slice(steps);
-    let mut out = probe(&all)?;
+    let (status, mut out) = probe_status(&all)?;
     ensure!(
-        out[0].ok,
-        "joining {}: errno {}",
-        cgroup.display(),
-        out[0].errno
+        out.first().is_some_and(|o| o.ok),
+        "joining {}: {out:?}",
+        cgroup.display()
     );
-    Ok(out.split_off(1))
+    Ok((status, out.split_off(1)))
+}
+
+/// Sets sysctls for as long as it lives, then restores them (tests that need a kernel knob
+/// turned for a moment).
+pub struct Sysctls(Vec<(String, String)>);
+
+impl Sysctls {
+    pub fn set(values: &[(&str, &str)]) -> Result<Self> {
+        let mut old = Vec::new();
+        for (path, v) in values {
+            let path = format!("/proc/sys/{path}");
+            let was = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+            std::fs::write(&path, v).with_context(|| path.clone())?;
+            old.push((path, was));
+        }
+        Ok(Self(old))
+    }
+}
+
+impl Drop for Sysctls {
+    fn drop(&mut self) {
+        for (path, was) in self.0.iter().rev() {
+            let _ = std::fs::write(path, was);
+        }
+    }
 }
 
 /// A TCP listener on a loopback address with a free port. A thread accepts and closes every

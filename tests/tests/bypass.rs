@@ -2,7 +2,11 @@
 //! asserts the destination stays unreachable (errno, and nothing received) and that the attempt
 //! is recorded.
 
-use agentwall_tests::{probe, probe_in, received, sa, tcp_server, udp_server, Harness, EPERM};
+use std::os::unix::process::ExitStatusExt;
+
+use agentwall_tests::{
+    probe, probe_in, probe_status_in, received, sa, tcp_server, udp_server, Harness, Sysctls, EPERM,
+};
 use anyhow::{ensure, Result};
 
 /// Allows only 192.0.2.1 (documentation range, never used): every loopback target is denied.
@@ -63,28 +67,10 @@ async fn raw_and_udplite_sockets_are_refused() -> Result<()> {
     h.stop().await
 }
 
-/// Ping sockets need the caller's gid in net.ipv4.ping_group_range; the test opens it for gid 0
-/// while it runs (the kernel checks it before our hook) and restores it.
-struct PingRange(String);
-
-impl PingRange {
-    fn open() -> Result<Self> {
-        let path = "/proc/sys/net/ipv4/ping_group_range";
-        let old = std::fs::read_to_string(path)?;
-        std::fs::write(path, "0 0")?;
-        Ok(Self(old))
-    }
-}
-
-impl Drop for PingRange {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/net/ipv4/ping_group_range", self.0.trim());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_sockets_are_refused_unless_allowed() -> Result<()> {
-    let _range = PingRange::open()?;
+    // Ping sockets need the caller's gid in ping_group_range (checked before our hook).
+    let _range = Sysctls::set(&[("net/ipv4/ping_group_range", "0 0")])?;
     let outside = probe(&["ping:127.0.0.1:0".into()])?;
     ensure!(
         outside[0].ok,
@@ -110,6 +96,80 @@ async fn ping_sockets_are_refused_unless_allowed() -> Result<()> {
     assert_eq!(
         (d[0].action.as_str(), d[0].reason.as_str()),
         ("allowed", "socket-kind-allowed")
+    );
+    h.stop().await
+}
+
+/// Packet sockets pass every cgroup hook: a frame the agent builds itself reaches a denied port.
+/// No hook can make socket() fail for them, so an agent (here one holding CAP_NET_RAW, which the
+/// kernel would let through) that makes one its policy does not list is killed before socket()
+/// returns: through the 64-bit entry and both 32-bit ones. A listed one works, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_sockets_kill_the_agent_unless_allowed() -> Result<()> {
+    // A frame injected on lo from and to 127.0.0.1 is routed only with these two.
+    let _lo = Sysctls::set(&[
+        ("net/ipv4/conf/lo/route_localnet", "1"),
+        ("net/ipv4/conf/lo/accept_local", "1"),
+    ])?;
+    let (u, udp) = udp_server("127.0.0.1")?;
+    let frame = format!("packet-udp:{}", sa(udp));
+    let outside = probe(std::slice::from_ref(&frame))?;
+    ensure!(
+        outside[0].ok && received(&u) == 1,
+        "a packet socket's frame does not reach a loopback port even outside an agent: \
+         {outside:?}"
+    );
+    let mut h = Harness::start(&deny_loopback("")).await?;
+    h.no_decisions().await?;
+    for step in [frame.as_str(), "packet32", "packet32-socketcall"] {
+        let (status, out) = probe_status_in(&h.agent, &[step.into(), format!("udp:{}", sa(udp))])?;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{step}: the agent was not killed ({status}): {out:?}"
+        );
+        assert!(
+            out.is_empty(),
+            "{step}: socket() returned to the agent: {out:?}"
+        );
+        let d = h.decisions(1).await?;
+        assert_eq!(d.len(), 1, "{step}: {d:#?}");
+        assert_eq!(
+            (
+                d[0].hook.as_str(),
+                d[0].family.as_str(),
+                d[0].socket.as_deref(),
+                d[0].decision.as_str(),
+                d[0].action.as_str(),
+                d[0].reason.as_str(),
+            ),
+            (
+                "socket",
+                "packet",
+                Some("packet"),
+                "deny",
+                "killed",
+                "default-deny:socket-kind"
+            ),
+            "{step}"
+        );
+        assert_eq!(d[0].sock_type, Some(libc::SOCK_RAW as u32), "{step}");
+    }
+    assert_eq!(received(&u), 0, "a frame got through");
+    h.stop().await?;
+
+    let mut h = Harness::start(&deny_loopback("sockets: [packet]\n")).await?;
+    let out = probe_in(&h.agent, std::slice::from_ref(&frame))?;
+    assert!(out[0].ok, "a listed packet socket failed: {out:?}");
+    assert_eq!(received(&u), 1);
+    let d = h.decisions(1).await?;
+    assert_eq!(
+        (
+            d[0].hook.as_str(),
+            d[0].action.as_str(),
+            d[0].reason.as_str()
+        ),
+        ("socket", "allowed", "socket-kind-allowed")
     );
     h.stop().await
 }

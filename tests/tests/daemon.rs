@@ -34,7 +34,8 @@ fn run_exec_reload_and_stop() -> Result<()> {
     assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "{out:?}");
 
     // Packet sockets pass every cgroup socket hook: exec drops CAP_NET_RAW, so the kernel
-    // refuses them (and raw sockets) itself, unless the policy lists them.
+    // refuses them (and raw sockets) itself, unless the policy lists them. Both are recorded
+    // (hook `socket`).
     let (ok, out, err) = d.exec_probe(&cg.base, "e2e", &["packet".into()])?;
     ensure!(ok, "exec failed: {err}");
     assert_eq!(out[0].errno, EPERM, "a packet socket was created: {out:?}");
@@ -99,6 +100,8 @@ fn run_exec_reload_and_stop() -> Result<()> {
     let want: Vec<(String, u16, String, u32)> = vec![
         ("e2e".into(), a, "allowed".into(), 1),
         ("e2e".into(), b, "blocked".into(), 1),
+        ("e2e".into(), 0, "blocked".into(), 1),
+        ("packets".into(), 0, "allowed".into(), 1),
         ("e2e".into(), a, "allowed".into(), 1),
         ("e2e".into(), b, "blocked".into(), 1),
         ("e2e".into(), b, "allowed".into(), 2),
@@ -106,6 +109,13 @@ fn run_exec_reload_and_stop() -> Result<()> {
     if got != want {
         bail!("audit log:\n{got:#?}\nwanted:\n{want:#?}");
     }
+    let sockets: Vec<(&str, Option<&str>)> = records
+        .iter()
+        .filter_map(|r| r.decision.as_ref())
+        .filter(|r| r.port == 0)
+        .map(|r| (r.hook.as_str(), r.socket.as_deref()))
+        .collect();
+    assert_eq!(sockets, [("socket", Some("packet")); 2]);
     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
     let (ok, msg) = d.uninstall()?;

@@ -3,9 +3,11 @@
 //! time; an upgrade retires an older pinned layout the same way; a pinned map of the wrong shape
 //! and a newer layout are refused; uninstall removes everything.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, os::unix::process::ExitStatusExt, time::Duration};
 
-use agentwall_tests::{pin_wrong_map, probe_in, tcp_server, Daemon, TestCgroups, EPERM};
+use agentwall_tests::{
+    pin_wrong_map, probe_in, probe_status_in, tcp_server, Daemon, TestCgroups, EPERM,
+};
 use anyhow::{ensure, Result};
 
 fn policy(base: &str, port: u16) -> String {
@@ -64,6 +66,18 @@ fn assert_still_judged(cg: &TestCgroups, allowed: &str, denied: &str, when: &str
     Ok(())
 }
 
+/// A new agent process that makes a packet socket is killed before socket() returns.
+#[track_caller]
+fn assert_packet_socket_kills(cg: &TestCgroups, when: &str) -> Result<()> {
+    let (status, out) = probe_status_in(&cg.path("pinned"), &["packet".into()])?;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{when}: a packet socket did not kill the agent ({status}): {out:?}"
+    );
+    Ok(())
+}
+
 /// Waits for the loop: no verdict changed during it. Returns its attempts.
 #[track_caller]
 fn loop_attempts(lp: std::process::Child, around: &str) -> Result<u64> {
@@ -91,16 +105,33 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     let allowed = addr.to_string();
     let lp = kill_during_a_loop(&mut d, &cg, &allowed, &denied, 2500)?;
 
-    // Down: the pinned programs still decide, for the loop and for a new process alike.
+    // Down: the pinned programs still decide, for the loop and for a new process alike; the
+    // socket-syscall guard too.
     std::thread::sleep(Duration::from_millis(300));
     assert_still_judged(&cg, &allowed, &denied, "while down")?;
+    assert_packet_socket_kills(&cg, "while down")?;
     std::thread::sleep(Duration::from_millis(300));
 
     d.start()?;
     let attempts = loop_attempts(lp, "crash")?;
     let agent = cg.path("pinned");
+    // The restart replaced the guard's pinned link (a tracing link cannot switch programs):
+    // one pin, and one program judging (one record below, not two).
+    let links: Vec<String> = std::fs::read_dir(d.pin_dir.join("links"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        links
+            .iter()
+            .filter(|l| l.starts_with("socket_exit"))
+            .count(),
+        1,
+        "{links:?}"
+    );
+    assert_packet_socket_kills(&cg, "after the restart")?;
 
-    // Every attempt (loop + the two while down) is in the audit log or counted as lost.
+    // Every attempt (loop, the three while down, the packet socket after) is in the audit log
+    // or counted as lost.
     std::thread::sleep(Duration::from_millis(300));
     let status = d.signal(libc::SIGTERM)?;
     ensure!(
@@ -108,7 +139,7 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
         "stop after restart: {status}: {}",
         d.log()
     );
-    assert_every_attempt_recorded(&d, attempts + 2)?;
+    assert_every_attempt_recorded(&d, attempts + 4)?;
     assert!(d.log().contains("adopted pinned programs"), "{}", d.log());
 
     // Stopped cleanly but still pinned: still enforcing. Uninstall ends that.

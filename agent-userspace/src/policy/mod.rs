@@ -326,7 +326,7 @@ impl Fallback {
 }
 
 /// Names of the `sockets:` kinds and their `agent_common::sock` bits.
-pub const SOCKET_KINDS: [(&str, u32); 7] = [
+pub const SOCKET_KINDS: [(&str, u32); 8] = [
     ("raw", agent_common::sock::RAW),
     ("ping", agent_common::sock::PING),
     ("packet", agent_common::sock::PACKET),
@@ -334,6 +334,7 @@ pub const SOCKET_KINDS: [(&str, u32); 7] = [
     ("sctp", agent_common::sock::SCTP),
     ("mptcp", agent_common::sock::MPTCP),
     ("other-inet", agent_common::sock::OTHER_INET),
+    ("other-family", agent_common::sock::OTHER_FAMILY),
 ];
 
 pub fn socket_kind_bit(name: &str) -> Option<u32> {

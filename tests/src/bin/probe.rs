@@ -17,6 +17,10 @@
 //!   ping:ADDR            ICMP datagram ("ping") socket, sendto an echo request
 //!   udplite:ADDR         UDP-Lite socket, sendto
 //!   packet               AF_PACKET socket
+//!   packet-udp:ADDR      AF_PACKET socket on lo, sends one IPv4 UDP datagram to ADDR as a
+//!                        frame it built itself (no connect or send hook sees it)
+//!   packet32             AF_PACKET socket through the 32-bit syscall entry (int 0x80, socket)
+//!   packet32-socketcall  the same through socketcall(SYS_SOCKET)
 //!   unix:NAME[,N]        Unix stream socket, connect to NAME: a path, or @name for an
 //!                        abstract socket; N cuts the address to N bytes of sun_path
 //!   unixdg:NAME          Unix datagram socket, sendto NAME (unconnected)
@@ -170,6 +174,9 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             )?;
             Ok(0)
         }
+        "packet-udp" => packet_udp(arg),
+        "packet32" => packet32(false),
+        "packet32-socketcall" => packet32(true),
         "unix" => {
             let (name, cut) = match arg.split_once(',') {
                 Some((n, c)) => (
@@ -214,6 +221,122 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
 
 /// A Unix socket address: a path, or `@name` for an abstract socket; `cut` sets how many bytes
 /// of sun_path the address length covers (to hand the kernel a name cut short).
+/// An Ethernet frame with an IPv4 UDP datagram to `arg`, sent on lo through a packet socket.
+fn packet_udp(arg: &str) -> io::Result<i64> {
+    let SocketAddr::V4(a) = addr(arg)? else {
+        return Err(io::Error::other("packet-udp takes an IPv4 address"));
+    };
+    let payload = b"frame";
+    let mut f = vec![0u8; 12]; // destination and source MAC: lo takes any
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (20 + 8 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = libc::IPPROTO_UDP as u8;
+    ip[12..16].copy_from_slice(&[127, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&a.ip().octets());
+    let sum = ip
+        .chunks(2)
+        .fold(0u32, |s, w| s + u16::from_be_bytes([w[0], w[1]]) as u32);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&a.port().to_be_bytes());
+    f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (allowed on IPv4)
+    f.extend_from_slice(payload);
+    let s = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(Protocol::from((libc::ETH_P_IP as u16).to_be() as i32)),
+    )?;
+    // SAFETY: a zeroed sockaddr_ll with family, protocol and interface set.
+    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    ll.sll_ifindex = unsafe { libc::if_nametoindex(c"lo".as_ptr()) } as i32;
+    // SAFETY: valid socket, buffer and address of the given lengths.
+    let n = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            f.as_ptr().cast(),
+            f.len(),
+            0,
+            (&ll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as i64)
+}
+
+/// socket(AF_PACKET, SOCK_RAW, ETH_P_ALL) through the 32-bit entry, int 0x80: the ia32 socket
+/// syscall (359), or socketcall (102) with SYS_SOCKET and its arguments in memory below 4 GiB.
+#[cfg(target_arch = "x86_64")]
+fn packet32(socketcall: bool) -> io::Result<i64> {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as u32;
+    let (nr, b, c, d) = if socketcall {
+        // SAFETY: anonymous mapping; MAP_32BIT puts it where a 32-bit pointer reaches.
+        let block = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+                -1,
+                0,
+            )
+        };
+        if block == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let args = [libc::AF_PACKET as u32, libc::SOCK_RAW as u32, proto];
+        // SAFETY: the mapping holds 4096 writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), block.cast(), 3) };
+        (102u64, 1u64, block as u64, 0u64)
+    } else {
+        (
+            359,
+            libc::AF_PACKET as u64,
+            libc::SOCK_RAW as u64,
+            proto as u64,
+        )
+    };
+    let ret: i64;
+    // SAFETY: a 32-bit syscall with valid arguments; rbx is LLVM's, so it is swapped in and
+    // out; the compat entry may clobber r8-r11.
+    unsafe {
+        std::arch::asm!(
+            "xchg {b}, rbx",
+            "int 0x80",
+            "xchg {b}, rbx",
+            b = inout(reg) b => _,
+            inlateout("rax") nr => ret,
+            in("rcx") c,
+            in("rdx") d,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+        );
+    }
+    let ret = ret as i32;
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    Ok(ret as i64)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn packet32(_socketcall: bool) -> io::Result<i64> {
+    Err(io::Error::other("the 32-bit syscall entry is x86-64's"))
+}
+
 fn unix_addr(name: &str, cut: Option<usize>) -> io::Result<SockAddr> {
     // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
     let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
