@@ -92,7 +92,7 @@ pub mod sock {
     pub const MPTCP: u32 = 1 << 5;
     /// Any other protocol in AF_INET/AF_INET6.
     pub const OTHER_INET: u32 = 1 << 6;
-    /// Any family but inet, inet6, Unix, netlink and packet (vsock, XDP, CAN, TIPC, ...).
+    /// Any other family whose sockets need CAP_NET_RAW (AF_XDP).
     pub const OTHER_FAMILY: u32 = 1 << 7;
 }
 
@@ -107,8 +107,8 @@ pub mod hook {
     pub const CONNECT_UNIX: u32 = 6;
     /// sendmsg() with a destination on an AF_UNIX socket (cgroup/sendmsg_unix).
     pub const SENDMSG_UNIX: u32 = 7;
-    /// socket() of a family no cgroup hook sees (packet, vsock, ...), judged as the syscall
-    /// returns (tracepoint sys_exit).
+    /// A socket that needs CAP_NET_RAW and that no cgroup hook sees (packet, AF_XDP), judged
+    /// when the kernel checks the capability (tracepoint cap_capable).
     pub const SOCKET: u32 = 8;
 }
 
@@ -120,8 +120,8 @@ pub mod action {
     pub const ALLOWED: u32 = 1;
     /// The call failed with EPERM (by this hook, or for `hook::SOCKET` by the kernel itself).
     pub const BLOCKED: u32 = 2;
-    /// The call succeeded against the policy and the calling process was killed before it
-    /// returned to user space (`hook::SOCKET`, where no hook can make it fail).
+    /// The kernel let the call through against the policy and the calling process was killed
+    /// before it returned to user space (`hook::SOCKET`, where no hook can make it fail).
     pub const KILLED: u32 = 3;
 }
 
@@ -324,40 +324,33 @@ pub struct UnixEvent {
 const _: () = assert!(size_of::<UnixEvent>() == size_of::<Event>() + 4 + UNIX_PATH_MAX);
 const _: () = assert!(size_of::<UnixEvent>().is_multiple_of(8));
 
-/// Where the socket-syscall guard (`hook::SOCKET`) finds what it reads: syscall numbers of this
-/// architecture and byte offsets in kernel structs, from the kernel's BTF. A load-time constant;
-/// `enabled == 0` turns the guard off (an architecture it does not know).
+/// Where the packet-socket guard (`hook::SOCKET`) finds what it reads when an agent's
+/// CAP_NET_RAW is checked: syscall numbers of this architecture and byte offsets in kernel
+/// structs, from the kernel's BTF. A load-time constant; `enabled == 0` turns the guard off (an
+/// architecture it does not know).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SyscallLayout {
+pub struct CapGuardLayout {
     pub enabled: u32,
-    /// socket(2) in the native table; socket and socketcall in the compat (32-bit) table, or
-    /// `u32::MAX` when there is none.
+    /// socket(2) in the native table; socket and socketcall in the compat (32-bit) table
+    /// (`u32::MAX`: none); io_uring_enter (the same number in both).
     pub nr_socket: u32,
     pub nr_compat_socket: u32,
     pub nr_compat_socketcall: u32,
+    pub nr_io_uring_enter: u32,
     /// `struct pt_regs`: the syscall number, and the first three arguments in the native and
     /// the compat calling convention.
     pub regs_nr: u32,
     pub regs_args: [u32; 3],
     pub regs_compat_args: [u32; 3],
+    /// `task_struct.flags` and the bit of io_uring's worker threads (PF_IO_WORKER).
+    pub task_flags: u32,
+    pub pf_io_worker: u32,
     /// `task_struct.thread_info.status` and the bit that marks a compat syscall in it.
     pub task_status: u32,
     pub status_compat: u32,
-    /// The path from the task to a new socket: task_struct.files, files_struct.fdt,
-    /// fdtable.max_fds, fdtable.fd, file.private_data, socket.sk.
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdt_max_fds: u32,
-    pub fdt_fd: u32,
-    pub file_private_data: u32,
-    pub socket_sk: u32,
-    /// In struct sock: skc_family, sk_type, sk_protocol (u16 each).
-    pub sk_family: u32,
-    pub sk_type: u32,
-    pub sk_protocol: u32,
 }
-const _: () = assert!(size_of::<SyscallLayout>() == 4 * 22);
+const _: () = assert!(size_of::<CapGuardLayout>() == 4 * 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -373,7 +366,7 @@ mod pod {
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for UnixRule {}
     unsafe impl aya::Pod for UnixEvent {}
-    unsafe impl aya::Pod for SyscallLayout {}
+    unsafe impl aya::Pod for CapGuardLayout {}
 }
 
 /// Reads a `T` from the first bytes of `bytes`; `None` if there are fewer.

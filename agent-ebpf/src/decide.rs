@@ -23,6 +23,7 @@ use agent_common::{
 
 use crate::{
     maps::{count, AGENTS, CONFIG, EVENTS, RULES_V4, RULES_V6, UNIX_PATHS},
+    net_raw::NetRawUse,
     ALLOW, DENY,
 };
 
@@ -43,6 +44,8 @@ const AF_PACKET: u32 = 17;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+/// The obsolete AF_INET/SOCK_PACKET form of a packet socket (the kernel makes it AF_PACKET).
+const SOCK_PACKET: u32 = 10;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -202,6 +205,7 @@ fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
     match family {
         AF_INET | AF_INET6 => match (ty, protocol) {
             (SOCK_RAW, _) => sock::RAW,
+            (SOCK_PACKET, _) if family == AF_INET => sock::PACKET,
             (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) => 0,
             (_, IPPROTO_ICMP) | (_, IPPROTO_ICMPV6) => sock::PING,
             (_, IPPROTO_UDPLITE) => sock::UDPLITE,
@@ -217,8 +221,8 @@ fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
 
 /// cgroup/sock_create: refuses inet sockets that the connect and send hooks would never see
 /// (raw, ping, UDP-Lite, SCTP, ...), unless the agent's policy allows that kind. The kernel runs
-/// this hook from inet_create and inet6_create only: other families are judged by
-/// `socket_call`.
+/// this hook from inet_create and inet6_create only: packet sockets are judged by
+/// `net_raw_use`.
 pub fn sock_create(ctx: &SockContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands every sock program a valid context.
     let sk = unsafe { &*ctx.sock };
@@ -257,41 +261,53 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
     ))
 }
 
-/// The socket-syscall guard (tp_btf/sys_exit, see syscall.rs): socket(2) of a family no cgroup
-/// hook sees (packet, vsock, XDP, ...). `what` is the socket's (family, type, protocol), `None`
-/// when it could not be read; `created`: the call succeeded, else the kernel refused it with
-/// EPERM or EACCES. A tracepoint cannot make the call fail: a socket the policy does not allow
-/// that the kernel did create gets its caller killed (SIGKILL to the whole process) before
-/// socket() returns to user space.
-pub fn socket_call(
+/// The packet-socket guard (tp_btf/cap_capable, see net_raw.rs): an agent's CAP_NET_RAW was
+/// checked, and `granted` says how the kernel answered. Creating a packet (or AF_XDP) socket
+/// needs it; a tracepoint cannot make the call fail, so an agent whose policy does not allow
+/// the socket, and whose capability the kernel granted, is killed (SIGKILL to the whole process)
+/// before the call returns to user space. A refusal by the kernel is recorded as blocked.
+pub fn net_raw_use(
     (agent_cg, agent): (u64, &AgentEntry),
-    what: Option<(u32, u32, u32)>,
-    created: bool,
+    what: NetRawUse,
+    granted: bool,
 ) -> Result<(), i32> {
-    let ((family, ty, protocol), kind) = match what {
-        // Inet sockets were judged by sock_create; Unix and netlink stay on the host.
-        Some((AF_INET | AF_INET6, _, _)) => return Ok(()),
-        Some(w) => match socket_kind(w.0, w.1, w.2) {
-            0 => return Ok(()),
-            kind => (w, kind),
-        },
-        None => ((0, 0, 0), 0),
+    let (family, ty, protocol, kind) = match what {
+        NetRawUse::Other => return Ok(()),
+        // Which socket io_uring makes cannot be read here: only a policy that allows packet
+        // sockets (the widest kind) lets an agent use CAP_NET_RAW there. Unreadable: the same,
+        // failing closed.
+        NetRawUse::IoUring | NetRawUse::Unknown => (0, 0, 0, sock::PACKET),
+        NetRawUse::Socket {
+            family,
+            ty,
+            protocol,
+            trusted,
+        } => {
+            let kind = match socket_kind(family, ty, protocol) {
+                0 => return Ok(()),
+                // Raw inet sockets are judged by sock_create once the kernel grants this.
+                sock::RAW if granted && trusted => return Ok(()),
+                // Arguments another thread may have changed since the kernel read them.
+                _ if !trusted => sock::PACKET,
+                k => k,
+            };
+            (family, ty, protocol, kind)
+        }
     };
-    let (v, r) = if kind == 0 {
-        // Unreadable: fail closed.
-        (verdict::DENY, reason::ERROR)
-    } else if agent.sockets & kind != 0 {
+    let allowed = agent.sockets & kind != 0;
+    if !granted && allowed {
+        // The kernel's own refusal of an allowed kind: no decision of ours.
+        return Ok(());
+    }
+    let (v, r) = if allowed {
         (verdict::ALLOW, reason::SOCKET_ALLOWED)
     } else {
         (verdict::DENY, reason::SOCKET_KIND)
     };
-    if !created && v == verdict::ALLOW {
-        // The kernel's own refusal of an allowed kind: no decision of ours.
-        return Ok(());
-    }
     let (ret, mut out) = settle(agent, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
-    out.action = if !created {
+    out.action = if !granted {
+        // The kernel fails the call with EPERM.
         action::BLOCKED
     } else if ret == ALLOW {
         action::ALLOWED

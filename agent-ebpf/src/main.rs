@@ -9,7 +9,7 @@
 
 mod decide;
 mod maps;
-mod syscall;
+mod net_raw;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -107,12 +107,12 @@ pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
     }
 }
 
-/// socket(2) of the families no cgroup hook sees (see syscall.rs). A tracepoint's return value
-/// is ignored: its failures are counted (`counter::ERRORS`), and an agent's socket that cannot be
-/// read is judged as denied.
-#[btf_tracepoint(function = "sys_exit")]
-pub fn socket_exit(ctx: BtfTracePointContext) -> i32 {
-    let _ = syscall::socket_exit(&ctx);
+/// An agent's CAP_NET_RAW check: packet sockets (see net_raw.rs). A tracepoint's return value
+/// is ignored: its failures are counted (`counter::ERRORS`), and a use that cannot be read is
+/// judged as the strictest kind.
+#[btf_tracepoint(function = "cap_capable")]
+pub fn net_raw_use(ctx: BtfTracePointContext) -> i32 {
+    let _ = net_raw::cap_check(&ctx);
     0
 }
 

@@ -34,6 +34,9 @@ const TARGETS: &[(&str, &str)] = &[
     ("udp", "127.0.0.1:5354"),
     ("unix", "/run/agentwall-demo/tools.sock"),
     ("unix", "/run/agentwall-demo/secret.sock"),
+    // No cgroup hook sees packet sockets; `exec` dropped CAP_NET_RAW, so the kernel refuses it
+    // at its capability check, where agentwall records it.
+    ("packet", "socket(AF_PACKET, SOCK_RAW)"),
 ];
 
 /// Where the demo's Unix sockets live (the demo policy lists tools.sock).
@@ -117,13 +120,14 @@ fn print_record(rec: &AuditRecord) {
             "  #{:<3} {:<8} {} {} agent={} pid={} ({}) reason={}{}",
             rec.seq,
             d.action,
-            if d.family == "unix" {
-                "unix"
+            if d.family == "unix" || d.hook == "socket" {
+                &d.family
             } else {
                 &d.protocol
             },
             match &d.unix_path {
                 Some(p) => p.clone(),
+                None if d.hook == "socket" => "socket".to_string(),
                 None => d
                     .dst
                     .parse::<std::net::IpAddr>()
@@ -148,6 +152,7 @@ pub fn agent() -> Result<()> {
     for (proto, target) in TARGETS {
         let result = match *proto {
             "unix" => UnixStream::connect(target).map(|_| ()),
+            "packet" => packet_socket(),
             "tcp" => {
                 let addr: SocketAddr = target.parse()?;
                 TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ())
@@ -179,6 +184,18 @@ pub fn agent() -> Result<()> {
     Ok(())
 }
 
+fn packet_socket() -> std::io::Result<()> {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain syscall; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor this function owns.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
 /// Loopback (and Unix) listeners for every target, so allowed connections really complete.
 struct Servers {
     _tcp: Vec<TcpListener>,
@@ -206,6 +223,9 @@ impl Servers {
                     UnixListener::bind(target)
                         .with_context(|| format!("demo server on {target}"))?,
                 );
+                continue;
+            }
+            if *proto == "packet" {
                 continue;
             }
             let mut addr: SocketAddr = target.parse()?;

@@ -78,7 +78,7 @@ pub enum LoaderError {
     Pin(#[from] PinError),
     #[error(transparent)]
     UnixHook(#[from] UnixHookError),
-    #[error("reading the kernel's BTF for the socket-syscall guard: {0}")]
+    #[error("reading the kernel's BTF for the packet-socket guard: {0}")]
     SocketGuard(#[from] crate::btf::BtfError),
     #[error("pinning {0}: {1}")]
     PinLink(String, String),
@@ -154,7 +154,7 @@ pub struct Enforcer {
     /// Their links, held so they stay attached while this Enforcer lives (pinned too, when
     /// pinning).
     unix_links: Vec<std::os::fd::OwnedFd>,
-    /// The socket-syscall guard is loaded (this architecture is one it knows).
+    /// The packet-socket guard is loaded (this architecture and kernel have what it needs).
     socket_guard: bool,
 }
 
@@ -191,15 +191,24 @@ impl Enforcer {
                  connections are not judged"
             ),
         }
-        let syscall_layout = socket_guard::kernel_layout()?;
-        let socket_guard = syscall_layout.enabled != 0;
+        let guard_layout = socket_guard::kernel_layout()?;
+        let btf = Btf::from_sys_fs()
+            .map_err(|e| LoaderError::Other(format!("reading the kernel's BTF: {e}")))?;
+        let has_tracepoint = btf
+            .id_by_type_name_kind(
+                &format!("btf_trace_{}", socket_guard::TRACEPOINT),
+                aya_obj::btf::BtfKind::Typedef,
+            )
+            .is_ok();
+        let socket_guard = guard_layout.enabled != 0 && has_tracepoint;
         if !socket_guard {
             tracing::warn!(
-                "the socket-syscall guard knows x86-64 only: agents' packet and other non-inet \
-                 sockets are not judged on this architecture"
+                "the packet-socket guard needs x86-64 and the cap_capable tracepoint (Linux \
+                 6.13+): agents' packet sockets are not judged here (`exec` still drops \
+                 CAP_NET_RAW)"
             );
         }
-        loader.override_global("SYSCALL_LAYOUT", &syscall_layout, true);
+        loader.override_global("CAP_GUARD_LAYOUT", &guard_layout, true);
         if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("AW_EVENTS", bytes);
         }
@@ -235,8 +244,6 @@ impl Enforcer {
             .load()
             .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
         if socket_guard {
-            let btf = Btf::from_sys_fs()
-                .map_err(|e| LoaderError::Other(format!("reading the kernel's BTF: {e}")))?;
             guard_program(&mut ebpf)?
                 .load(socket_guard::TRACEPOINT, &btf)
                 .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))?;
@@ -311,10 +318,10 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Attaches the socket-syscall guard to its tracepoint. A tracing link cannot switch
+    /// Attaches the packet-socket guard to its tracepoint. A tracing link cannot switch
     /// programs (no BPF_LINK_UPDATE), so a pinned one is replaced the other way round: the new
     /// link is attached first and its pin renamed over the old one, which detaches the old
-    /// program. For that moment both judge a socket() call; never neither.
+    /// program. For that moment both judge a capability check; never neither.
     fn attach_socket_guard(&mut self) -> Result<(), LoaderError> {
         let name = socket_guard::PROGRAM;
         let prog = guard_program(&mut self.ebpf)?;

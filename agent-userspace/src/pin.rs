@@ -4,8 +4,8 @@
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
 //! layout, changes): `<bpffs>/agentwall/v3/maps/<MAP>` and `<bpffs>/agentwall/v3/links/<PROGRAM>`.
-//! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no socket-syscall guard
-//! (`socket_exit`) and 8 bytes less per event (no `action`).
+//! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no packet-socket guard
+//! (`net_raw_use`) and 8 bytes less per event (no `action`).
 
 use std::{
     io,

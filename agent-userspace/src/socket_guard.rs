@@ -1,56 +1,48 @@
-//! The socket-syscall guard's view of this kernel (program `socket_exit`, tp_btf/sys_exit): the
+//! The packet-socket guard's view of this kernel (program `net_raw_use`, tp_btf/cap_capable): the
 //! syscall numbers of this architecture, and where the kernel keeps what the guard reads, taken
 //! from the kernel's BTF.
 
-use agent_common::SyscallLayout;
+use agent_common::CapGuardLayout;
 
 use crate::btf::{self, BtfError};
 
 /// The program, by its function name in agent-ebpf, and the tracepoint it is attached to.
-pub const PROGRAM: &str = "socket_exit";
-pub const TRACEPOINT: &str = "sys_exit";
+pub const PROGRAM: &str = "net_raw_use";
+pub const TRACEPOINT: &str = "cap_capable";
 
 /// The layout for the running kernel; `enabled == 0` on an architecture the guard does not
 /// know (it then never acts).
-pub fn kernel_layout() -> Result<SyscallLayout, BtfError> {
+pub fn kernel_layout() -> Result<CapGuardLayout, BtfError> {
     let data = std::fs::read(btf::VMLINUX)
         .map_err(|e| BtfError::Read(btf::VMLINUX.into(), e.to_string()))?;
     layout_from(&data)
 }
 
 /// The layout from BTF data, for this build's architecture.
-pub fn layout_from(btf_data: &[u8]) -> Result<SyscallLayout, BtfError> {
+pub fn layout_from(btf_data: &[u8]) -> Result<CapGuardLayout, BtfError> {
     if !cfg!(target_arch = "x86_64") {
-        return Ok(SyscallLayout::default());
+        return Ok(CapGuardLayout::default());
     }
     let off = |s: &str, m: &[&str]| btf::member_offsets(btf_data, s, m);
     // x86-64: native arguments in di, si, dx; 32-bit (int 0x80, sysenter) ones in bx, cx, dx.
     let regs = off("pt_regs", &["orig_ax", "di", "si", "dx", "bx", "cx"])?;
-    let task = off("task_struct", &["thread_info", "files"])?;
+    let task = off("task_struct", &["thread_info", "flags"])?;
     let status = off("thread_info", &["status"])?[0];
-    let fdt = off("fdtable", &["max_fds", "fd"])?;
-    let sock = off("sock", &["__sk_common", "sk_type", "sk_protocol"])?;
-    let family = off("sock_common", &["skc_family"])?[0];
-    Ok(SyscallLayout {
+    Ok(CapGuardLayout {
         enabled: 1,
         nr_socket: 41,
         nr_compat_socket: 359,
         nr_compat_socketcall: 102,
+        nr_io_uring_enter: 426,
         regs_nr: regs[0],
         regs_args: [regs[1], regs[2], regs[3]],
         regs_compat_args: [regs[4], regs[5], regs[3]],
+        task_flags: task[1],
+        // PF_IO_WORKER (include/linux/sched.h).
+        pf_io_worker: 0x0000_0010,
         task_status: task[0] + status,
         // TS_COMPAT (arch/x86/include/asm/thread_info.h): the syscall came in by a 32-bit entry.
         status_compat: 0x0002,
-        task_files: task[1],
-        files_fdt: off("files_struct", &["fdt"])?[0],
-        fdt_max_fds: fdt[0],
-        fdt_fd: fdt[1],
-        file_private_data: off("file", &["private_data"])?[0],
-        socket_sk: off("socket", &["sk"])?[0],
-        sk_family: sock[0] + family,
-        sk_type: sock[1],
-        sk_protocol: sock[2],
     })
 }
 

@@ -28,6 +28,9 @@ pub enum Kind {
     Udp,
     /// send() of 32 bytes on one connected UDP socket.
     Udpc,
+    /// getppid(): the cheapest syscall, so any cost a hook puts on every syscall of every
+    /// process shows (agentwall's packet-socket guard runs on capability checks instead).
+    Syscall,
     /// A TCP connection through an HTTP CONNECT proxy: connect to the proxy, CONNECT to the
     /// target, read the proxy's reply (must be 200), close.
     Proxy,
@@ -321,6 +324,11 @@ pub fn main(args: LoadArgs) -> Result<()> {
                 Ok(())
             })?
         }
+        Kind::Syscall => timed(&args, || {
+            // SAFETY: no arguments; the raw syscall, since libc may cache getppid.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+            Ok(())
+        })?,
         Kind::Proxy => {
             let proxy_addr = args.proxy.context("--kind proxy needs --proxy")?;
             let proxy = sockaddr(proxy_addr);

@@ -82,16 +82,18 @@ pub enum Workload {
     UdpcAgent,
     TcpOther,
     UdpOther,
+    SyscallOther,
     TcpProxy,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::TcpAgent,
         Workload::UdpAgent,
         Workload::UdpcAgent,
         Workload::TcpOther,
         Workload::UdpOther,
+        Workload::SyscallOther,
         Workload::TcpProxy,
     ];
 
@@ -102,6 +104,7 @@ impl Workload {
             Workload::UdpcAgent => "UDP send (connected), agent",
             Workload::TcpOther => "TCP connect+close, not an agent",
             Workload::UdpOther => "UDP sendto, not an agent",
+            Workload::SyscallOther => "getppid() syscall, not an agent",
             Workload::TcpProxy => "TCP connect through the proxy, agent",
         }
     }
@@ -123,6 +126,7 @@ impl Workload {
                 Workload::UdpcAgent,
                 Workload::TcpOther,
                 Workload::UdpOther,
+                Workload::SyscallOther,
             ],
         }
     }
@@ -134,6 +138,7 @@ impl Workload {
             Workload::UdpcAgent => (LoadKind::Udpc, true, ctx.udp, plan.udp_ops),
             Workload::TcpOther => (LoadKind::Tcp, false, ctx.tcp, plan.tcp_ops),
             Workload::UdpOther => (LoadKind::Udp, false, ctx.udp, plan.udp_ops),
+            Workload::SyscallOther => (LoadKind::Syscall, false, ctx.udp, plan.syscall_ops),
             Workload::TcpProxy => {
                 // tinyproxy fsyncs each log line: with its log on, 1/20 of the connections.
                 let n = if config == (Kind::Proxy { log: true }) {
@@ -210,6 +215,7 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             rounds,
             tcp_ops: 2_000,
             udp_ops: 15_000,
+            syscall_ops: 300_000,
             proxy_ops: 300,
             warmup_divisor: 10,
             quiesce_ms: 50,
@@ -225,6 +231,7 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             rounds,
             tcp_ops: 20_000,
             udp_ops: 200_000,
+            syscall_ops: 3_000_000,
             proxy_ops: 2_000,
             warmup_divisor: 20,
             quiesce_ms: 250,

@@ -57,6 +57,7 @@ pub struct Plan {
     pub rounds: usize,
     pub tcp_ops: u64,
     pub udp_ops: u64,
+    pub syscall_ops: u64,
     pub proxy_ops: u64,
     /// Warm-up operations before each timed run: ops / this.
     pub warmup_divisor: u64,
@@ -344,6 +345,11 @@ impl Raw {
                 Workload::UdpOther,
                 0.99,
             ),
+            ratio_goal(
+                format!("getppid() rate of a non-agent, agentwall {k} attached / floor"),
+                Workload::SyscallOther,
+                0.97,
+            ),
         ];
         let decisions: u64 = events.iter().map(|e| e.check.decisions).sum();
         goals.push(Goal {
@@ -424,11 +430,12 @@ impl Report {
         let _ = writeln!(
             o,
             "agentwall bench ({}): {} rounds, configurations interleaved in each round; \
-             {} TCP connections, {} UDP sends, {} proxied connections per run",
+             {} TCP connections, {} UDP sends, {} getppid() calls, {} proxied connections per run",
             if p.quick { "quick" } else { "full" },
             p.rounds,
             p.tcp_ops,
             p.udp_ops,
+            p.syscall_ops,
             p.proxy_ops
         );
         let _ = writeln!(o, "machine: {}", self.machine_line);

@@ -34,11 +34,19 @@ fn run_exec_reload_and_stop() -> Result<()> {
     assert_eq!((out[0].errno, out[1].errno), (0, EPERM), "{out:?}");
 
     // Packet sockets pass every cgroup socket hook: exec drops CAP_NET_RAW, so the kernel
-    // refuses them (and raw sockets) itself, unless the policy lists them. Both are recorded
-    // (hook `socket`).
-    let (ok, out, err) = d.exec_probe(&cg.base, "e2e", &["packet".into()])?;
+    // refuses them (and raw sockets) itself, unless the policy lists them. The capability
+    // check records each (hook `socket`).
+    let (ok, out, err) = d.exec_probe(
+        &cg.base,
+        "e2e",
+        &["packet".into(), format!("raw:127.0.0.1:{b}")],
+    )?;
     ensure!(ok, "exec failed: {err}");
-    assert_eq!(out[0].errno, EPERM, "a packet socket was created: {out:?}");
+    assert_eq!(
+        (out[0].errno, out[1].errno),
+        (EPERM, EPERM),
+        "a packet or raw socket was created: {out:?}"
+    );
     let (ok, out, err) = d.exec_probe(&cg.base, "packets", &["packet".into()])?;
     ensure!(ok, "exec failed: {err}");
     assert_eq!(
@@ -101,6 +109,7 @@ fn run_exec_reload_and_stop() -> Result<()> {
         ("e2e".into(), a, "allowed".into(), 1),
         ("e2e".into(), b, "blocked".into(), 1),
         ("e2e".into(), 0, "blocked".into(), 1),
+        ("e2e".into(), 0, "blocked".into(), 1),
         ("packets".into(), 0, "allowed".into(), 1),
         ("e2e".into(), a, "allowed".into(), 1),
         ("e2e".into(), b, "blocked".into(), 1),
@@ -115,7 +124,14 @@ fn run_exec_reload_and_stop() -> Result<()> {
         .filter(|r| r.port == 0)
         .map(|r| (r.hook.as_str(), r.socket.as_deref()))
         .collect();
-    assert_eq!(sockets, [("socket", Some("packet")); 2]);
+    assert_eq!(
+        sockets,
+        [
+            ("socket", Some("packet")),
+            ("socket", Some("raw")),
+            ("socket", Some("packet"))
+        ]
+    );
     let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
     let (ok, msg) = d.uninstall()?;

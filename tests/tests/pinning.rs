@@ -106,7 +106,7 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     let lp = kill_during_a_loop(&mut d, &cg, &allowed, &denied, 2500)?;
 
     // Down: the pinned programs still decide, for the loop and for a new process alike; the
-    // socket-syscall guard too.
+    // packet-socket guard too.
     std::thread::sleep(Duration::from_millis(300));
     assert_still_judged(&cg, &allowed, &denied, "while down")?;
     assert_packet_socket_kills(&cg, "while down")?;
@@ -123,7 +123,7 @@ fn sigkill_changes_no_verdict_and_a_restart_adopts() -> Result<()> {
     assert_eq!(
         links
             .iter()
-            .filter(|l| l.starts_with("socket_exit"))
+            .filter(|l| l.starts_with("net_raw_use"))
             .count(),
         1,
         "{links:?}"

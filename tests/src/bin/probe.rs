@@ -26,6 +26,8 @@
 //!   unixdg:NAME          Unix datagram socket, sendto NAME (unconnected)
 //!   uring-connect:ADDR   TCP connect through io_uring
 //!   uring-sendmsg:ADDR   unconnected UDP sendmsg through io_uring
+//!   uring-packet[:async] AF_PACKET socket made by io_uring (IORING_OP_SOCKET); `async` makes
+//!                        an io_uring worker thread do it (IOSQE_ASYNC)
 //!   scm:CGROUP,ADDR      a child joins CGROUP and connects a TCP socket this process
 //!                        created outside and passed over SCM_RIGHTS; reports the child's errno
 //!   setuid:UID           drop to this uid (and gid)
@@ -196,6 +198,7 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
         "loop" => connect_loop(arg),
         "uring-connect" => uring(arg, true),
         "uring-sendmsg" => uring(arg, false),
+        "uring-packet" => uring_packet(arg == "async"),
         "scm" => scm(arg),
         "setuid" => {
             let id: u32 = arg.parse().map_err(|_| io::Error::other("setuid:UID"))?;
@@ -466,6 +469,27 @@ fn uring(arg: &str, connect: bool) -> io::Result<i64> {
         opcode::SendMsg::new(fd, &msg).build()
     };
     // SAFETY: the entry's buffers live until the completion is reaped below.
+    unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(cqe.result() as i64)
+}
+
+fn uring_packet(worker: bool) -> io::Result<i64> {
+    use io_uring::{opcode, squeue::Flags, IoUring};
+    let mut ring = IoUring::new(4)?;
+    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+    let mut entry = opcode::Socket::new(libc::AF_PACKET, libc::SOCK_RAW, proto).build();
+    if worker {
+        entry = entry.flags(Flags::ASYNC);
+    }
+    // SAFETY: the entry holds no pointers.
     unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
     ring.submit_and_wait(1)?;
     let cqe = ring
