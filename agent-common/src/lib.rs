@@ -379,16 +379,17 @@ fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
-/// `bytes` widened to a current record of `N` bytes: a layout v2 record, `EVENT_V2_BYTES`
-/// shorter, gets a zero `action` and its tail (a Unix event's path) moved behind it.
+/// `bytes` widened to a current record of `N` bytes: a layout v2 record, 8 bytes shorter, gets
+/// a zero `action` and its tail (a Unix event's path) moved behind it.
 fn widen_v2<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut buf = [0u8; N];
     if bytes.len() >= N {
         buf.copy_from_slice(&bytes[..N]);
     } else if bytes.len() + 8 >= N && bytes.len() >= EVENT_V2_BYTES {
         buf[..EVENT_V2_BYTES].copy_from_slice(&bytes[..EVENT_V2_BYTES]);
-        let tail = &bytes[EVENT_V2_BYTES..];
-        buf[EVENT_V2_BYTES + 8..EVENT_V2_BYTES + 8 + tail.len()].copy_from_slice(tail);
+        // What fits behind the new field (a v2 record is exactly N - 8 bytes).
+        let tail = &bytes[EVENT_V2_BYTES..N - 8];
+        buf[EVENT_V2_BYTES + 8..].copy_from_slice(tail);
     }
     buf
 }

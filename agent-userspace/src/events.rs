@@ -658,6 +658,10 @@ mod tests {
         assert_eq!(d.unix_path.as_deref(), Some("/run/a.sock"));
         assert_eq!(d.action, "blocked");
         assert!(Decision::from_record(&bytes[..agent_common::EVENT_V2_BYTES - 1]).is_none());
+        // Between the two sizes (found by the fuzzer): read as v2, no panic.
+        let whole = event();
+        let odd = &as_bytes(&whole)[..agent_common::EVENT_V2_BYTES + 3];
+        assert_eq!(Event::from_bytes(odd).map(|e| e.action), Some(0));
     }
 
     #[test]

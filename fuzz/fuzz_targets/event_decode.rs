@@ -2,8 +2,9 @@
 //! or a `UnixEvent` for the Unix-socket hooks), and the audit record the controller writes for
 //! it (and its JSON round trip).
 //!
-//! Never panics; a record shorter than an `Event` (or, for a Unix hook, a `UnixEvent`) is
-//! refused; a decoded event is the record's bytes, and the decision carries its fields.
+//! Never panics; a record shorter than a layout v2 `Event` (or, for a Unix hook, a v2
+//! `UnixEvent`) is refused; a decoded event is the record's bytes (a v2 record's, with no
+//! `action`), and the decision carries its fields.
 
 #![no_main]
 
@@ -12,7 +13,7 @@ use std::mem::size_of;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use agent_common::{hook, Event, UnixEvent, NO_RULE};
+use agent_common::{action, hook, Event, UnixEvent, EVENT_V2_BYTES, NO_RULE};
 use agentwall::events::{AuditRecord, Decision, Enricher};
 use agentwall::identity::{AgentMeta, Names, PolicyMeta};
 use libfuzzer_sys::fuzz_target;
@@ -50,19 +51,24 @@ fn enricher() -> &'static Mutex<Enricher> {
 
 fuzz_target!(|data: &[u8]| {
     let Some(e) = Event::from_bytes(data) else {
-        assert!(data.len() < size_of::<Event>());
+        assert!(data.len() < EVENT_V2_BYTES);
         return;
     };
-    assert!(data.len() >= size_of::<Event>());
     // SAFETY: Event is repr(C) plain integers without padding (agent-common asserts its size).
     let bytes = unsafe {
         std::slice::from_raw_parts((&e as *const Event).cast::<u8>(), size_of::<Event>())
     };
-    assert_eq!(bytes, &data[..size_of::<Event>()]);
+    if data.len() >= size_of::<Event>() {
+        assert_eq!(bytes, &data[..size_of::<Event>()]);
+    } else {
+        // A layout v2 record: the same fields, no action.
+        assert_eq!(&bytes[..EVENT_V2_BYTES], &data[..EVENT_V2_BYTES]);
+        assert_eq!(e.action, 0);
+    }
 
     let is_unix = matches!(e.hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX);
     let Some(d) = Decision::from_record(data) else {
-        assert!(is_unix && data.len() < size_of::<UnixEvent>());
+        assert!(is_unix && data.len() + 8 < size_of::<UnixEvent>());
         return;
     };
     assert_eq!(d.unix_path.is_some(), is_unix);
@@ -99,19 +105,26 @@ fuzz_target!(|data: &[u8]| {
     assert!(!d.comm.contains('\0'), "{:?}", d.comm);
     assert!(["allow", "deny"].contains(&d.decision));
     assert!(["audit", "enforce"].contains(&d.mode));
+    let shown = match (is_unix, UnixEvent::from_bytes(data)) {
+        (true, Some(u)) => u.event.action,
+        _ => e.action,
+    };
     assert_eq!(
-        d.action(),
-        if d.decision == "deny" && d.mode == "enforce" {
-            "blocked"
-        } else {
-            "allowed"
+        d.action,
+        match shown {
+            action::ALLOWED => "allowed",
+            action::BLOCKED => "blocked",
+            action::KILLED => "killed",
+            // Not recorded (layout v2): what the verdict and the mode say.
+            _ if d.decision == "deny" && d.mode == "enforce" => "blocked",
+            _ => "allowed",
         }
     );
 
     let record = enricher().lock().unwrap().decision(&d);
     let rec = record.decision.as_ref().expect("a decision record");
     assert_eq!(rec.rule, d.rule_id);
-    assert_eq!(rec.action, d.action());
+    assert_eq!(rec.action, d.action);
     if d.policy_id == 1 {
         let expected = match (d.rule_id, is_unix) {
             (Some(0), true) => Some("/run/tools/"),
