@@ -129,6 +129,31 @@ struct Dest {
     sock_kind: u32,
 }
 
+impl Dest {
+    /// A socket with no address (socket creation, and Unix sockets, whose path travels beside).
+    #[inline(always)]
+    fn socket(family: u32, sock_type: u32, protocol: u32, sock_kind: u32) -> Dest {
+        Dest {
+            addr: [0; 16],
+            port: 0,
+            family,
+            protocol,
+            sock_type,
+            sock_kind,
+        }
+    }
+}
+
+/// What an agent's policy says about a socket kind (its `sockets` list).
+#[inline(always)]
+fn socket_verdict(agent: &AgentEntry, kind: u32) -> (u32, u32) {
+    if agent.sockets & kind != 0 {
+        (verdict::ALLOW, reason::SOCKET_ALLOWED)
+    } else {
+        (verdict::DENY, reason::SOCKET_KIND)
+    }
+}
+
 pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
     let Some((agent_cg, agent)) = find_agent() else {
         return Ok(ALLOW);
@@ -237,19 +262,8 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
     if kind == 0 {
         return Ok(ALLOW);
     }
-    let dest = Dest {
-        addr: [0; 16],
-        port: 0,
-        family,
-        protocol,
-        sock_type: ty,
-        sock_kind: kind,
-    };
-    let (v, r) = if agent.sockets & kind != 0 {
-        (verdict::ALLOW, reason::SOCKET_ALLOWED)
-    } else {
-        (verdict::DENY, reason::SOCKET_KIND)
-    };
+    let dest = Dest::socket(family, ty, protocol, kind);
+    let (v, r) = socket_verdict(agent, kind);
     Ok(finish(
         hook::SOCK_CREATE,
         agent_cg,
@@ -294,16 +308,11 @@ pub fn net_raw_use(
             (family, ty, protocol, kind)
         }
     };
-    let allowed = agent.sockets & kind != 0;
-    if !granted && allowed {
+    let (v, r) = socket_verdict(agent, kind);
+    if !granted && v == verdict::ALLOW {
         // The kernel's own refusal of an allowed kind: no decision of ours.
         return Ok(());
     }
-    let (v, r) = if allowed {
-        (verdict::ALLOW, reason::SOCKET_ALLOWED)
-    } else {
-        (verdict::DENY, reason::SOCKET_KIND)
-    };
     let (ret, mut out) = settle(agent, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
     out.action = if !granted {
@@ -318,14 +327,7 @@ pub fn net_raw_use(
         count(counter::ERRORS);
         action::ALLOWED
     };
-    let dest = Dest {
-        addr: [0; 16],
-        port: 0,
-        family,
-        protocol,
-        sock_type: ty,
-        sock_kind: kind,
-    };
+    let dest = Dest::socket(family, ty, protocol, kind);
     emit(hook::SOCKET, agent_cg, agent, &dest, &out);
     Ok(())
 }
@@ -561,14 +563,7 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
     };
     // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    let dest = Dest {
-        addr: [0; 16],
-        port: 0,
-        family: AF_UNIX,
-        protocol: 0,
-        sock_type,
-        sock_kind: 0,
-    };
+    let dest = Dest::socket(AF_UNIX, sock_type, 0, 0);
     let p = entry.as_mut_ptr();
     // SAFETY: `p` is the reserved record, valid for a UnixEvent until submitted.
     unsafe {

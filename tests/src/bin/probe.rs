@@ -442,7 +442,7 @@ fn connect_loop(arg: &str) -> io::Result<i64> {
 
 /// A TCP connect or an unconnected UDP sendmsg submitted through io_uring.
 fn uring(arg: &str, connect: bool) -> io::Result<i64> {
-    use io_uring::{opcode, types, IoUring};
+    use io_uring::{opcode, types};
     let a = addr(arg)?;
     let s = if connect {
         socket(&a, Type::STREAM, Protocol::TCP)?
@@ -450,7 +450,6 @@ fn uring(arg: &str, connect: bool) -> io::Result<i64> {
         socket(&a, Type::DGRAM, Protocol::UDP)?
     };
     let dest = SockAddr::from(a);
-    let mut ring = IoUring::new(4)?;
     let mut payload = *b"uring";
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -468,8 +467,18 @@ fn uring(arg: &str, connect: bool) -> io::Result<i64> {
     } else {
         opcode::SendMsg::new(fd, &msg).build()
     };
-    // SAFETY: the entry's buffers live until the completion is reaped below.
-    unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
+    // SAFETY: the entry's buffers live until `submit_one` has reaped its completion.
+    unsafe { submit_one(&entry) }
+}
+
+/// Submits one io_uring entry on a new ring and waits for its result.
+///
+/// # Safety
+/// Whatever the entry points to must stay valid until this returns.
+unsafe fn submit_one(entry: &io_uring::squeue::Entry) -> io::Result<i64> {
+    let mut ring = io_uring::IoUring::new(4)?;
+    // SAFETY: the caller keeps the entry's buffers alive until the completion below.
+    unsafe { ring.submission().push(entry) }.map_err(|_| io::Error::other("sq full"))?;
     ring.submit_and_wait(1)?;
     let cqe = ring
         .completion()
@@ -482,24 +491,14 @@ fn uring(arg: &str, connect: bool) -> io::Result<i64> {
 }
 
 fn uring_packet(worker: bool) -> io::Result<i64> {
-    use io_uring::{opcode, squeue::Flags, IoUring};
-    let mut ring = IoUring::new(4)?;
+    use io_uring::{opcode, squeue::Flags};
     let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
     let mut entry = opcode::Socket::new(libc::AF_PACKET, libc::SOCK_RAW, proto).build();
     if worker {
         entry = entry.flags(Flags::ASYNC);
     }
     // SAFETY: the entry holds no pointers.
-    unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("sq full"))?;
-    ring.submit_and_wait(1)?;
-    let cqe = ring
-        .completion()
-        .next()
-        .ok_or_else(|| io::Error::other("no completion"))?;
-    if cqe.result() < 0 {
-        return Err(io::Error::from_raw_os_error(-cqe.result()));
-    }
-    Ok(cqe.result() as i64)
+    unsafe { submit_one(&entry) }
 }
 
 /// SCM_RIGHTS: this process (outside any agent) creates a TCP socket and passes it to a forked
