@@ -379,38 +379,31 @@ fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
-/// `bytes` widened to a current record of `N` bytes: a layout v2 record, 8 bytes shorter, gets
-/// a zero `action` and its tail (a Unix event's path) moved behind it.
-fn widen_v2<const N: usize>(bytes: &[u8]) -> [u8; N] {
-    let mut buf = [0u8; N];
-    if bytes.len() >= N {
-        buf.copy_from_slice(&bytes[..N]);
-    } else if bytes.len() + 8 >= N && bytes.len() >= EVENT_V2_BYTES {
-        buf[..EVENT_V2_BYTES].copy_from_slice(&bytes[..EVENT_V2_BYTES]);
-        // What fits behind the new field (a v2 record is exactly N - 8 bytes).
-        let tail = &bytes[EVENT_V2_BYTES..N - 8];
-        buf[EVENT_V2_BYTES + 8..].copy_from_slice(tail);
+/// A layout v2 record (8 bytes shorter than the current one of `N` bytes: no `action`) widened
+/// to the current layout: a zero `action`, its tail (a Unix event's path) moved behind it.
+/// `None` unless `bytes` has a v2 record's length.
+fn widen_v2<const N: usize>(bytes: &[u8]) -> Option<[u8; N]> {
+    if bytes.len() >= N || bytes.len() + 8 < N || bytes.len() < EVENT_V2_BYTES {
+        return None;
     }
-    buf
+    let mut buf = [0u8; N];
+    buf[..EVENT_V2_BYTES].copy_from_slice(&bytes[..EVENT_V2_BYTES]);
+    // What fits behind the new field (a v2 record is exactly N - 8 bytes).
+    buf[EVENT_V2_BYTES + 8..].copy_from_slice(&bytes[EVENT_V2_BYTES..N - 8]);
+    Some(buf)
 }
 
 impl Event {
     /// Reads an event from ring-buffer bytes (a layout v2 record too); `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
-        if bytes.len() < EVENT_V2_BYTES {
-            return None;
-        }
-        read_record(&widen_v2::<{ size_of::<Event>() }>(bytes))
+        read_record(bytes).or_else(|| read_record(&widen_v2::<{ size_of::<Event>() }>(bytes)?))
     }
 }
 
 impl UnixEvent {
     /// Reads a Unix event from ring-buffer bytes (a layout v2 record too); `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<UnixEvent> {
-        if bytes.len() + 8 < size_of::<UnixEvent>() {
-            return None;
-        }
-        read_record(&widen_v2::<{ size_of::<UnixEvent>() }>(bytes))
+        read_record(bytes).or_else(|| read_record(&widen_v2::<{ size_of::<UnixEvent>() }>(bytes)?))
     }
 
     /// The name as the kernel resolves it: a path name up to its first NUL, or an abstract

@@ -280,13 +280,9 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
 /// needs it; a tracepoint cannot make the call fail, so an agent whose policy does not allow
 /// the socket, and whose capability the kernel granted, is killed (SIGKILL to the whole process)
 /// before the call returns to user space. A refusal by the kernel is recorded as blocked.
-pub fn net_raw_use(
-    (agent_cg, agent): (u64, &AgentEntry),
-    what: NetRawUse,
-    granted: bool,
-) -> Result<(), i32> {
+pub fn net_raw_use((agent_cg, agent): (u64, &AgentEntry), what: NetRawUse, granted: bool) {
     let (family, ty, protocol, kind) = match what {
-        NetRawUse::Other => return Ok(()),
+        NetRawUse::Other => return,
         // Which socket io_uring makes cannot be read here: only a policy that allows packet
         // sockets (the widest kind) lets an agent use CAP_NET_RAW there. Unreadable: the same,
         // failing closed.
@@ -298,9 +294,9 @@ pub fn net_raw_use(
             trusted,
         } => {
             let kind = match socket_kind(family, ty, protocol) {
-                0 => return Ok(()),
+                0 => return,
                 // Raw inet sockets are judged by sock_create once the kernel grants this.
-                sock::RAW if granted && trusted => return Ok(()),
+                sock::RAW if granted && trusted => return,
                 // Arguments another thread may have changed since the kernel read them.
                 _ if !trusted => sock::PACKET,
                 k => k,
@@ -311,7 +307,7 @@ pub fn net_raw_use(
     let (v, r) = socket_verdict(agent, kind);
     if !granted && v == verdict::ALLOW {
         // The kernel's own refusal of an allowed kind: no decision of ours.
-        return Ok(());
+        return;
     }
     let (ret, mut out) = settle(agent, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
@@ -329,7 +325,6 @@ pub fn net_raw_use(
     };
     let dest = Dest::socket(family, ty, protocol, kind);
     emit(hook::SOCKET, agent_cg, agent, &dest, &out);
-    Ok(())
 }
 
 const SIGKILL: u32 = 9;

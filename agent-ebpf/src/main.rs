@@ -112,7 +112,7 @@ pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
 /// judged as the strictest kind.
 #[btf_tracepoint(function = "cap_capable")]
 pub fn net_raw_use(ctx: BtfTracePointContext) -> i32 {
-    let _ = net_raw::cap_check(&ctx);
+    net_raw::cap_check(&ctx);
     0
 }
 

@@ -86,7 +86,13 @@ pub enum Workload {
     TcpProxy,
 }
 
+const _: () = assert!(matches!(
+    Workload::ALL[Workload::ALL.len() - 1],
+    Workload::TcpProxy
+));
+
 impl Workload {
+    /// Every workload, the proxy's last (`for_config` relies on that).
     pub const ALL: [Workload; 7] = [
         Workload::TcpAgent,
         Workload::UdpAgent,
@@ -118,16 +124,10 @@ impl Workload {
     }
 
     fn for_config(kind: Kind) -> &'static [Workload] {
+        let (direct, proxy) = Self::ALL.split_at(Self::ALL.len() - 1);
         match kind {
-            Kind::Proxy { .. } => &[Workload::TcpProxy],
-            _ => &[
-                Workload::TcpAgent,
-                Workload::UdpAgent,
-                Workload::UdpcAgent,
-                Workload::TcpOther,
-                Workload::UdpOther,
-                Workload::SyscallOther,
-            ],
+            Kind::Proxy { .. } => proxy,
+            _ => direct,
         }
     }
 
