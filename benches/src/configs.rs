@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use agentwall::loader::Counters;
+pub use agentwall::datapath::Counters;
 use agentwall::{
     api::Request,
-    controller::{self, Handle, Options, PolicySource},
+    daemon::{self, Handle, Options, PolicySource},
     policy::PolicySet,
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -405,7 +405,7 @@ pub async fn setup(cfg: &Config, ctx: &Ctx, round: usize) -> Result<(Active, Set
             if let Some(w) = ctx.wakeup_bytes {
                 opts.wakeup_bytes = w;
             }
-            let handle = controller::start(opts)
+            let handle = daemon::start(opts)
                 .await
                 .context("starting the in-process agentwall controller")?;
             handle

@@ -2,7 +2,7 @@
 //! memory figures are the controller's alone:
 //!
 //! - `--mode load`: parse the 100k-rule policy, compile it alone (timed), then start a
-//!   controller with it (`controller::start`: compile, load the programs, install every prefix
+//!   controller with it (`daemon::start`: compile, load the programs, install every prefix
 //!   into the LPM trie, attach), timing that and the peak RSS it adds; then stop.
 //! - `--mode daemon`: start the controller the way `agentwall run --policy FILE` does (from the
 //!   file), register the agent cgroup, report RSS and the kernel memory of its maps, then on
@@ -20,8 +20,8 @@ use std::{
 use agent_common::{proto, AgentEntry, PortRule, PrefixV4, RuleSet, POLICY_PREFIX_BITS};
 use agentwall::{
     api::Request,
-    cgroup,
-    controller::{self, Options, PolicySource},
+    daemon::{self, Options, PolicySource},
+    identity::cgroup,
     policy::{self, PolicySet},
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -61,7 +61,7 @@ pub struct DaemonArgs {
 pub struct LoadFigures {
     pub parse_ms: f64,
     pub compile_ms: f64,
-    /// controller::start with the parsed policy: compile + program load + install + attach.
+    /// daemon::start with the parsed policy: compile + program load + install + attach.
     pub start_ms: f64,
     pub trie_entries: usize,
     pub rss_before_kib: u64,
@@ -145,7 +145,7 @@ async fn load_mode(args: &DaemonArgs) -> Result<()> {
     sys::reset_peak_rss()?;
     let opts = options(PolicySource::Fixed(set), &args.audit_log, args.wakeup_bytes);
     let t = Instant::now();
-    let handle = controller::start(opts).await?;
+    let handle = daemon::start(opts).await?;
     let start_ms = ms(t.elapsed());
     let peak_kib = sys::status_kib("VmHWM")?;
     handle.shutdown().await?;
@@ -182,7 +182,7 @@ async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
         args.wakeup_bytes,
     );
     let t = Instant::now();
-    let handle = controller::start(opts).await?;
+    let handle = daemon::start(opts).await?;
     let start_ms = ms(t.elapsed());
     handle
         .request(Request::Register {

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use agentwall::{cgroup, policy};
+use agentwall::{identity::cgroup, policy};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -288,7 +288,7 @@ async fn bench(
     need("nft", "nftables")?;
     need("tinyproxy", "tinyproxy-bin")?;
     let mut plan = plan(quick, rounds, idle_wait)?;
-    plan.wakeup_bytes = wakeup_bytes.unwrap_or(agentwall::loader::DEFAULT_WAKEUP_BYTES);
+    plan.wakeup_bytes = wakeup_bytes.unwrap_or(agentwall::datapath::DEFAULT_WAKEUP_BYTES);
     let _guard = cleanup::Guard;
     cleanup::install_signal_handlers()?;
     let t0 = Instant::now();

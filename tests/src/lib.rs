@@ -12,9 +12,9 @@ use std::{
 
 use agentwall::{
     api::Request,
-    cgroup,
-    controller::{self, Handle, Options, PolicySource},
+    daemon::{self, Handle, Options, PolicySource},
     events::{AuditRecord, DecisionRecord},
+    identity::cgroup,
     policy::{self, PolicySet},
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -110,7 +110,7 @@ impl Harness {
         opts.control_socket = None;
         opts.tap = Some(tap);
         tune(&mut opts);
-        let handle = controller::start(opts).await?;
+        let handle = daemon::start(opts).await?;
         handle
             .request(Request::Register {
                 cgroup: agent.clone(),
@@ -411,7 +411,7 @@ impl Daemon {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policies"))?;
-        agentwall::loader::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        agentwall::datapath::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         Ok(Self {
             child: None,
             agentwall: sibling_exe("agentwall")?,
@@ -572,7 +572,7 @@ impl Drop for Daemon {
         if self.child.is_some() {
             let _ = self.signal(libc::SIGTERM);
         }
-        let _ = agentwall::pin::uninstall(&self.pin_dir);
+        let _ = agentwall::datapath::pin::uninstall(&self.pin_dir);
         // A test that moved pin_dir into layout directories (<test dir>/v1, v2...): all of them.
         if let Some(parent) = self.pin_dir.parent() {
             let ours = parent
@@ -581,7 +581,7 @@ impl Drop for Daemon {
                 .is_some_and(|n| n.starts_with("agentwall-test-"));
             if ours {
                 for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-                    let _ = agentwall::pin::uninstall(&e.path());
+                    let _ = agentwall::datapath::pin::uninstall(&e.path());
                 }
             }
         }

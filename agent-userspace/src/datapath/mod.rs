@@ -27,12 +27,16 @@ use agent_common::{
     POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
-use crate::{
-    pin::{self, PinError},
-    policy::CompiledPolicy,
-    socket_guard, sys,
-    unix_hooks::{self, UnixHookError, UnixProgram},
-};
+use crate::policy::CompiledPolicy;
+
+pub mod btf;
+pub mod pin;
+pub mod socket_guard;
+pub mod sys;
+pub mod unix_hooks;
+
+use pin::PinError;
+use unix_hooks::{UnixHookError, UnixProgram};
 
 /// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -79,7 +83,7 @@ pub enum LoaderError {
     #[error(transparent)]
     UnixHook(#[from] UnixHookError),
     #[error("reading the kernel's BTF for the packet-socket guard: {0}")]
-    SocketGuard(#[from] crate::btf::BtfError),
+    SocketGuard(#[from] btf::BtfError),
     #[error("pinning {0}: {1}")]
     PinLink(String, String),
     #[error("{0}")]

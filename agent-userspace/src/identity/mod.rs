@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+pub mod cgroup;
+
 /// A registered agent cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentMeta {

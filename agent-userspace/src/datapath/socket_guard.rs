@@ -4,7 +4,7 @@
 
 use agent_common::CapGuardLayout;
 
-use crate::btf::{self, BtfError};
+use super::btf::{self, BtfError};
 
 /// The program, by its function name in agent-ebpf, and the tracepoint it is attached to.
 pub const PROGRAM: &str = "net_raw_use";

@@ -11,7 +11,7 @@ use std::{
 use aya::{maps::Map, Ebpf};
 use thiserror::Error;
 
-use crate::{btf, sys};
+use super::{btf, sys};
 
 /// The programs, by their function names in agent-ebpf, with their attach types.
 pub const PROGRAMS: [(&str, u32); 2] = [

@@ -14,13 +14,13 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
 use crate::{
-    controller::{self, Options, PolicySource},
+    daemon::{self, Options, PolicySource},
     events::AuditRecord,
     policy::{self, PolicySet},
 };
 
 /// The demo policy, embedded so the demo needs no files.
-pub const DEMO_POLICY: &str = include_str!("../../policies/demo.yaml");
+pub const DEMO_POLICY: &str = include_str!("../../../policies/demo.yaml");
 
 /// What the demo agent tries; every target is loopback.
 const TARGETS: &[(&str, &str)] = &[
@@ -58,7 +58,7 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     opts.audit_log = Some(audit_log.clone());
     opts.control_socket = Some(socket.clone());
     opts.tap = Some(tap);
-    let handle = controller::start(opts).await?;
+    let handle = daemon::start(opts).await?;
     let root = handle.cgroup_root.clone();
     let (parent, name) = selector
         .rsplit_once('/')

@@ -21,7 +21,7 @@ use agent_common::{
 use aya::maps::{MapInfo, MapType};
 use thiserror::Error;
 
-use crate::sys;
+use super::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
 pub const LAYOUT_VERSION: u32 = 3;

@@ -16,7 +16,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
 };
 
-use crate::controller::Command;
+use crate::control::Command;
 
 pub const DEFAULT_SOCKET: &str = "/run/agentwall/control.sock";
 

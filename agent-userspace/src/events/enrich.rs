@@ -1,0 +1,205 @@
+//! Enrichment: names from the registry, process details and cgroup paths, wall-clock time.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    decode::Decision,
+    record::{AuditRecord, DecisionRecord},
+};
+use crate::identity::{cgroup, Names};
+
+/// Converts CLOCK_BOOTTIME stamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// realtime - boottime at start, in ns.
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let now = |clk| {
+            let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+            // SAFETY: valid clock id and out pointer.
+            unsafe { libc::clock_gettime(clk, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        };
+        Clock {
+            offset_ns: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_BOOTTIME),
+        }
+    }
+
+    pub fn wall(&self, boot_ns: u64) -> SystemTime {
+        let ns = (boot_ns as i128 + self.offset_ns).clamp(0, u64::MAX as i128) as u64;
+        UNIX_EPOCH + Duration::from_nanos(ns)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Builds records: names from the registry, process details from procfs.
+pub struct Enricher {
+    pub node: String,
+    pub clock: Clock,
+    pub names: Arc<RwLock<Names>>,
+    /// cgroup2 mount, to name descendant cgroups of agents.
+    root: PathBuf,
+    /// cgroup id -> path; ids are never reused, so entries never go stale.
+    cgroup_paths: HashMap<u64, String>,
+    /// pid -> (comm, executable, when read): /proc/PID/exe is read at most once per EXE_TTL
+    /// for a process whose comm is unchanged; a busy agent makes thousands of calls a second
+    /// and the read costs more than the rest of a record.
+    exes: HashMap<u32, (String, Option<String>, Instant)>,
+    seq: u64,
+}
+
+/// How long a cached executable path is trusted (an exec changes comm, which is in the key).
+const EXE_TTL: Duration = Duration::from_secs(1);
+const EXE_CACHE_MAX: usize = 4096;
+
+impl Enricher {
+    pub fn new(names: Arc<RwLock<Names>>, root: PathBuf) -> Self {
+        Self {
+            node: node_name(),
+            clock: Clock::new(),
+            names,
+            root,
+            cgroup_paths: HashMap::new(),
+            exes: HashMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn exe(&mut self, pid: u32, comm: &str) -> Option<String> {
+        let now = Instant::now();
+        if let Some((c, exe, at)) = self.exes.get(&pid) {
+            if c == comm && now.duration_since(*at) < EXE_TTL {
+                return exe.clone();
+            }
+        }
+        let exe = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.exe())
+            .ok()
+            .map(|p| p.display().to_string());
+        if self.exes.len() >= EXE_CACHE_MAX {
+            self.exes
+                .retain(|_, (_, _, at)| now.duration_since(*at) < EXE_TTL);
+        }
+        self.exes.insert(pid, (comm.to_string(), exe.clone(), now));
+        exe
+    }
+
+    /// Path of a cgroup below an agent: the caller's own /proc entry when it is still there and
+    /// agrees, else a search of the agent's subtree by id.
+    fn cgroup_path(&mut self, id: u64, pid: u32, agent_cgroup: &str) -> Option<String> {
+        if let Some(p) = self.cgroup_paths.get(&id) {
+            return Some(p.clone());
+        }
+        let is = |root: &Path, rel: &str| cgroup::cgroup_id(&root.join(rel)).ok() == Some(id);
+        let found = cgroup::of_pid(pid)
+            .filter(|rel| is(&self.root, rel))
+            .or_else(|| {
+                let base = self.root.join(agent_cgroup);
+                cgroup::walk(&base)
+                    .into_iter()
+                    .find(|rel| is(&base, rel))
+                    .map(|rel| format!("{agent_cgroup}/{rel}"))
+            })?;
+        self.cgroup_paths.insert(id, found.clone());
+        Some(found)
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn now(&self) -> String {
+        humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+    }
+
+    pub fn decision(&mut self, d: &Decision) -> AuditRecord {
+        let names = self.names.clone();
+        let names = names.read().expect("names lock");
+        let agent = names.agents.get(&d.agent_cgroup_id);
+        let policy = names.policies.get(&d.policy_id);
+        let cgroup = match agent {
+            Some(a) if d.cgroup_id == d.agent_cgroup_id => Some(a.cgroup.clone()),
+            Some(a) => self.cgroup_path(d.cgroup_id, d.pid, &a.cgroup),
+            None => None,
+        };
+        let exe = self.exe(d.pid, &d.comm);
+        let rec = DecisionRecord {
+            agent: agent.map(|a| a.name.clone()),
+            agent_cgroup: agent.map(|a| a.cgroup.clone()),
+            cgroup_id: d.cgroup_id,
+            cgroup,
+            pid: d.pid,
+            tid: d.tid,
+            comm: d.comm.clone(),
+            exe,
+            uid: d.uid,
+            gid: d.gid,
+            hook: d.hook.to_string(),
+            family: d.family.to_string(),
+            protocol: d.protocol.clone(),
+            dst: if d.socket.is_some() || d.unix_path.is_some() {
+                String::new()
+            } else {
+                d.dst.to_string()
+            },
+            port: d.port,
+            socket: d.socket.map(str::to_string),
+            sock_type: (d.socket.is_some() || d.unix_path.is_some()).then_some(d.sock_type),
+            unix_path: d.unix_path.clone(),
+            decision: d.decision.to_string(),
+            mode: d.mode.to_string(),
+            action: d.action.to_string(),
+            reason: d.reason.to_string(),
+            rule: d.rule_id,
+            rule_name: d
+                .rule_id
+                .and_then(|r| match d.unix_path {
+                    Some(_) => names.unix_entry(d.policy_id, r),
+                    None => names.rule_name(d.policy_id, r),
+                })
+                .map(str::to_string),
+            policy: policy.map(|p| p.name.clone()),
+            policy_version: d.policy_version,
+        };
+        drop(names);
+        AuditRecord {
+            seq: self.next_seq(),
+            time: humantime::format_rfc3339_nanos(self.clock.wall(d.boot_ns)).to_string(),
+            node: self.node.clone(),
+            kind: "decision".into(),
+            decision: Some(rec),
+            lost: None,
+        }
+    }
+
+    pub fn lost(&mut self, count: u64) -> AuditRecord {
+        AuditRecord {
+            seq: self.next_seq(),
+            time: self.now(),
+            node: self.node.clone(),
+            kind: "lost".into(),
+            decision: None,
+            lost: Some(count),
+        }
+    }
+}

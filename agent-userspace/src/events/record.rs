@@ -1,0 +1,59 @@
+//! The audit record: one JSON line per decision or loss, the form every sink writes.
+
+use serde::Serialize;
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time: String,
+    pub node: String,
+    /// "decision" or "lost".
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionRecord>,
+    /// For kind "lost": how many events the kernel could not queue since the last report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DecisionRecord {
+    pub agent: Option<String>,
+    pub agent_cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub hook: String,
+    pub family: String,
+    pub protocol: String,
+    /// Destination address (empty for sock_create decisions, which have none).
+    pub dst: String,
+    pub port: u16,
+    /// sock_create decisions: the socket kind (raw, ping, packet, udplite, sctp, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    /// sock_create and Unix-socket decisions: the socket type (SOCK_RAW = 3, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sock_type: Option<u32>,
+    /// Unix-socket decisions: the socket path, or `@name` for an abstract socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_path: Option<String>,
+    /// What the policy says: allow or deny.
+    pub decision: String,
+    /// enforce or audit.
+    pub mode: String,
+    /// What happened to the call: allowed, blocked, or killed (the process, for a socket it
+    /// made against the policy where no hook could refuse it).
+    pub action: String,
+    pub reason: String,
+    pub rule: Option<u32>,
+    pub rule_name: Option<String>,
+    pub policy: Option<String>,
+    pub policy_version: u32,
+}
