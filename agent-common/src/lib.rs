@@ -64,6 +64,9 @@ pub mod reason {
     /// A Unix socket path with a `..` component: never allowed, so a directory entry cannot
     /// be climbed out of.
     pub const PATH_DOTDOT: u32 = 9;
+    /// A cgroup below a selector's fixed parent that the controller has not registered yet
+    /// (new, recreated, or the agent map was full): judged by the policy's `pending` fallback.
+    pub const PENDING_IDENTITY: u32 = 10;
 }
 
 /// What an agent falls back to when the controller stops signalling liveness
@@ -166,8 +169,24 @@ pub struct AgentEntry {
     pub deadman_secs: u32,
     /// `deadman::*`
     pub deadman_mode: u32,
+    /// `entry::*`: an agent, a watched parent or an exempt cgroup.
+    pub kind: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<AgentEntry>() == 24);
+const _: () = assert!(size_of::<AgentEntry>() == 32);
+
+/// Kinds of entry in the agent map (`AgentEntry::kind`).
+pub mod entry {
+    /// A registered agent: the calling task and its descendants are judged by its policy.
+    pub const AGENT: u32 = 0;
+    /// The fixed parent of a selector (`agentwall` for `agentwall/research-*`): a task in a cgroup
+    /// BELOW it that has no nearer entry is not registered yet, and is judged by the fallback
+    /// (`mode`: deny, or audit) with reason `PENDING_IDENTITY`. A task in the parent itself is
+    /// not an agent.
+    pub const WATCH: u32 = 1;
+    /// A cgroup below a watched parent that no selector can match: not an agent, no event.
+    pub const EXEMPT: u32 = 2;
+}
 
 /// Data part of an IPv4 LPM key; the prefix length counts the 32 policy bits too.
 #[repr(C)]

@@ -102,6 +102,24 @@ impl Handle {
         }
     }
 
+    /// Registers the cgroup at `cgroup` (absolute path) as an agent, as `agentwall exec` does.
+    pub async fn register(&self, cgroup: &std::path::Path) -> Result<serde_json::Value> {
+        self.request(Request::Register {
+            cgroup: cgroup.to_path_buf(),
+        })
+        .await
+    }
+
+    /// Re-reads the policy directory; on any error the running policy stays.
+    pub async fn reload(&self) -> Result<serde_json::Value> {
+        self.request(Request::Reload).await
+    }
+
+    /// What `agentwall status` shows.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        self.request(Request::Status).await
+    }
+
     /// Stops: detaches the programs, drains the last events, closes the socket.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.shutdown.send(true);

@@ -346,6 +346,8 @@ impl State {
             sockets: sockets_,
             deadman_secs,
             deadman_mode,
+            kind: agent_common::entry::AGENT,
+            _reserved: 0,
         };
         self.enforcer.set_agent(id, entry)?;
         let meta = AgentMeta {
