@@ -166,6 +166,8 @@ pub async fn start(opts: Options) -> Result<Handle> {
         },
     );
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+    let audit_health = crate::sinks::Health::new();
     // An adopted map holds the previous controller's policy ids: new ones must not collide.
     let adopted = enforcer.adopted();
     let previous_ids = enforcer.rule_policy_ids();
@@ -192,6 +194,8 @@ pub async fn start(opts: Options) -> Result<Handle> {
         names: names.clone(),
         last_lost,
         lost_tx,
+        notices: notice_tx,
+        audit: audit_health.clone(),
         adopted_levels: if adopted { enforcer_levels } else { 0 },
     };
     // Maps first, then attach: enforcement starts complete. When adopting, the previous
@@ -229,9 +233,18 @@ pub async fn start(opts: Options) -> Result<Handle> {
     let rx = shutdown_rx.clone();
     let drain = opts.drain_interval;
     tasks.push(tokio::spawn(async move {
-        events::run(ring, enricher, sink, lost_rx, rx, drain)
-            .await
-            .context("event reader")
+        events::run(
+            ring,
+            enricher,
+            sink,
+            lost_rx,
+            notice_rx,
+            audit_health,
+            rx,
+            drain,
+        )
+        .await
+        .context("event reader")
     }));
     if let Some(sock) = opts.control_socket.clone() {
         let (tx, rx) = (cmd_tx.clone(), shutdown_rx.clone());

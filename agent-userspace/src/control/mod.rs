@@ -60,6 +60,10 @@ pub(crate) struct State {
     pub(crate) names: Arc<RwLock<Names>>,
     pub(crate) last_lost: u64,
     pub(crate) lost_tx: mpsc::UnboundedSender<u64>,
+    /// The controller's own reports into the audit stream.
+    pub(crate) notices: mpsc::UnboundedSender<crate::events::Notice>,
+    /// The audit log's health, shown by `status`.
+    pub(crate) audit: crate::sinks::Health,
     /// Levels of an adopted map's agents, kept in the mask until they are re-registered.
     pub(crate) adopted_levels: u32,
 }
@@ -143,6 +147,7 @@ impl State {
                     "policies": self.installed.keys().collect::<Vec<_>>(),
                     "agents": agents,
                     "counters": c,
+                    "audit_log": self.audit.snapshot(),
                 }))
             }
         }

@@ -189,6 +189,7 @@ impl Enricher {
             kind: "decision".into(),
             decision: Some(rec),
             lost: None,
+            detail: None,
         }
     }
 
@@ -200,6 +201,20 @@ impl Enricher {
             kind: "lost".into(),
             decision: None,
             lost: Some(count),
+            detail: None,
+        }
+    }
+
+    /// A record of something the controller itself reports (`kind` is the notice's).
+    pub fn notice(&mut self, n: &super::Notice) -> AuditRecord {
+        AuditRecord {
+            seq: self.next_seq(),
+            time: self.now(),
+            node: self.node.clone(),
+            kind: n.kind.into(),
+            decision: None,
+            lost: None,
+            detail: Some(n.detail.clone()),
         }
     }
 }

@@ -18,7 +18,15 @@ pub use decode::Decision;
 pub use enrich::{node_name, Clock, Enricher};
 pub use record::{AuditRecord, DecisionRecord};
 
-use crate::sinks::Sink;
+use crate::sinks::{Health, Sink};
+
+/// Something the controller itself has to report in the audit stream (the agent map is full, a
+/// cgroup could not be registered, ...): written as a record of `kind` carrying `detail`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub kind: &'static str,
+    pub detail: serde_json::Value,
+}
 
 /// How often the reader drains without a wake-up.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -28,9 +36,12 @@ pub async fn run(
     mut enricher: Enricher,
     mut sink: Sink,
     mut lost: mpsc::UnboundedReceiver<u64>,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    health: Health,
     mut shutdown: watch::Receiver<bool>,
     drain_interval: Duration,
 ) -> io::Result<()> {
+    let _ = &health;
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd owns it.
     let mut afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)?;
@@ -44,6 +55,10 @@ pub async fn run(
                 guard.clear_ready();
             }
             _ = tick.tick() => drain(afd.get_mut(), &mut enricher, &mut sink)?,
+            Some(n) = notices.recv() => {
+                sink.write(&enricher.notice(&n))?;
+                sink.flush()?;
+            }
             Some(n) = lost.recv() => {
                 tracing::warn!(lost = n, "events lost: the ring buffer was full");
                 sink.write(&enricher.lost(n))?;

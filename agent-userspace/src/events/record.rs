@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// One line of the audit log.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct AuditRecord {
     pub seq: u64,
     pub time: String,
@@ -15,6 +15,9 @@ pub struct AuditRecord {
     /// For kind "lost": how many events the kernel could not queue since the last report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
+    /// For the controller's own notices (`events::Notice`): what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]

@@ -10,6 +10,10 @@ use tokio::sync::mpsc;
 
 use crate::events::AuditRecord;
 
+mod health;
+
+pub use health::{Health, HealthState};
+
 /// Where records go: the audit file, stdout, and an in-process tap. The file is written a line
 /// at a time while the ring record is still held, so the ring's consumer position passes a
 /// record only once it is in the file: a controller killed at any moment loses no record (at
