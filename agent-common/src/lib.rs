@@ -24,9 +24,16 @@ pub const MAX_UNIX_PATHS: u32 = 16_384;
 /// Bytes of `sun_path` in `struct sockaddr_un`.
 pub const UNIX_PATH_MAX: usize = 108;
 
-/// Ring buffer size in bytes (power of two, multiple of the page size): about 130,000 events,
-/// so a burst of that many decisions is kept even while the reader is starved of CPU.
-pub const EVENT_RING_BYTES: u32 = 16 << 20;
+/// Ring buffer size in bytes (power of two, multiple of the page size): about 100,000 events
+/// of 656 bytes (record and header), so a burst of that many decisions is kept even while the
+/// reader is starved of CPU.
+pub const EVENT_RING_BYTES: u32 = 64 << 20;
+
+/// Bytes of an executable path kept per process and copied into each event (NUL included).
+pub const EXE_PATH_MAX: usize = 256;
+
+/// Capacity of the per-process executable map (live processes on the node).
+pub const MAX_EXES: u32 = 65_536;
 
 /// Decision codes (`Event::verdict`): what the policy says, before the mode is applied.
 pub mod verdict {
@@ -67,6 +74,44 @@ pub mod reason {
     /// A cgroup below a selector's fixed parent that the controller has not registered yet
     /// (new, recreated, or the agent map was full): judged by the policy's `pending` fallback.
     pub const PENDING_IDENTITY: u32 = 10;
+}
+
+/// Bits of `Event::proc_flags`: what the kernel knew about the calling process.
+pub mod proc {
+    /// `Event::exe` holds the executable the caller's process last exec'd.
+    pub const EXE_KNOWN: u32 = 1 << 0;
+    /// That path was longer than `EXE_PATH_MAX - 1` bytes and is cut short.
+    pub const EXE_TRUNCATED: u32 = 1 << 1;
+    /// `Event::parent_exe` holds the parent's executable.
+    pub const PARENT_EXE_KNOWN: u32 = 1 << 2;
+    pub const PARENT_EXE_TRUNCATED: u32 = 1 << 3;
+    /// `Event::ppid` was read.
+    pub const PPID_KNOWN: u32 = 1 << 4;
+}
+
+/// Bits of `ExePath::flags`.
+pub mod exe {
+    /// The path is cut short at `EXE_PATH_MAX - 1` bytes.
+    pub const TRUNCATED: u32 = 1 << 0;
+    /// Seeded by the controller from /proc (the process exec'd before the programs ran).
+    pub const FROM_PROC: u32 = 1 << 1;
+}
+
+/// Names of the maps and programs, defined once for both sides.
+pub mod names {
+    /// Single-entry array: CLOCK_BOOTTIME (ns) of the controller's last liveness signal.
+    pub const HEARTBEAT_MAP: &str = "AW_HEARTBEAT";
+    /// tgid -> the executable it last exec'd (`ExePath`).
+    pub const EXES_MAP: &str = "AW_EXES";
+    /// tp_btf/sched_process_exec: records the executable.
+    pub const EXEC_PROGRAM: &str = "exec_track";
+    pub const EXEC_TRACEPOINT: &str = "sched_process_exec";
+    /// tp_btf/sched_process_exit: forgets it when the thread-group leader exits.
+    pub const EXIT_PROGRAM: &str = "exit_track";
+    pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
+    /// tp_btf/sched_process_fork: a new process runs its parent's program until it execs.
+    pub const FORK_PROGRAM: &str = "fork_track";
+    pub const FORK_TRACEPOINT: &str = "sched_process_fork";
 }
 
 /// What an agent falls back to when the controller stops signalling liveness
@@ -271,10 +316,41 @@ pub struct Config {
     /// Bit n set: some agent cgroup sits at level n. Zero: no agents, every hook returns at once.
     pub agent_levels: u32,
     pub _reserved: u32,
-    /// CLOCK_BOOTTIME (ns) of the controller's last liveness signal, for dead-man switches.
-    pub heartbeat_ns: u64,
+    /// Unused since layout v4 (the heartbeat has its own map, `names::HEARTBEAT_MAP`, so the
+    /// task that beats never writes the agent levels).
+    pub _reserved_heartbeat: u64,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// Value of the executable map (`names::EXES_MAP`), keyed by tgid (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExePath {
+    /// `exe::*`
+    pub flags: u32,
+    pub _reserved: u32,
+    /// The path given to execve (bprm->filename), NUL-terminated, zero-filled behind.
+    pub path: [u8; EXE_PATH_MAX],
+}
+const _: () = assert!(size_of::<ExePath>() == 8 + EXE_PATH_MAX);
+
+/// Where the exec tracker and the hooks find what they read in kernel structs: byte offsets from
+/// the kernel's BTF. A load-time constant; `enabled == 0` leaves every process unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProcLayout {
+    pub enabled: u32,
+    /// `linux_binprm.filename` (const char *).
+    pub bprm_filename: u32,
+    /// `task_struct.real_parent` (struct task_struct *).
+    pub task_real_parent: u32,
+    /// `task_struct.tgid` (pid_t).
+    pub task_tgid: u32,
+    /// `task_struct.pid` (pid_t).
+    pub task_pid: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<ProcLayout>() == 24);
 
 /// One decision about an agent's connect or send. Fixed size, written to the ring buffer.
 #[repr(C)]
@@ -319,12 +395,25 @@ pub struct Event {
     /// `action::*`
     pub action: u32,
     pub _reserved: u32,
+    /// Parent process (`task->real_parent->tgid`) at decision time; valid with
+    /// `proc::PPID_KNOWN`.
+    pub ppid: u32,
+    /// `proc::*`
+    pub proc_flags: u32,
+    /// The caller's executable, copied at decision time from the exec tracker's map
+    /// (NUL-terminated); valid with `proc::EXE_KNOWN`.
+    pub exe: [u8; EXE_PATH_MAX],
+    /// The parent's executable, likewise; valid with `proc::PARENT_EXE_KNOWN`.
+    pub parent_exe: [u8; EXE_PATH_MAX],
 }
-const _: () = assert!(size_of::<Event>() == 40 + 16 + 40 + 16 + 16);
+const _: () = assert!(size_of::<Event>() == EVENT_V3_BYTES + 8 + 2 * EXE_PATH_MAX);
+const _: () = assert!(size_of::<Event>().is_multiple_of(8));
 
 /// Bytes of an `Event` as layout v2 and older wrote it (no `action`); such records may still
 /// wait in a retired layout's ring.
-pub const EVENT_V2_BYTES: usize = size_of::<Event>() - 8;
+pub const EVENT_V2_BYTES: usize = EVENT_V3_BYTES - 8;
+/// Bytes of an `Event` as layout v3 wrote it (no process fields).
+pub const EVENT_V3_BYTES: usize = 40 + 16 + 40 + 16 + 16;
 
 pub const NO_RULE: u32 = u32::MAX;
 
@@ -386,6 +475,8 @@ mod pod {
     unsafe impl aya::Pod for UnixRule {}
     unsafe impl aya::Pod for UnixEvent {}
     unsafe impl aya::Pod for CapGuardLayout {}
+    unsafe impl aya::Pod for ExePath {}
+    unsafe impl aya::Pod for ProcLayout {}
 }
 
 /// Reads a `T` from the first bytes of `bytes`; `None` if there are fewer.
@@ -398,31 +489,68 @@ fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
-/// A layout v2 record (8 bytes shorter than the current one of `N` bytes: no `action`) widened
-/// to the current layout: a zero `action`, its tail (a Unix event's path) moved behind it.
-/// `None` unless `bytes` has a v2 record's length.
-fn widen_v2<const N: usize>(bytes: &[u8]) -> Option<[u8; N]> {
-    if bytes.len() >= N || bytes.len() + 8 < N || bytes.len() < EVENT_V2_BYTES {
-        return None;
-    }
+/// The layout of a ring record of exactly `len` bytes: how many bytes of the current `Event`
+/// it holds (older layouts wrote a prefix of it), and the bytes behind that (a Unix event's
+/// path). Records are exactly as long as their layout wrote them; any other length is `None`.
+fn record_layout(len: usize, unix: bool) -> Option<(usize, usize)> {
+    let tail = if unix {
+        size_of::<UnixEvent>() - size_of::<Event>()
+    } else {
+        0
+    };
+    [size_of::<Event>(), EVENT_V3_BYTES, EVENT_V2_BYTES]
+        .into_iter()
+        .find(|head| len == head + tail)
+        .map(|head| (head, tail))
+}
+
+/// A record of any layout widened to the current one: its event prefix, zeros for the fields
+/// its layout did not have, its tail (a Unix event's path) behind. `None` for a length no
+/// layout writes.
+fn widen<const N: usize>(bytes: &[u8], unix: bool) -> Option<[u8; N]> {
+    let (head, tail) = record_layout(bytes.len(), unix)?;
     let mut buf = [0u8; N];
-    buf[..EVENT_V2_BYTES].copy_from_slice(&bytes[..EVENT_V2_BYTES]);
-    // What fits behind the new field (a v2 record is exactly N - 8 bytes).
-    buf[EVENT_V2_BYTES + 8..].copy_from_slice(&bytes[EVENT_V2_BYTES..N - 8]);
+    buf[..head].copy_from_slice(&bytes[..head]);
+    buf[N - tail..].copy_from_slice(&bytes[head..head + tail]);
     Some(buf)
 }
 
+/// The hook a record of any layout names (its offset is the same in all of them).
+fn record_hook(bytes: &[u8]) -> Option<u32> {
+    const AT: usize = core::mem::offset_of!(Event, hook);
+    let b = bytes.get(AT..AT + 4)?;
+    Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Whether a hook writes a `UnixEvent`.
+pub fn is_unix_hook(hook: u32) -> bool {
+    matches!(hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX)
+}
+
 impl Event {
-    /// Reads an event from ring-buffer bytes (a layout v2 record too); `None` if too short.
+    /// Reads the event of a ring record of any layout (v2 and v3 records are widened: zero
+    /// `action` and process fields); `None` for a length no layout writes. For a Unix hook's
+    /// record this is its `event` part.
     pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
-        read_record(bytes).or_else(|| read_record(&widen_v2::<{ size_of::<Event>() }>(bytes)?))
+        if is_unix_hook(record_hook(bytes)?) {
+            return UnixEvent::from_bytes(bytes).map(|u| u.event);
+        }
+        if bytes.len() == size_of::<Event>() {
+            // The current layout: no widening copy.
+            return read_record(bytes);
+        }
+        read_record(&widen::<{ size_of::<Event>() }>(bytes, false)?)
     }
 }
 
 impl UnixEvent {
-    /// Reads a Unix event from ring-buffer bytes (a layout v2 record too); `None` if too short.
+    /// Reads a Unix event from a ring record of any layout; `None` for a length no layout
+    /// writes.
     pub fn from_bytes(bytes: &[u8]) -> Option<UnixEvent> {
-        read_record(bytes).or_else(|| read_record(&widen_v2::<{ size_of::<UnixEvent>() }>(bytes)?))
+        if bytes.len() == size_of::<UnixEvent>() {
+            return read_record(bytes);
+        }
+        read_record(&widen::<{ size_of::<UnixEvent>() }>(bytes, true)?)
     }
 
     /// The name as the kernel resolves it: a path name up to its first NUL, or an abstract

@@ -16,13 +16,14 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    action, counter, deadman, hook, mode, proto, reason, sock, verdict, AgentEntry, Event,
+    action, counter, deadman, entry, hook, mode, proto, reason, sock, verdict, AgentEntry, Event,
     PrefixV4, PrefixV6, RuleSet, UnixEvent, UnixKey, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE,
     POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
-    maps::{count, AGENTS, CONFIG, EVENTS, RULES_V4, RULES_V6, UNIX_PATHS},
+    exec,
+    maps::{count, AGENTS, CONFIG, EVENTS, HEARTBEAT, RULES_V4, RULES_V6, UNIX_PATHS},
     net_raw::NetRawUse,
     ALLOW, DENY,
 };
@@ -54,10 +55,21 @@ const IPPROTO_SCTP: u32 = 132;
 const IPPROTO_UDPLITE: u32 = 136;
 const IPPROTO_MPTCP: u32 = 262;
 
-/// The agent the calling task belongs to: the registered cgroup nearest to it among its own
-/// cgroup and its ancestors. Only levels that hold some agent are probed.
+/// Who is calling, when it is someone the policy judges.
+pub(crate) struct Caller {
+    /// The entry's cgroup (`Event::agent_cgroup_id`).
+    pub cgroup: u64,
+    pub entry: &'static AgentEntry,
+    /// Below a watched parent with no registration yet: judged by the fallback only.
+    pub pending: bool,
+}
+
+/// The entry the calling task falls under: the deepest one among its own cgroup and its
+/// ancestors decides. An agent is judged by its policy; an exempt cgroup, or a task in a watched
+/// parent itself, is not an agent; a task strictly below a watched parent is pending. Only
+/// levels that hold some entry are probed, and only a found entry costs more.
 #[inline(always)]
-pub(crate) fn find_agent() -> Option<(u64, &'static AgentEntry)> {
+pub(crate) fn find_agent() -> Option<Caller> {
     let levels = CONFIG.get(0)?.agent_levels;
     if levels == 0 {
         return None;
@@ -65,21 +77,38 @@ pub(crate) fn find_agent() -> Option<(u64, &'static AgentEntry)> {
     // Deepest first, so a nested agent overrides its parent's registration. The level is a
     // constant in each (unrolled) step: with a computed start the verifier walks the loop once
     // per possible start, which made loading these programs take 0.3 s each.
+    let mut found = None;
     let mut level = MAX_CGROUP_LEVEL as i32;
     while level >= 0 {
         if levels & (1u32 << level) != 0 {
             // 0 when the task's cgroup is shallower than `level`.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
             if id != 0 {
-                if let Some(agent) = unsafe { AGENTS.get(id) } {
-                    return Some((id, agent));
+                if let Some(e) = unsafe { AGENTS.get(id) } {
+                    found = Some((id, e, level));
+                    break;
                 }
             }
         }
         level -= 1;
     }
-    None
+    let (cgroup, e, level) = found?;
+    let pending = match e.kind {
+        entry::AGENT => false,
+        // Strictly below the watched cgroup: the task has an ancestor one level deeper.
+        entry::WATCH if unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) } != 0 => true,
+        // The watched parent itself, an exempt cgroup, or a kind this program does not know.
+        _ => return None,
+    };
+    Some(Caller {
+        cgroup,
+        entry: e,
+        pending,
+    })
 }
+
+/// What the fallback says about a task that is not registered yet.
+const PENDING: (u32, u32, u32) = (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE);
 
 /// What a rule set says about one port and protocol.
 #[inline(always)]
@@ -144,19 +173,22 @@ impl Dest {
     }
 }
 
-/// What an agent's policy says about a socket kind (its `sockets` list).
+/// What an agent's policy says about a socket kind (its `sockets` list); a pending task may
+/// have none.
 #[inline(always)]
-fn socket_verdict(agent: &AgentEntry, kind: u32) -> (u32, u32) {
-    if agent.sockets & kind != 0 {
+fn socket_verdict(c: &Caller, kind: u32) -> (u32, u32) {
+    if c.pending {
+        (PENDING.0, PENDING.1)
+    } else if c.entry.sockets & kind != 0 {
         (verdict::ALLOW, reason::SOCKET_ALLOWED)
     } else {
         (verdict::DENY, reason::SOCKET_KIND)
     }
 }
 
-pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
-    let Some((agent_cg, agent)) = find_agent() else {
-        return Ok(ALLOW);
+pub fn inet4(ctx: &SockAddrContext, hook: u32) -> i32 {
+    let Some(c) = find_agent() else {
+        return ALLOW;
     };
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
@@ -171,19 +203,23 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         sock_type: 0,
         sock_kind: 0,
     };
-    let (v, r, rule) = lookup_v4(agent.policy_id, ip, dest.port, dest.protocol);
-    Ok(finish(hook, agent_cg, agent, &dest, v, r, rule))
+    let (v, r, rule) = if c.pending {
+        PENDING
+    } else {
+        lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol)
+    };
+    finish(hook, &c, &dest, v, r, rule)
 }
 
-pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
-    let Some((agent_cg, agent)) = find_agent() else {
-        return Ok(ALLOW);
+pub fn inet6(ctx: &SockAddrContext, hook: u32) -> i32 {
+    let Some(c) = find_agent() else {
+        return ALLOW;
     };
     // SAFETY: as above.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.user_family != AF_INET6 {
-        count(counter::ERRORS);
-        return Err(-1);
+        let dest = Dest::socket(sa.user_family, 0, sa.protocol, 0);
+        return fail_closed(hook, &c, &dest);
     }
     let w = [
         sa.user_ip6[0].to_ne_bytes(),
@@ -205,13 +241,15 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
     };
     // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
     let mapped = sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && w[2] == [0, 0, 0xff, 0xff];
-    let (v, r, rule) = if mapped {
-        lookup_v4(agent.policy_id, w[3], dest.port, dest.protocol)
+    let (v, r, rule) = if c.pending {
+        PENDING
+    } else if mapped {
+        lookup_v4(c.entry.policy_id, w[3], dest.port, dest.protocol)
     } else {
         let key = Key::new(
             POLICY_PREFIX_BITS + 128,
             PrefixV6 {
-                policy: agent.policy_id.to_be_bytes(),
+                policy: c.entry.policy_id.to_be_bytes(),
                 addr,
             },
         );
@@ -220,7 +258,7 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
             None => (verdict::DENY, reason::NO_ADDRESS_MATCH, NO_RULE),
         }
     };
-    Ok(finish(hook, agent_cg, agent, &dest, v, r, rule))
+    finish(hook, &c, &dest, v, r, rule)
 }
 
 /// The `sock::*` kind of a new socket, or 0 for the kinds that need no allowance (TCP and UDP
@@ -248,31 +286,23 @@ fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
 /// (raw, ping, UDP-Lite, SCTP, ...), unless the agent's policy allows that kind. The kernel runs
 /// this hook from inet_create and inet6_create only: packet sockets are judged by
 /// `net_raw_use`.
-pub fn sock_create(ctx: &SockContext) -> Result<i32, i32> {
+pub fn sock_create(ctx: &SockContext) -> i32 {
     // SAFETY: the kernel hands every sock program a valid context.
     let sk = unsafe { &*ctx.sock };
     guard_socket(sk.family, sk.type_, sk.protocol)
 }
 
-fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
-    let Some((agent_cg, agent)) = find_agent() else {
-        return Ok(ALLOW);
+fn guard_socket(family: u32, ty: u32, protocol: u32) -> i32 {
+    let Some(c) = find_agent() else {
+        return ALLOW;
     };
     let kind = socket_kind(family, ty, protocol);
     if kind == 0 {
-        return Ok(ALLOW);
+        return ALLOW;
     }
     let dest = Dest::socket(family, ty, protocol, kind);
-    let (v, r) = socket_verdict(agent, kind);
-    Ok(finish(
-        hook::SOCK_CREATE,
-        agent_cg,
-        agent,
-        &dest,
-        v,
-        r,
-        NO_RULE,
-    ))
+    let (v, r) = socket_verdict(&c, kind);
+    finish(hook::SOCK_CREATE, &c, &dest, v, r, NO_RULE)
 }
 
 /// The packet-socket guard (tp_btf/cap_capable, see net_raw.rs): an agent's CAP_NET_RAW was
@@ -280,7 +310,7 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> Result<i32, i32> {
 /// needs it; a tracepoint cannot make the call fail, so an agent whose policy does not allow
 /// the socket, and whose capability the kernel granted, is killed (SIGKILL to the whole process)
 /// before the call returns to user space. A refusal by the kernel is recorded as blocked.
-pub fn net_raw_use((agent_cg, agent): (u64, &AgentEntry), what: NetRawUse, granted: bool) {
+pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) {
     let (family, ty, protocol, kind) = match what {
         NetRawUse::Other => return,
         // Which socket io_uring makes cannot be read here: only a policy that allows packet
@@ -304,12 +334,12 @@ pub fn net_raw_use((agent_cg, agent): (u64, &AgentEntry), what: NetRawUse, grant
             (family, ty, protocol, kind)
         }
     };
-    let (v, r) = socket_verdict(agent, kind);
+    let (v, r) = socket_verdict(c, kind);
     if !granted && v == verdict::ALLOW {
         // The kernel's own refusal of an allowed kind: no decision of ours.
         return;
     }
-    let (ret, mut out) = settle(agent, v, r, NO_RULE);
+    let (ret, mut out) = settle(c.entry, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
     out.action = if !granted {
         // The kernel fails the call with EPERM.
@@ -324,25 +354,40 @@ pub fn net_raw_use((agent_cg, agent): (u64, &AgentEntry), what: NetRawUse, grant
         action::ALLOWED
     };
     let dest = Dest::socket(family, ty, protocol, kind);
-    emit(hook::SOCKET, agent_cg, agent, &dest, &out);
+    emit(hook::SOCKET, c, &dest, &out);
 }
 
 const SIGKILL: u32 = 9;
 
 /// Applies the mode, counts, reports; returns what the hook returns.
 #[inline(always)]
-fn finish(
-    hook: u32,
-    agent_cg: u64,
-    agent: &AgentEntry,
-    dest: &Dest,
-    v: u32,
-    r: u32,
-    rule_id: u32,
-) -> i32 {
-    let (ret, out) = settle(agent, v, r, rule_id);
-    emit(hook, agent_cg, agent, dest, &out);
+fn finish(hook: u32, c: &Caller, dest: &Dest, v: u32, r: u32, rule_id: u32) -> i32 {
+    let (ret, out) = settle(c.entry, v, r, rule_id);
+    emit(hook, c, dest, &out);
     ret
+}
+
+/// The program cannot read what it needs to decide: deny (whatever the mode), count it as a
+/// denial and an error, and report it like any decision, with reason `error`.
+#[inline(always)]
+fn fail_closed(hook: u32, c: &Caller, dest: &Dest) -> i32 {
+    let out = failed();
+    emit(hook, c, dest, &out);
+    DENY
+}
+
+/// The outcome of a decision that failed closed, counted.
+#[inline(always)]
+fn failed() -> Outcome {
+    count(counter::ERRORS);
+    count(counter::DENIED);
+    Outcome {
+        verdict: verdict::DENY,
+        reason: reason::ERROR,
+        rule_id: NO_RULE,
+        mode: mode::ENFORCE,
+        action: action::BLOCKED,
+    }
 }
 
 /// Applies the dead-man switch and the mode and counts the decision: what the hook returns,
@@ -395,12 +440,12 @@ fn apply_deadman(agent: &AgentEntry, out: Outcome) -> Outcome {
     if agent.deadman_secs == 0 || agent.deadman_mode == deadman::OFF {
         return out;
     }
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(beat) = HEARTBEAT.get(0) else {
         return out;
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if now.saturating_sub(cfg.heartbeat_ns) <= agent.deadman_secs as u64 * 1_000_000_000 {
+    if now.saturating_sub(*beat) <= agent.deadman_secs as u64 * 1_000_000_000 {
         return out;
     }
     if agent.deadman_mode == deadman::AUDIT_ALL {
@@ -420,42 +465,47 @@ fn apply_deadman(agent: &AgentEntry, out: Outcome) -> Outcome {
 }
 
 #[inline(always)]
-fn emit(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome) {
+fn emit(hook: u32, c: &Caller, dest: &Dest, out: &Outcome) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::LOST);
         return;
     };
-    entry.write(event(hook, agent_cg, agent, dest, out));
+    // SAFETY: the reserved record is valid for an Event until submitted.
+    unsafe { fill(entry.as_mut_ptr(), hook, c, dest, out) };
     entry.submit(wakeup_flags(size_of::<Event>() as u64));
 }
 
+/// Writes an event in place (it is larger than a program's stack).
+///
+/// # Safety
+/// `e` points to a reserved ring record valid for an `Event`.
 #[inline(always)]
-fn event(hook: u32, agent_cg: u64, agent: &AgentEntry, dest: &Dest, out: &Outcome) -> Event {
-    // SAFETY: plain helper calls with no arguments that can be wrong.
+unsafe fn fill(e: *mut Event, hook: u32, c: &Caller, dest: &Dest, out: &Outcome) {
+    // SAFETY: plain helper calls with no arguments that can be wrong; `e` is the caller's.
     unsafe {
-        Event {
-            boot_ns: bpf_ktime_get_boot_ns(),
-            cgroup_id: bpf_get_current_cgroup_id(),
-            agent_cgroup_id: agent_cg,
-            pid_tgid: bpf_get_current_pid_tgid(),
-            uid_gid: bpf_get_current_uid_gid(),
-            addr: dest.addr,
-            port: dest.port as u32,
-            family: dest.family,
-            protocol: dest.protocol,
-            hook,
-            verdict: out.verdict,
-            mode: out.mode,
-            reason: out.reason,
-            rule_id: out.rule_id,
-            policy_id: agent.policy_id,
-            policy_version: agent.policy_version,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
-            sock_type: dest.sock_type,
-            sock_kind: dest.sock_kind,
-            action: out.action,
-            _reserved: 0,
-        }
+        let pid_tgid = bpf_get_current_pid_tgid();
+        (*e).boot_ns = bpf_ktime_get_boot_ns();
+        (*e).cgroup_id = bpf_get_current_cgroup_id();
+        (*e).agent_cgroup_id = c.cgroup;
+        (*e).pid_tgid = pid_tgid;
+        (*e).uid_gid = bpf_get_current_uid_gid();
+        (*e).addr = dest.addr;
+        (*e).port = dest.port as u32;
+        (*e).family = dest.family;
+        (*e).protocol = dest.protocol;
+        (*e).hook = hook;
+        (*e).verdict = out.verdict;
+        (*e).mode = out.mode;
+        (*e).reason = out.reason;
+        (*e).rule_id = out.rule_id;
+        (*e).policy_id = c.entry.policy_id;
+        (*e).policy_version = c.entry.policy_version;
+        (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*e).sock_type = dest.sock_type;
+        (*e).sock_kind = dest.sock_kind;
+        (*e).action = out.action;
+        (*e)._reserved = 0;
+        exec::fill(e, (pid_tgid >> 32) as u32);
     }
 }
 
@@ -489,10 +539,13 @@ const SUN_PATH_OFFSET: u32 = 2;
 /// cgroup/connect_unix and cgroup/sendmsg_unix: an agent may reach a Unix socket only by a path
 /// or abstract name its policy lists. The kernel has no context field for the address of a
 /// Unix call, so it is read from the kernel's own context with bpf_probe_read_kernel.
-pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
-    let Some((agent_cg, agent)) = find_agent() else {
-        return Ok(ALLOW);
+pub fn unix(ctx: &SockAddrContext, hook: u32) -> i32 {
+    let Some(c) = find_agent() else {
+        return ALLOW;
     };
+    // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    let dest = Dest::socket(AF_UNIX, sock_type, 0, 0);
     let base = ctx.sock_addr as *const u8;
     // SAFETY: reads of load-time constants; the helper reads kernel memory safely and fails
     // instead of faulting.
@@ -503,23 +556,19 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         let len = bpf_probe_read_kernel(base.add(len_off) as *const u32);
         match (uaddr, len) {
             (Ok(a), Ok(l)) => (a, l),
-            _ => {
-                count(counter::ERRORS);
-                return Err(-1);
-            }
+            _ => return unix_failed(hook, &c, &dest),
         }
     };
     // The kernel has checked 2 < addrlen <= sizeof(struct sockaddr_un) before the hook runs.
     let n = addrlen.wrapping_sub(SUN_PATH_OFFSET) as usize;
     if n == 0 || n > UNIX_PATH_MAX {
-        count(counter::ERRORS);
-        return Err(-1);
+        return unix_failed(hook, &c, &dest);
     }
     let mut buf = PathBuf {
         key: Key::new(
             POLICY_PREFIX_BITS + UNIX_PATH_MAX as u32 * 8,
             UnixKey {
-                policy: agent.policy_id.to_be_bytes(),
+                policy: c.entry.policy_id.to_be_bytes(),
                 path: [0; UNIX_PATH_MAX],
             },
         ),
@@ -539,11 +588,12 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
         )
     };
     if rc != 0 {
-        count(counter::ERRORS);
-        return Err(-1);
+        return unix_failed(hook, &c, &dest);
     }
     let key = &buf.key;
-    let (v, r, rule) = if key.data.path[0] != 0 && climbs(&key.data.path) {
+    let (v, r, rule) = if c.pending {
+        PENDING
+    } else if key.data.path[0] != 0 && climbs(&key.data.path) {
         (verdict::DENY, reason::PATH_DOTDOT, NO_RULE)
     } else {
         match UNIX_PATHS.get(key) {
@@ -551,23 +601,48 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Result<i32, i32> {
             None => (verdict::DENY, reason::NO_PATH_MATCH, NO_RULE),
         }
     };
-    let (ret, out) = settle(agent, v, r, rule);
+    let (ret, out) = settle(c.entry, v, r, rule);
+    emit_unix(hook, &c, &dest, &out, Some((&key.data.path, n as u32)));
+    ret
+}
+
+/// A Unix-socket call whose address cannot be read: fails closed, reported with no path.
+#[inline(always)]
+fn unix_failed(hook: u32, c: &Caller, dest: &Dest) -> i32 {
+    let out = failed();
+    emit_unix(hook, c, dest, &out, None);
+    DENY
+}
+
+/// Reports a Unix-socket decision with the name the caller gave (none when unreadable).
+#[inline(always)]
+fn emit_unix(
+    hook: u32,
+    c: &Caller,
+    dest: &Dest,
+    out: &Outcome,
+    name: Option<(&[u8; UNIX_PATH_MAX], u32)>,
+) {
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
         count(counter::LOST);
-        return Ok(ret);
+        return;
     };
-    // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    let dest = Dest::socket(AF_UNIX, sock_type, 0, 0);
     let p = entry.as_mut_ptr();
     // SAFETY: `p` is the reserved record, valid for a UnixEvent until submitted.
     unsafe {
-        (*p).event = event(hook, agent_cg, agent, &dest, &out);
-        (*p).path_len = n as u32;
-        (*p).path = key.data.path;
+        fill(core::ptr::addr_of_mut!((*p).event), hook, c, dest, out);
+        match name {
+            Some((path, n)) => {
+                (*p).path_len = n;
+                (*p).path = *path;
+            }
+            None => {
+                (*p).path_len = 0;
+                (*p).path = [0; UNIX_PATH_MAX];
+            }
+        }
     }
     entry.submit(wakeup_flags(size_of::<UnixEvent>() as u64));
-    Ok(ret)
 }
 
 /// Whether a path name has a `..` component (up to its first NUL, where the kernel ends it).

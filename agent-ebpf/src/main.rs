@@ -8,6 +8,7 @@
 #![no_main]
 
 mod decide;
+mod exec;
 mod maps;
 mod net_raw;
 
@@ -23,63 +24,44 @@ use agent_common::hook;
 pub(crate) const ALLOW: i32 = 1;
 pub(crate) const DENY: i32 = 0;
 
-// What each hook returns when an agent's decision cannot be made: fail closed. Non-agents never
-// reach an error path (identification itself cannot fail), so they always pass.
-const CONNECT4_ON_ERROR: i32 = DENY;
-const CONNECT6_ON_ERROR: i32 = DENY;
-const SENDMSG4_ON_ERROR: i32 = DENY;
-const SENDMSG6_ON_ERROR: i32 = DENY;
-const SOCK_CREATE_ON_ERROR: i32 = DENY;
-const CONNECT_UNIX_ON_ERROR: i32 = DENY;
-const SENDMSG_UNIX_ON_ERROR: i32 = DENY;
+// A decision that cannot be made (an address that cannot be read) fails closed inside decide.rs
+// and is reported with reason `error`: every hook returns the verdict it is given. Non-agents
+// never reach an error path (identification itself cannot fail), so they always pass.
+
+/// The verdict as a sock_addr/sock program returns it: spelled out so the verifier sees a
+/// return value of exactly 0 or 1.
+#[inline(always)]
+fn verdict(ret: i32) -> i32 {
+    if ret == ALLOW {
+        ALLOW
+    } else {
+        DENY
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    match decide::inet4(&ctx, hook::CONNECT4) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => CONNECT4_ON_ERROR,
-    }
+    verdict(decide::inet4(&ctx, hook::CONNECT4))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    match decide::inet6(&ctx, hook::CONNECT6) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => CONNECT6_ON_ERROR,
-    }
+    verdict(decide::inet6(&ctx, hook::CONNECT6))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    match decide::inet4(&ctx, hook::SENDMSG4) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => SENDMSG4_ON_ERROR,
-    }
+    verdict(decide::inet4(&ctx, hook::SENDMSG4))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    match decide::inet6(&ctx, hook::SENDMSG6) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => SENDMSG6_ON_ERROR,
-    }
+    verdict(decide::inet6(&ctx, hook::SENDMSG6))
 }
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
-    match decide::sock_create(&ctx) {
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => SOCK_CREATE_ON_ERROR,
-    }
+    verdict(decide::sock_create(&ctx))
 }
 
 // aya 0.14 has no attach type for the Unix hooks (cgroup/connect_unix, cgroup/sendmsg_unix, Linux
@@ -88,23 +70,34 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/connect4")]
 pub fn connect_unix(ctx: *mut bpf_sock_addr) -> i32 {
-    match decide::unix(&SockAddrContext::new(ctx), hook::CONNECT_UNIX) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => CONNECT_UNIX_ON_ERROR,
-    }
+    verdict(decide::unix(&SockAddrContext::new(ctx), hook::CONNECT_UNIX))
 }
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/sendmsg4")]
 pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
-    match decide::unix(&SockAddrContext::new(ctx), hook::SENDMSG_UNIX) {
-        // Spelled out so the verifier sees a return value of exactly 0 or 1.
-        Ok(ALLOW) => ALLOW,
-        Ok(_) => DENY,
-        Err(_) => SENDMSG_UNIX_ON_ERROR,
-    }
+    verdict(decide::unix(&SockAddrContext::new(ctx), hook::SENDMSG_UNIX))
+}
+
+/// A process exec'd: remember its executable (exec.rs).
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn exec_track(ctx: BtfTracePointContext) -> i32 {
+    exec::on_exec(&ctx);
+    0
+}
+
+/// A process forked: the child runs its parent's program until it execs (exec.rs).
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn fork_track(ctx: BtfTracePointContext) -> i32 {
+    exec::on_fork(&ctx);
+    0
+}
+
+/// A thread exited: forget the process when it was the leader (exec.rs).
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn exit_track(_ctx: BtfTracePointContext) -> i32 {
+    exec::on_exit();
+    0
 }
 
 /// An agent's CAP_NET_RAW check: packet sockets (see net_raw.rs). A tracepoint's return value

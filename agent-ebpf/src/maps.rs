@@ -6,13 +6,31 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES,
-    MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
+    EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
+
+/// BPF_F_NO_PREALLOC: entries take memory only while a process lives.
+const NO_PREALLOC: u32 = 1;
 
 /// Which cgroup levels hold agents (one entry).
 #[map(name = "AW_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// CLOCK_BOOTTIME (ns) of the controller's last liveness signal, for dead-man switches. Its
+/// own map, so the task that beats never writes anything else.
+#[map(name = "AW_HEARTBEAT")]
+pub static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// tgid -> the executable it last exec'd (exec.rs), for every process on the node: a process
+/// may join an agent's cgroup after its exec.
+#[map(name = "AW_EXES")]
+pub static EXES: HashMap<u32, ExePath> = HashMap::with_max_entries(MAX_EXES, NO_PREALLOC);
+
+/// Room to build one AW_EXES value (larger than a comfortable share of the 512-byte stack).
+/// Not pinned: scratch space only.
+#[map(name = "AW_EXE_SCRATCH")]
+pub static EXE_SCRATCH: PerCpuArray<ExePath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Registered agent cgroups: cgroup id -> policy and mode.
 #[map(name = "AW_AGENTS")]

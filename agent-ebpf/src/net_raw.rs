@@ -72,12 +72,12 @@ pub fn cap_check(ctx: &BtfTracePointContext) {
     if l.enabled == 0 {
         return;
     }
-    let Some(agent) = decide::find_agent() else {
+    let Some(caller) = decide::find_agent() else {
         return;
     };
     let granted = ctx.arg::<i32>(4) == 0;
     let what = classify(&l).unwrap_or(NetRawUse::Unknown);
-    decide::net_raw_use(agent, what, granted)
+    decide::net_raw_use(&caller, what, granted)
 }
 
 /// What the current task is doing, from its flags and the registers saved at syscall entry.

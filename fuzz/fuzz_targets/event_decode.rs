@@ -2,9 +2,10 @@
 //! or a `UnixEvent` for the Unix-socket hooks), and the audit record the controller writes for
 //! it (and its JSON round trip).
 //!
-//! Never panics; a record shorter than a layout v2 `Event` (or, for a Unix hook, a v2
-//! `UnixEvent`) is refused; a decoded event is the record's bytes (a v2 record's, with no
-//! `action`), and the decision carries its fields.
+//! Never panics; a record whose length no layout writes (v2, v3 or v4 `Event`, or for a Unix
+//! hook the `UnixEvent` of one of them) is refused; a decoded event is the record's bytes (an
+//! older layout's prefix, zeros behind), and the decision carries its fields: the process fields
+//! only when the kernel flagged them known.
 
 #![no_main]
 
@@ -13,7 +14,9 @@ use std::mem::size_of;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use agent_common::{action, hook, Event, UnixEvent, EVENT_V2_BYTES, NO_RULE};
+use agent_common::{
+    action, is_unix_hook, proc, Event, UnixEvent, EVENT_V2_BYTES, EVENT_V3_BYTES, NO_RULE,
+};
 use agentwall::events::{AuditRecord, Decision, Enricher};
 use agentwall::identity::{AgentMeta, Names, PolicyMeta};
 use libfuzzer_sys::fuzz_target;
@@ -50,30 +53,33 @@ fn enricher() -> &'static Mutex<Enricher> {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let unix_tail = size_of::<UnixEvent>() - size_of::<Event>();
     let Some(e) = Event::from_bytes(data) else {
-        assert!(data.len() < EVENT_V2_BYTES);
         return;
     };
+    let is_unix = is_unix_hook(e.hook);
+    let tail = if is_unix { unix_tail } else { 0 };
+    // The layout the length names: how much of the current event the record holds.
+    let head = data.len() - tail;
+    assert!(
+        [size_of::<Event>(), EVENT_V3_BYTES, EVENT_V2_BYTES].contains(&head),
+        "accepted a record of {} bytes",
+        data.len()
+    );
     // SAFETY: Event is repr(C) plain integers without padding (agent-common asserts its size).
     let bytes = unsafe {
         std::slice::from_raw_parts((&e as *const Event).cast::<u8>(), size_of::<Event>())
     };
-    if data.len() >= size_of::<Event>() {
-        assert_eq!(bytes, &data[..size_of::<Event>()]);
-    } else {
-        // A layout v2 record: the same fields, no action.
-        assert_eq!(&bytes[..EVENT_V2_BYTES], &data[..EVENT_V2_BYTES]);
-        assert_eq!(e.action, 0);
-    }
+    assert_eq!(&bytes[..head], &data[..head]);
+    assert!(bytes[head..].iter().all(|&b| b == 0), "widened with zeros");
 
-    let is_unix = matches!(e.hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX);
     let Some(d) = Decision::from_record(data) else {
-        assert!(is_unix && data.len() + 8 < size_of::<UnixEvent>());
-        return;
+        panic!("an event was read, the decision must be too");
     };
     assert_eq!(d.unix_path.is_some(), is_unix);
     if let Some(path) = &d.unix_path {
         let u = UnixEvent::from_bytes(data).expect("decoded as a Unix event");
+        assert_eq!(u.event, e);
         let name = u.name();
         assert!(name.len() <= u.path_len as usize);
         // An abstract name shows as '@'; a path name never holds a NUL.
@@ -82,6 +88,12 @@ fuzz_target!(|data: &[u8]| {
             _ => assert!(!name.contains(&0), "{name:?}"),
         }
     }
+    assert_eq!(d.exe.is_some(), e.proc_flags & proc::EXE_KNOWN != 0);
+    assert_eq!(d.ppid.is_some(), e.proc_flags & proc::PPID_KNOWN != 0);
+    assert_eq!(
+        d.parent_exe.is_some(),
+        e.proc_flags & proc::PARENT_EXE_KNOWN != 0
+    );
     assert_eq!(d.pid, (e.pid_tgid >> 32) as u32);
     assert_eq!(d.tid, e.pid_tgid as u32);
     assert_eq!(d.uid, e.uid_gid as u32);
@@ -105,13 +117,9 @@ fuzz_target!(|data: &[u8]| {
     assert!(!d.comm.contains('\0'), "{:?}", d.comm);
     assert!(["allow", "deny"].contains(&d.decision));
     assert!(["audit", "enforce"].contains(&d.mode));
-    let shown = match (is_unix, UnixEvent::from_bytes(data)) {
-        (true, Some(u)) => u.event.action,
-        _ => e.action,
-    };
     assert_eq!(
         d.action,
-        match shown {
+        match e.action {
             action::ALLOWED => "allowed",
             action::BLOCKED => "blocked",
             action::KILLED => "killed",
@@ -124,6 +132,13 @@ fuzz_target!(|data: &[u8]| {
     let record = enricher().lock().unwrap().decision(&d);
     let rec = record.decision.as_ref().expect("a decision record");
     assert_eq!(rec.rule, d.rule_id);
+    assert_eq!((rec.ppid, &rec.parent_exe), (d.ppid, &d.parent_exe));
+    if d.exe.is_some() {
+        assert_eq!(
+            (&rec.exe, rec.exe_source.as_deref()),
+            (&d.exe, Some("kernel"))
+        );
+    }
     assert_eq!(rec.action, d.action);
     if d.policy_id == 1 {
         let expected = match (d.rule_id, is_unix) {

@@ -3,9 +3,12 @@
 //! pinned link in one step, and removing it all.
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
-//! layout, changes): `<bpffs>/agentwall/v3/maps/<MAP>` and `<bpffs>/agentwall/v3/links/<PROGRAM>`.
+//! layout, changes): `<bpffs>/agentwall/v4/maps/<MAP>` and `<bpffs>/agentwall/v4/links/<PROGRAM>`.
 //! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no packet-socket guard
-//! (`net_raw_use`) and 8 bytes less per event (no `action`).
+//! (`net_raw_use`) and 8 bytes less per event (no `action`); v3 had no exec tracker
+//! (`exec_track`, `fork_track`, `exit_track`, map AW_EXES), kept the dead-man heartbeat in
+//! AW_CONFIG (AW_HEARTBEAT now), had 24-byte agent entries (no `kind`: 32 bytes now) and events
+//! without the process fields (128 bytes, 648 now) in a 16 MiB ring.
 
 use std::{
     io,
@@ -15,8 +18,8 @@ use std::{
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES,
-    MAX_AGENTS, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, names, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
+    EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 use aya::maps::{MapInfo, MapType};
 use thiserror::Error;
@@ -24,7 +27,7 @@ use thiserror::Error;
 use super::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -42,7 +45,7 @@ pub struct MapSpec {
 }
 
 /// Every map agentwall pins, as the programs define them.
-pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 7] {
+pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 9] {
     let s = |n: usize| n as u32;
     [
         MapSpec {
@@ -93,6 +96,20 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 7] {
             key_size: 4,
             value_size: 8,
             max_entries: counter::COUNT,
+        },
+        MapSpec {
+            name: names::HEARTBEAT_MAP,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+        },
+        MapSpec {
+            name: names::EXES_MAP,
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: s(size_of::<ExePath>()),
+            max_entries: MAX_EXES,
         },
     ]
 }
@@ -310,7 +327,7 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v3")
+            PathBuf::from("/sys/fs/bpf/agentwall/v4")
         );
     }
 
@@ -341,6 +358,10 @@ mod tests {
         assert_eq!(v6.key_size, 24);
         let unix = maps.iter().find(|m| m.name == "AW_UNIX").unwrap();
         assert_eq!((unix.key_size, unix.value_size), (116, 4));
+        let agents = maps.iter().find(|m| m.name == "AW_AGENTS").unwrap();
+        assert_eq!(agents.value_size, 32);
+        let exes = maps.iter().find(|m| m.name == "AW_EXES").unwrap();
+        assert_eq!((exes.key_size, exes.value_size), (4, 264));
         let ring = |m: &[MapSpec]| {
             m.iter()
                 .find(|m| m.name == "AW_EVENTS")

@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use agent_common::{action, hook, mode, reason, verdict, Event, UnixEvent, NO_RULE};
+use agent_common::{
+    action, hook, mode, proc, reason, verdict, Event, UnixEvent, EXE_PATH_MAX, NO_RULE,
+};
 
 /// One decision in userspace terms, straight from the kernel record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +35,31 @@ pub struct Decision {
     pub sock_type: u32,
     /// For Unix-socket decisions: the path, or `@name` for an abstract socket.
     pub unix_path: Option<String>,
+    /// The caller's executable as the kernel recorded it at its last exec (None: unknown, e.g.
+    /// a layout v3 record or a process the tracker never saw), and whether it is cut short.
+    pub exe: Option<String>,
+    pub exe_truncated: bool,
+    /// The caller's parent process at decision time (None: not read).
+    pub ppid: Option<u32>,
+    pub parent_exe: Option<String>,
+    pub parent_exe_truncated: bool,
+}
+
+/// A NUL-terminated path the kernel copied, when `known`.
+fn kernel_path(bytes: &[u8; EXE_PATH_MAX], known: bool) -> Option<String> {
+    if !known {
+        return None;
+    }
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(EXE_PATH_MAX);
+    Some(String::from_utf8_lossy(&bytes[..len]).into_owned())
 }
 
 impl Decision {
     /// Decodes one ring record: an `Event`, or a `UnixEvent` for the Unix-socket hooks.
     pub fn from_record(bytes: &[u8]) -> Option<Decision> {
+        // The layout is told by the record's length and hook (agent_common::Event::from_bytes).
         let e = Event::from_bytes(bytes)?;
-        if matches!(e.hook, hook::CONNECT_UNIX | hook::SENDMSG_UNIX) {
+        if agent_common::is_unix_hook(e.hook) {
             return UnixEvent::from_bytes(bytes).map(|u| Decision::from_unix_event(&u));
         }
         Some(Decision::from_event(&e))
@@ -128,6 +148,7 @@ impl Decision {
                 reason::DEADMAN => "deadman:deny-all",
                 reason::NO_PATH_MATCH => "default-deny:no-path-match",
                 reason::PATH_DOTDOT => "deny:path-dotdot",
+                reason::PENDING_IDENTITY => "pending-identity",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),
@@ -146,6 +167,11 @@ impl Decision {
                 .then(|| crate::policy::socket_kind_name(e.sock_kind).unwrap_or("unknown")),
             sock_type: e.sock_type,
             unix_path: None,
+            exe: kernel_path(&e.exe, e.proc_flags & proc::EXE_KNOWN != 0),
+            exe_truncated: e.proc_flags & proc::EXE_TRUNCATED != 0,
+            ppid: (e.proc_flags & proc::PPID_KNOWN != 0).then_some(e.ppid),
+            parent_exe: kernel_path(&e.parent_exe, e.proc_flags & proc::PARENT_EXE_KNOWN != 0),
+            parent_exe_truncated: e.proc_flags & proc::PARENT_EXE_TRUNCATED != 0,
         }
     }
 }
@@ -183,7 +209,47 @@ mod tests {
             sock_kind: 0,
             action: action::BLOCKED,
             _reserved: 0,
+            ppid: 7,
+            proc_flags: proc::PPID_KNOWN | proc::EXE_KNOWN,
+            exe: path(b"/usr/bin/curl"),
+            parent_exe: path(b"/bin/sh"),
         }
+    }
+
+    fn path(p: &[u8]) -> [u8; EXE_PATH_MAX] {
+        let mut b = [0; EXE_PATH_MAX];
+        b[..p.len()].copy_from_slice(p);
+        b
+    }
+
+    #[test]
+    fn process_fields_are_read_only_when_the_kernel_knew_them() {
+        let d = Decision::from_event(&event());
+        assert_eq!(d.exe.as_deref(), Some("/usr/bin/curl"));
+        assert_eq!(d.ppid, Some(7));
+        // The parent's path is there, but not flagged known: not shown.
+        assert_eq!(d.parent_exe, None);
+        let mut e = event();
+        e.proc_flags = proc::PARENT_EXE_KNOWN | proc::PARENT_EXE_TRUNCATED;
+        let d = Decision::from_event(&e);
+        assert_eq!((d.exe, d.ppid), (None, None));
+        assert_eq!(d.parent_exe.as_deref(), Some("/bin/sh"));
+        assert!(d.parent_exe_truncated && !d.exe_truncated);
+        // A path filling the whole field has no NUL: all of it.
+        e.proc_flags = proc::EXE_KNOWN | proc::EXE_TRUNCATED;
+        e.exe = [b'a'; EXE_PATH_MAX];
+        let d = Decision::from_event(&e);
+        assert_eq!(d.exe.map(|x| x.len()), Some(EXE_PATH_MAX));
+        assert!(d.exe_truncated);
+    }
+
+    #[test]
+    fn decodes_pending_identity_and_error() {
+        let mut e = event();
+        e.reason = reason::PENDING_IDENTITY;
+        assert_eq!(Decision::from_event(&e).reason, "pending-identity");
+        e.reason = reason::ERROR;
+        assert_eq!(Decision::from_event(&e).reason, "error");
     }
 
     #[test]
@@ -262,10 +328,30 @@ mod tests {
         assert_eq!(d.unix_path.as_deref(), Some("/run/a.sock"));
         assert_eq!(d.action, "blocked");
         assert!(Decision::from_record(&bytes[..agent_common::EVENT_V2_BYTES - 1]).is_none());
-        // Between the two sizes (found by the fuzzer): read as v2, no panic.
+        // A length no layout writes (found by the fuzzer): refused, no panic.
         let whole = event();
         let odd = &as_bytes(&whole)[..agent_common::EVENT_V2_BYTES + 3];
-        assert_eq!(Event::from_bytes(odd).map(|e| e.action), Some(0));
+        assert_eq!(Event::from_bytes(odd), None);
+    }
+
+    #[test]
+    fn layout_v3_records_decode_without_process_fields() {
+        // v3 wrote the same fields up to `action`, and no process fields.
+        let v3 = |e: &Event| as_bytes(e)[..agent_common::EVENT_V3_BYTES].to_vec();
+        let d = Decision::from_record(&v3(&event())).unwrap();
+        assert_eq!((d.hook, d.port, d.action), ("connect4", 8080, "blocked"));
+        assert_eq!((d.exe, d.ppid, d.parent_exe), (None, None, None));
+        // A v3 Unix record: its path follows the v3 event.
+        let u = unix_event(b"/run/a.sock\0", 12);
+        let mut bytes = v3(&u.event);
+        bytes.extend_from_slice(&as_bytes(&u)[size_of::<Event>()..]);
+        let d = Decision::from_record(&bytes).unwrap();
+        assert_eq!(d.unix_path.as_deref(), Some("/run/a.sock"));
+        assert_eq!((d.action, d.exe), ("blocked", None));
+        // A current Unix record cut to an event's length is refused, not misread.
+        let whole = as_bytes(&u);
+        assert!(Decision::from_record(&whole[..size_of::<Event>()]).is_none());
+        assert!(Decision::from_record(&whole[..whole.len() - 1]).is_none());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use super::{
@@ -51,7 +51,8 @@ pub fn node_name() -> String {
         .unwrap_or_default()
 }
 
-/// Builds records: names from the registry, process details from procfs.
+/// Builds records: names from the registry, process details from the kernel's event (procfs
+/// only as a marked fallback).
 pub struct Enricher {
     pub node: String,
     pub clock: Clock,
@@ -60,16 +61,8 @@ pub struct Enricher {
     root: PathBuf,
     /// cgroup id -> path; ids are never reused, so entries never go stale.
     cgroup_paths: HashMap<u64, String>,
-    /// pid -> (comm, executable, when read): /proc/PID/exe is read at most once per EXE_TTL
-    /// for a process whose comm is unchanged; a busy agent makes thousands of calls a second
-    /// and the read costs more than the rest of a record.
-    exes: HashMap<u32, (String, Option<String>, Instant)>,
     seq: u64,
 }
-
-/// How long a cached executable path is trusted (an exec changes comm, which is in the key).
-const EXE_TTL: Duration = Duration::from_secs(1);
-const EXE_CACHE_MAX: usize = 4096;
 
 impl Enricher {
     pub fn new(names: Arc<RwLock<Names>>, root: PathBuf) -> Self {
@@ -79,28 +72,22 @@ impl Enricher {
             names,
             root,
             cgroup_paths: HashMap::new(),
-            exes: HashMap::new(),
             seq: 0,
         }
     }
 
-    fn exe(&mut self, pid: u32, comm: &str) -> Option<String> {
-        let now = Instant::now();
-        if let Some((c, exe, at)) = self.exes.get(&pid) {
-            if c == comm && now.duration_since(*at) < EXE_TTL {
-                return exe.clone();
-            }
+    /// The executable for a record, and where it came from: the kernel's, else (a process
+    /// that exec'd where the tracker could not see it) /proc/PID/exe now, marked as such.
+    fn exe(d: &Decision) -> (Option<String>, Option<String>) {
+        if let Some(exe) = &d.exe {
+            return (Some(exe.clone()), Some("kernel".into()));
         }
-        let exe = procfs::process::Process::new(pid as i32)
+        let procfs = procfs::process::Process::new(d.pid as i32)
             .and_then(|p| p.exe())
             .ok()
             .map(|p| p.display().to_string());
-        if self.exes.len() >= EXE_CACHE_MAX {
-            self.exes
-                .retain(|_, (_, _, at)| now.duration_since(*at) < EXE_TTL);
-        }
-        self.exes.insert(pid, (comm.to_string(), exe.clone(), now));
-        exe
+        let source = procfs.as_ref().map(|_| "procfs".to_string());
+        (procfs, source)
     }
 
     /// Path of a cgroup below an agent: the caller's own /proc entry when it is still there and
@@ -142,7 +129,7 @@ impl Enricher {
             Some(a) => self.cgroup_path(d.cgroup_id, d.pid, &a.cgroup),
             None => None,
         };
-        let exe = self.exe(d.pid, &d.comm);
+        let (exe, exe_source) = Self::exe(d);
         let rec = DecisionRecord {
             agent: agent.map(|a| a.name.clone()),
             agent_cgroup: agent.map(|a| a.cgroup.clone()),
@@ -152,6 +139,11 @@ impl Enricher {
             tid: d.tid,
             comm: d.comm.clone(),
             exe,
+            exe_source,
+            exe_truncated: d.exe_truncated,
+            ppid: d.ppid,
+            parent_exe: d.parent_exe.clone(),
+            parent_exe_truncated: d.parent_exe_truncated,
             uid: d.uid,
             gid: d.gid,
             hook: d.hook.to_string(),

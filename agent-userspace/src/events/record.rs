@@ -29,7 +29,25 @@ pub struct DecisionRecord {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
+    /// The executable that made the call: the path the kernel recorded when the process last
+    /// exec'd, copied at decision time (see docs/events.md). None when unknown.
     pub exe: Option<String>,
+    /// Where `exe` came from: "kernel" (the exec tracker), or "procfs" (a fallback read of
+    /// /proc/PID/exe when the record was written, the kernel having none: it may name a later
+    /// program, or none for a process already gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_source: Option<String>,
+    /// The kernel's path was longer than 255 bytes and is cut short.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exe_truncated: bool,
+    /// The caller's parent process (task->real_parent) at decision time.
+    #[serde(default)]
+    pub ppid: Option<u32>,
+    /// The parent's executable, as the kernel recorded it (no fallback).
+    #[serde(default)]
+    pub parent_exe: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parent_exe_truncated: bool,
     pub uid: u32,
     pub gid: u32,
     pub hook: String,
