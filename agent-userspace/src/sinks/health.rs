@@ -7,10 +7,12 @@ use serde::Serialize;
 /// What `status` reports about the audit log.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct HealthState {
-    /// Whether the last write succeeded.
+    /// False while writes fail: the reader has stopped consuming the event ring and retries.
     pub ok: bool,
     /// The last write error, while writes fail.
     pub error: Option<String>,
+    /// Failed attempts in the current failure episode.
+    pub failed_attempts: u64,
     /// Records written since start.
     pub written: u64,
 }
@@ -27,17 +29,25 @@ impl Health {
         })))
     }
 
+    /// `n` more records written.
     pub fn wrote(&self, n: u64) {
-        let mut s = self.0.lock().expect("health");
-        s.ok = true;
-        s.error = None;
-        s.written += n;
+        self.0.lock().expect("health").written += n;
     }
 
-    pub fn failed(&self, error: &std::io::Error) {
+    /// A write (or reopen) failed; the reader retries.
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
         let mut s = self.0.lock().expect("health");
         s.ok = false;
         s.error = Some(error.to_string());
+        s.failed_attempts += 1;
+    }
+
+    /// Writes succeed again.
+    pub fn recovered(&self) {
+        let mut s = self.0.lock().expect("health");
+        s.ok = true;
+        s.error = None;
+        s.failed_attempts = 0;
     }
 
     pub fn snapshot(&self) -> HealthState {

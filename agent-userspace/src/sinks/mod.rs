@@ -1,8 +1,7 @@
 //! Where records go: the audit log, stdout, an in-process tap.
 
 use std::{
-    fs::{File, OpenOptions},
-    io::{self, LineWriter, Write},
+    io::{self, Write},
     path::Path,
 };
 
@@ -10,48 +9,59 @@ use tokio::sync::mpsc;
 
 use crate::events::AuditRecord;
 
+mod audit;
 mod health;
 
+pub use audit::{AuditError, AuditFile, ROTATION_CHECK};
 pub use health::{Health, HealthState};
 
-/// Where records go: the audit file, stdout, and an in-process tap. The file is written a line
-/// at a time while the ring record is still held, so the ring's consumer position passes a
-/// record only once it is in the file: a controller killed at any moment loses no record (at
-/// worst one is written twice, with the same time and thread).
+/// Where records go: the audit file, stdout, and an in-process tap. The audit file is the
+/// record of truth: a record counts as written once its whole line is in it, and a write error
+/// there is returned (the reader then stops consuming the ring). Stdout is a mirror: its errors
+/// are logged, not retried.
 pub struct Sink {
-    file: Option<LineWriter<File>>,
+    file: Option<AuditFile>,
     stdout: bool,
+    stdout_failing: bool,
     tap: Option<mpsc::UnboundedSender<AuditRecord>>,
 }
 
 impl Sink {
+    /// Opens the audit log: an unwritable path fails here, before anything is loaded.
     pub fn new(
         audit_log: Option<&Path>,
         stdout: bool,
         tap: Option<mpsc::UnboundedSender<AuditRecord>>,
-    ) -> io::Result<Self> {
-        let file = match audit_log {
-            Some(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                Some(LineWriter::new(
-                    OpenOptions::new().create(true).append(true).open(p)?,
-                ))
-            }
-            None => None,
-        };
-        Ok(Self { file, stdout, tap })
+    ) -> Result<Self, AuditError> {
+        Ok(Self {
+            file: audit_log.map(AuditFile::open).transpose()?,
+            stdout,
+            stdout_failing: false,
+            tap,
+        })
     }
 
-    pub fn write(&mut self, rec: &AuditRecord) -> io::Result<()> {
-        let line = serde_json::to_string(rec).map_err(io::Error::other)?;
+    /// The audit log's path, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(AuditFile::path)
+    }
+
+    /// Writes one record: all of it to the audit log, or nothing.
+    pub fn write(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(rec)?;
+        line.push(b'\n');
         if let Some(f) = &mut self.file {
-            f.write_all(line.as_bytes())?;
-            f.write_all(b"\n")?;
+            f.append(&line)?;
         }
         if self.stdout {
-            println!("{line}");
+            match io::stdout().lock().write_all(&line) {
+                Ok(()) => self.stdout_failing = false,
+                Err(e) if !self.stdout_failing => {
+                    self.stdout_failing = true;
+                    tracing::error!("writing audit records to stdout: {e}");
+                }
+                Err(_) => {}
+            }
         }
         if let Some(tap) = &self.tap {
             let _ = tap.send(rec.clone());
@@ -59,10 +69,26 @@ impl Sink {
         Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        if let Some(f) = &mut self.file {
-            f.flush()?;
+    /// Makes what was written durable (before a loss is recorded as reported).
+    pub fn sync(&mut self) -> Result<(), AuditError> {
+        match &mut self.file {
+            Some(f) => f.sync(),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Reopens the audit log before the next write (SIGHUP).
+    pub fn request_reopen(&mut self) {
+        if let Some(f) = &mut self.file {
+            f.request_reopen();
+        }
+    }
+
+    /// Reopens the audit log if it was asked to, or rotated away.
+    pub fn maintain(&mut self) -> Result<(), AuditError> {
+        match &mut self.file {
+            Some(f) => f.maintain(),
+            None => Ok(()),
+        }
     }
 }
