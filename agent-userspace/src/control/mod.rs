@@ -1,35 +1,77 @@
 //! The control actor: one task owns the datapath (the loaded eBPF object) and the registry of
-//! agents; everything else (control socket, signals, the daemon) sends it typed commands.
+//! cgroups it wrote to the agent map; everything else (control socket, cgroup watcher, the
+//! daemon) sends it typed commands, each with its own reply channel.
+//!
+//! Agents are keyed by cgroup id. A selector's fixed parent gets a watch entry, so a cgroup
+//! that appears below it is judged by the kernel's pending fallback until it is registered
+//! here (see docs/identity.md).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use agent_common::{mode, AgentEntry, MAX_CGROUP_LEVEL};
+use agent_common::{entry, mode, AgentEntry, MAX_CGROUP_LEVEL};
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    api::{Request, Response},
-    datapath::{Enforcer, PrefixKeys},
-    identity::{agent_name, cgroup, AgentMeta, Names, PolicyMeta},
-    policy::{self, PolicySet},
+    datapath::{Datapath, Enforcer, LoaderError, PrefixKeys},
+    events::Notice,
+    identity::{agent_name, cgroup, watch::Change, AgentMeta, Names},
+    policy::PolicySet,
 };
 
+pub mod apply;
+pub mod registry;
+#[cfg(test)]
+mod tests;
+
+use registry::{Class, Entry};
+
 /// Policy id given to a cgroup that two policies select: it has no rules, so the agent is denied
-/// everything until the conflict is fixed (fail closed, never unenforced).
+/// everything until the conflict is fixed (fail closed, never unenforced). Watch and exempt
+/// entries carry it too (they have no rules of their own).
 pub const CONFLICT_POLICY_ID: u32 = 0;
 
 /// How often the controller signals liveness to the kernel's dead-man switches.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Sent to the controller task.
+/// A reply: the result, or the error as the API shows it.
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// One operation on the controller, with its reply channel.
 pub enum Command {
-    Api(Request, oneshot::Sender<Response>),
+    /// Register the cgroup at this absolute path as an agent (its policy found by selector).
+    Register {
+        cgroup: PathBuf,
+        reply: Reply<Registration>,
+    },
+    /// Re-read the policy directory; on any error the running policy stays.
+    Reload { reply: Reply<Reloaded> },
+    /// What `agentwall status` shows.
+    Status { reply: Reply<serde_json::Value> },
+}
+
+/// A registered agent, as `exec` needs it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    pub agent: String,
+    pub cgroup: String,
+    pub policy: String,
+    /// `exec` keeps CAP_NET_RAW only for agents allowed raw or packet sockets.
+    pub sockets: Vec<&'static str>,
+    /// The capabilities `exec` keeps (none when the policy names none).
+    pub capabilities: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Reloaded {
+    pub generation: u32,
 }
 
 /// An installed policy version.
@@ -40,52 +82,162 @@ pub(crate) struct Installed {
     pub(crate) mode: u32,
 }
 
-pub(crate) struct Registered {
-    pub(crate) rel: String,
-    pub(crate) level: u32,
-    pub(crate) policy_id: u32,
-}
-
-pub(crate) struct State {
-    pub(crate) enforcer: Enforcer,
+pub(crate) struct State<D: Datapath = Enforcer> {
+    pub(crate) enforcer: D,
     /// The policy directory re-read on reload; None for a fixed set, which is not kept (the
     /// controller holds no copy of the rules once they are in the kernel).
     pub(crate) source: Option<PathBuf>,
     pub(crate) root: PathBuf,
     pub(crate) set: PolicySet,
     pub(crate) installed: BTreeMap<String, Installed>,
-    pub(crate) agents: HashMap<u64, Registered>,
+    /// Every entry this controller wrote to the agent map (agents, watches, exempt), by id.
+    pub(crate) entries: HashMap<u64, Entry>,
+    /// Watched parents (relative paths) and their pending mode.
+    pub(crate) parents: BTreeMap<String, u32>,
+    /// Cgroups that should have an entry but found the agent map full: they stay under their
+    /// watch (the pending fallback) and are retried when room appears.
+    pub(crate) unregistered: BTreeSet<String>,
+    /// A full-map episode is under way (reported once, when it starts).
+    pub(crate) map_full: bool,
     pub(crate) next_policy_id: u32,
     pub(crate) generation: u32,
     pub(crate) names: Arc<RwLock<Names>>,
+    /// The kernel's lost count recorded as reported (LOST_REPORTED): its records are written.
     pub(crate) last_lost: u64,
-    pub(crate) lost_tx: mpsc::UnboundedSender<u64>,
+    /// To the event reader: the kernel's cumulative lost count; back: what it has written.
+    pub(crate) lost_tx: crate::events::LossReports,
     /// The controller's own reports into the audit stream.
-    pub(crate) notices: mpsc::UnboundedSender<crate::events::Notice>,
+    pub(crate) notices: mpsc::UnboundedSender<Notice>,
     /// The audit log's health, shown by `status`.
     pub(crate) audit: crate::sinks::Health,
     /// Levels of an adopted map's agents, kept in the mask until they are re-registered.
     pub(crate) adopted_levels: u32,
+    /// The directories the cgroup watcher watches (the existing watched parents).
+    pub(crate) watch_paths: watch::Sender<Vec<PathBuf>>,
 }
 
-impl State {
+/// Reloads waiting for a result: those of the one running, and those that came in after it
+/// started (they need a fresh read of the directory).
+#[derive(Default)]
+struct Reloads {
+    running: Option<Vec<Reply<Reloaded>>>,
+    queued: Vec<Reply<Reloaded>>,
+}
+
+impl<D: Datapath> State<D> {
+    /// A controller over `enforcer`, with nothing installed yet (see `apply`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        enforcer: D,
+        root: PathBuf,
+        source: Option<PathBuf>,
+        names: Arc<RwLock<Names>>,
+        adopted_levels: u32,
+        lost_tx: crate::events::LossReports,
+        notices: mpsc::UnboundedSender<Notice>,
+        audit: crate::sinks::Health,
+    ) -> Result<Self> {
+        // An adopted map holds the previous controller's policy ids: new ones must not collide.
+        let next_policy_id = enforcer
+            .rule_policy_ids()
+            .into_iter()
+            .chain(enforcer.agent_entries().iter().map(|(_, e)| e.policy_id))
+            .max()
+            .map_or(CONFLICT_POLICY_ID + 1, |m| m + 1);
+        let last_lost = enforcer.lost_reported()?;
+        Ok(Self {
+            enforcer,
+            source,
+            root,
+            set: PolicySet::default(),
+            installed: BTreeMap::new(),
+            entries: HashMap::new(),
+            parents: BTreeMap::new(),
+            unregistered: BTreeSet::new(),
+            map_full: false,
+            next_policy_id,
+            generation: 0,
+            names,
+            last_lost,
+            lost_tx,
+            notices,
+            audit,
+            adopted_levels,
+            watch_paths: watch::channel(Vec::new()).0,
+        })
+    }
+
+    /// The directories the cgroup watcher should watch, kept current by the actor.
+    pub(crate) fn watched_paths(&self) -> watch::Receiver<Vec<PathBuf>> {
+        self.watch_paths.subscribe()
+    }
+
     pub(crate) async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
+        mut changes: mpsc::Receiver<Change>,
         mut shutdown: watch::Receiver<bool>,
         rescan: Duration,
     ) -> Result<()> {
         let mut scan = tokio::time::interval(rescan);
         let mut counters = tokio::time::interval(Duration::from_millis(200));
+        // Liveness from a task of its own when the datapath gives it a handle: a long command
+        // in this loop then never silences the dead-man switches.
+        let beat_task = self.enforcer.take_heartbeat().map(|mut beat| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = beat.beat() {
+                        tracing::error!("heartbeat: {e}");
+                    }
+                }
+            })
+        });
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let (prepared_tx, mut prepared) = mpsc::unbounded_channel();
+        let mut reloads = Reloads::default();
         loop {
             tokio::select! {
                 Some(cmd) = commands.recv() => match cmd {
-                    Command::Api(req, reply) => { let _ = reply.send(self.api(req)); }
+                    Command::Register { cgroup, reply } => {
+                        let _ = reply.send(self.register_path(&cgroup).map_err(|e| format!("{e:#}")));
+                    }
+                    Command::Reload { reply } => match &self.source {
+                        None => {
+                            let _ = reply.send(Err("this controller runs a fixed policy set: \
+                                there is nothing to re-read".into()));
+                        }
+                        Some(_) if reloads.running.is_some() => reloads.queued.push(reply),
+                        Some(dir) => {
+                            reloads.running = Some(vec![reply]);
+                            start_reload(dir.clone(), prepared_tx.clone());
+                        }
+                    },
+                    Command::Status { reply } => { let _ = reply.send(Ok(self.status())); }
                 },
+                Some(change) = changes.recv() => self.on_change(change),
+                Some(result) = prepared.recv() => {
+                    let outcome = result
+                        .and_then(|p| self.switch(p))
+                        .map(|()| Reloaded { generation: self.generation })
+                        .map_err(|e| {
+                            tracing::error!("reload rejected, running policy kept: {e:#}");
+                            format!("{e:#}")
+                        });
+                    for reply in reloads.running.take().unwrap_or_default() {
+                        let _ = reply.send(outcome.clone());
+                    }
+                    if !reloads.queued.is_empty() {
+                        reloads.running = Some(std::mem::take(&mut reloads.queued));
+                        if let Some(dir) = &self.source {
+                            start_reload(dir.clone(), prepared_tx.clone());
+                        }
+                    }
+                }
                 _ = scan.tick() => self.rescan(),
                 _ = counters.tick() => self.report_lost(),
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if beat_task.is_none() => {
                     if let Err(e) = self.enforcer.heartbeat() {
                         tracing::error!("heartbeat: {e}");
                     }
@@ -93,7 +245,17 @@ impl State {
                 _ = shutdown.changed() => break,
             }
         }
+        if let Some(t) = beat_task {
+            t.abort();
+        }
+        // The final loss report is written before shutdown completes.
         self.report_lost();
+        if !self.lost_tx.settled(Duration::from_secs(2)).await {
+            tracing::warn!("the final lost-event record was not confirmed written");
+        }
+        // Only what is written: a total observed now would be written after this controller
+        // stops recording, and counted again by the next.
+        self.record_lost_reported();
         let pinned = self.enforcer.pinned();
         drop(self.enforcer);
         if pinned {
@@ -106,70 +268,31 @@ impl State {
         Ok(())
     }
 
-    fn api(&mut self, req: Request) -> Response {
-        match req {
-            Request::Register { cgroup } => match self.register_path(&cgroup) {
-                Ok(meta) => {
-                    // `exec` keeps CAP_NET_RAW only for agents allowed raw or packet sockets.
-                    let sockets = self
-                        .set
-                        .get(&meta.policy)
-                        .map(|p| p.socket_kind_names())
-                        .unwrap_or_default();
-                    Response::ok(json!({
-                        "agent": meta.name, "cgroup": meta.cgroup, "policy": meta.policy,
-                        "sockets": sockets,
-                    }))
-                }
-                Err(e) => Response::err(format!("{e:#}")),
-            },
-            Request::Reload => match self.reload() {
-                Ok(()) => Response::ok(json!({ "generation": self.generation })),
-                Err(e) => {
-                    tracing::error!("reload rejected, running policy kept: {e:#}");
-                    Response::err(format!("{e:#}"))
-                }
-            },
-            Request::Status => {
-                let c = self.enforcer.counters().unwrap_or_default();
-                let names = self.names.read().expect("names");
-                let agents: Vec<_> = names
-                    .agents
-                    .values()
-                    .map(|a| {
-                        json!({
-                            "agent": a.name, "cgroup": a.cgroup, "policy": a.policy,
-                        })
-                    })
-                    .collect();
-                Response::ok(json!({
-                    "generation": self.generation,
-                    "policies": self.installed.keys().collect::<Vec<_>>(),
-                    "agents": agents,
-                    "counters": c,
-                    "audit_log": self.audit.snapshot(),
-                }))
-            }
-        }
-    }
-
+    /// Passes the kernel's lost total to the reader; a loss counts as reported (pinned
+    /// LOST_REPORTED) only once its record is written.
     fn report_lost(&mut self) {
-        if let Ok(c) = self.enforcer.counters() {
-            if c.lost > self.last_lost {
-                let _ = self.lost_tx.send(c.lost - self.last_lost);
-                self.last_lost = c.lost;
-                if let Err(e) = self.enforcer.set_lost_reported(c.lost) {
-                    tracing::warn!("recording the reported lost count: {e}");
-                }
+        match self.enforcer.counters() {
+            Ok(c) => self.lost_tx.observe(c.lost),
+            Err(e) => tracing::warn!("reading the lost count: {e}"),
+        }
+        self.record_lost_reported();
+    }
+
+    fn record_lost_reported(&mut self) {
+        let written = self.lost_tx.written();
+        if written > self.last_lost {
+            match self.enforcer.set_lost_reported(written) {
+                Ok(()) => self.last_lost = written,
+                Err(e) => tracing::warn!("recording the reported lost count: {e}"),
             }
         }
     }
 
-    /// After adopting pinned maps: removes agent entries the current policy no longer selects
-    /// and prefixes of policy versions no longer installed.
+    /// After adopting pinned maps: removes entries the current policy no longer wants and
+    /// prefixes of policy versions no longer installed.
     pub(crate) fn drop_leftovers(&mut self) -> Result<()> {
         for (id, _) in self.enforcer.agent_entries() {
-            if !self.agents.contains_key(&id) {
+            if !self.entries.contains_key(&id) {
                 self.enforcer.remove_agent(id)?;
             }
         }
@@ -181,255 +304,437 @@ impl State {
             stale_prefixes = n,
             "reconciled the adopted maps with the current policy"
         );
+        // Entries of the old map that did not fit at first may fit now.
+        self.retry_unregistered();
         Ok(())
     }
 
-    fn reload(&mut self) -> Result<()> {
-        let Some(dir) = &self.source else {
-            bail!("this controller runs a fixed policy set: there is nothing to re-read");
-        };
-        let set = policy::load_dir(dir)?;
-        self.apply(set)
-    }
-
-    /// Installs a policy set without a window: new rules go in under fresh policy ids, then each
-    /// agent entry is switched in one map update, then the old rules are removed. If anything
-    /// fails before the switch, what was added is removed and the running state stays.
-    pub(crate) fn apply(&mut self, set: PolicySet) -> Result<()> {
-        let mut compiled = Vec::with_capacity(set.policies.len());
-        for p in &set.policies {
-            compiled.push(policy::compile(p)?);
-        }
-        // Old and new rules sit in the tries together until the switch is done.
-        for (v4, cap, family) in [
-            (true, agent_common::MAX_PREFIXES_V4, "IPv4"),
-            (false, agent_common::MAX_PREFIXES_V6, "IPv6"),
-        ] {
-            let new: usize = compiled
-                .iter()
-                .map(|c| if v4 { c.v4.len() } else { c.v6.len() })
-                .sum();
-            let old: usize = self
-                .installed
-                .values()
-                .map(|i| if v4 { i.keys.v4.len() } else { i.keys.v6.len() })
-                .sum();
-            if new + old > cap as usize {
-                bail!(
-                    "the policies need {new} {family} prefixes and {old} are installed; the \
-                     kernel map holds {cap} (old and new rules coexist while a reload switches)"
-                );
-            }
-        }
-        let new: usize = compiled.iter().map(|c| c.unix.len()).sum();
-        let old: usize = self.installed.values().map(|i| i.keys.unix.len()).sum();
-        let cap = agent_common::MAX_UNIX_PATHS as usize;
-        if new + old > cap {
-            bail!(
-                "the policies need {new} Unix socket entries and {old} are installed; the kernel \
-                 map holds {cap} (old and new entries coexist while a reload switches)"
-            );
-        }
-        let generation = self.generation + 1;
-        let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
-        let mut metas = Vec::new();
-        for (p, c) in set.policies.iter().zip(compiled) {
-            let id = self.next_policy_id;
-            self.next_policy_id = self
-                .next_policy_id
-                .checked_add(1)
-                .context("policy ids exhausted")?;
-            let keys = PrefixKeys::of(&c);
-            if let Err(e) = self.enforcer.install_rules(id, &c) {
-                let _ = self.enforcer.remove_rules(id, &keys);
-                for inst in fresh.values() {
-                    let _ = self.enforcer.remove_rules(inst.id, &inst.keys);
-                }
-                return Err(e).with_context(|| format!("installing policy {}", p.name));
-            }
-            metas.push((
-                id,
-                PolicyMeta {
-                    name: p.name.clone(),
-                    version: generation,
-                    rules: p.rules.iter().map(|r| r.name.clone()).collect(),
-                    unix: p.unix.iter().map(|u| u.to_string()).collect(),
-                },
-            ));
-            fresh.insert(
-                p.name.clone(),
-                Installed {
-                    id,
-                    keys,
-                    mode: p.mode.as_kernel(),
-                },
-            );
-        }
-        {
-            let mut names = self.names.write().expect("names");
-            for (id, m) in metas {
-                names.policies.insert(id, m);
-            }
-        }
-        let old = std::mem::replace(&mut self.installed, fresh);
-        self.set = set;
-        self.generation = generation;
-        // Re-point every registered agent, then pick up cgroups the new selectors match.
-        let ids: Vec<u64> = self.agents.keys().copied().collect();
-        for id in ids {
-            let rel = self.agents[&id].rel.clone();
-            if let Err(e) = self.register(id, &rel) {
-                tracing::info!(cgroup = %rel, "no longer an agent: {e:#}");
-                self.unregister(id);
-            }
-        }
-        self.rescan();
-        for inst in old.values() {
-            if let Err(e) = self.enforcer.remove_rules(inst.id, &inst.keys) {
-                tracing::warn!(policy_id = inst.id, "removing old rules: {e}");
-            }
-        }
-        // Selectors, modes and names are all the controller needs from here on; the rules live
-        // in the kernel. Freed heap goes back to the system (a 100k-rule load peaks high).
-        for p in &mut self.set.policies {
-            p.rules = Vec::new();
-        }
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        tracing::info!(
-            generation,
-            policies = self.installed.len(),
-            "policy applied"
-        );
-        Ok(())
-    }
-
-    fn register_path(&mut self, path: &Path) -> Result<AgentMeta> {
+    fn register_path(&mut self, path: &Path) -> Result<Registration> {
         let rel = cgroup::relative(&self.root, path)?;
         let id = cgroup::cgroup_id(path)?;
-        self.register(id, &rel)
-    }
-
-    /// Registers (or re-points) one cgroup; errors when no policy selects it.
-    fn register(&mut self, id: u64, rel: &str) -> Result<AgentMeta> {
-        let level = cgroup::level(rel);
+        let class = registry::classify(&self.set, &self.parents, &rel);
+        let Class::Agent(matched) = &class else {
+            bail!("no policy selects cgroup {rel:?}");
+        };
+        let name = match matched.as_slice() {
+            [p] => p.name.clone(),
+            _ => "conflict:deny-all".to_string(),
+        };
+        let level = cgroup::level(&rel);
         if level == 0 || level > MAX_CGROUP_LEVEL {
             bail!("cgroup {rel:?} is at level {level}; agents must be at levels 1..={MAX_CGROUP_LEVEL}");
         }
-        let matches = self.set.find_for_cgroup(rel);
-        let (deadman_secs, deadman_mode) = match matches.as_slice() {
-            [p] => p
-                .deadman
-                .map_or((0, 0), |d| (d.after_secs, d.fallback.as_kernel())),
-            _ => (0, 0),
-        };
-        let (policy_id, mode_, sockets_, policy_name) = match matches.as_slice() {
-            [] => bail!("no policy selects cgroup {rel:?}"),
-            [p] => {
-                let inst = &self.installed[&p.name];
-                (inst.id, inst.mode, p.sockets, p.name.clone())
-            }
-            many => {
-                let list: Vec<_> = many.iter().map(|p| p.name.as_str()).collect();
-                tracing::error!(cgroup = rel, policies = ?list,
-                    "several policies select this cgroup: it is denied everything until fixed");
-                (
-                    CONFLICT_POLICY_ID,
-                    mode::ENFORCE,
-                    0,
-                    "conflict:deny-all".to_string(),
-                )
-            }
-        };
-        let entry = AgentEntry {
-            policy_id,
-            mode: mode_,
-            policy_version: self.generation,
-            sockets: sockets_,
-            deadman_secs,
-            deadman_mode,
-            kind: agent_common::entry::AGENT,
-            _reserved: 0,
-        };
-        self.enforcer.set_agent(id, entry)?;
-        let meta = AgentMeta {
-            name: agent_name(rel),
-            cgroup: rel.to_string(),
-            policy: policy_name,
-        };
-        let new = !self.agents.contains_key(&id);
-        self.agents.insert(
-            id,
-            Registered {
-                rel: rel.to_string(),
-                level,
-                policy_id,
-            },
-        );
-        self.names
-            .write()
-            .expect("names")
-            .agents
-            .insert(id, meta.clone());
+        self.ensure(id, &rel)?;
         self.update_levels()?;
-        if new {
-            tracing::info!(agent = %meta.name, cgroup = rel, policy = %meta.policy, "agent registered");
-        }
-        Ok(meta)
+        let policy = self.set.get(&name);
+        Ok(Registration {
+            agent: agent_name(&rel),
+            cgroup: rel,
+            sockets: policy.map(|p| p.socket_kind_names()).unwrap_or_default(),
+            capabilities: policy.map(|p| p.kept_capabilities()).unwrap_or_default(),
+            policy: name,
+        })
     }
 
-    fn unregister(&mut self, id: u64) {
-        if let Err(e) = self.enforcer.remove_agent(id) {
-            tracing::warn!(cgroup_id = id, "removing agent: {e}");
+    /// The entry `class` calls for at cgroup `id`.
+    fn entry_for(&self, class: &Class, rel: &str) -> Option<AgentEntry> {
+        let base = AgentEntry {
+            policy_id: CONFLICT_POLICY_ID,
+            mode: mode::ENFORCE,
+            policy_version: self.generation,
+            sockets: 0,
+            deadman_secs: 0,
+            deadman_mode: 0,
+            kind: entry::AGENT,
+            _reserved: 0,
+        };
+        match class {
+            Class::None => None,
+            Class::Watch(m) => Some(AgentEntry {
+                mode: *m,
+                kind: entry::WATCH,
+                ..base
+            }),
+            Class::Exempt => Some(AgentEntry {
+                kind: entry::EXEMPT,
+                ..base
+            }),
+            Class::Agent(matched) => Some(match matched.as_slice() {
+                [p] => {
+                    let inst = self.installed.get(&p.name)?;
+                    let (deadman_secs, deadman_mode) = p
+                        .deadman
+                        .map_or((0, 0), |d| (d.after_secs, d.fallback.as_kernel()));
+                    AgentEntry {
+                        policy_id: inst.id,
+                        mode: inst.mode,
+                        sockets: p.sockets,
+                        deadman_secs,
+                        deadman_mode,
+                        ..base
+                    }
+                }
+                many => {
+                    let list: Vec<_> = many.iter().map(|p| p.name.as_str()).collect();
+                    tracing::error!(cgroup = rel, policies = ?list,
+                        "several policies select this cgroup: it is denied everything until fixed");
+                    base
+                }
+            }),
         }
-        self.agents.remove(&id);
+    }
+
+    /// Gives cgroup `id` at `rel` the entry its class calls for (or removes it). A full map
+    /// leaves the cgroup under its watch and is reported.
+    fn ensure(&mut self, id: u64, rel: &str) -> Result<()> {
+        let class = registry::classify(&self.set, &self.parents, rel);
+        let level = cgroup::level(rel);
+        let Some(wanted) = self
+            .entry_for(&class, rel)
+            .filter(|_| (1..=MAX_CGROUP_LEVEL).contains(&level))
+        else {
+            if self.entries.contains_key(&id) {
+                self.forget(id);
+            }
+            self.unregistered.remove(rel);
+            return Ok(());
+        };
+        if self.entries.get(&id).is_some_and(|e| e.entry == wanted) {
+            return Ok(());
+        }
+        if let Err(e) = self.enforcer.set_agent(id, wanted) {
+            if matches!(e, LoaderError::Full(_)) {
+                self.map_is_full(rel);
+                bail!(
+                    "the agent map is full ({} entries): cgroup {rel:?} stays under the pending \
+                     fallback of its watched parent until an entry is free",
+                    self.enforcer.agent_capacity()
+                );
+            }
+            return Err(e).with_context(|| format!("writing the entry of cgroup {rel:?}"));
+        }
+        self.unregistered.remove(rel);
+        if self.map_full && self.unregistered.is_empty() {
+            self.map_full = false;
+            tracing::info!("the agent map has room again: every selected cgroup is registered");
+        }
+        let new = !self.entries.contains_key(&id);
+        let mut names = self.names.write().expect("names");
+        match &class {
+            Class::Agent(_) => {
+                let meta = AgentMeta {
+                    name: agent_name(rel),
+                    cgroup: rel.to_string(),
+                    policy: match class {
+                        Class::Agent(ref m) if m.len() == 1 => m[0].name.clone(),
+                        _ => "conflict:deny-all".into(),
+                    },
+                };
+                if new {
+                    tracing::info!(agent = %meta.name, cgroup = rel, policy = %meta.policy, "agent registered");
+                }
+                names.agents.insert(id, meta);
+            }
+            _ => {
+                names.agents.remove(&id);
+                if new {
+                    tracing::debug!(cgroup = rel, kind = wanted.kind, "cgroup entry written");
+                }
+            }
+        }
+        drop(names);
+        self.entries.insert(
+            id,
+            Entry {
+                rel: rel.to_string(),
+                level,
+                entry: wanted,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts (or continues) a full-map episode for `rel`: reported once per episode.
+    fn map_is_full(&mut self, rel: &str) {
+        self.unregistered.insert(rel.to_string());
+        if self.map_full {
+            return;
+        }
+        self.map_full = true;
+        let capacity = self.enforcer.agent_capacity();
+        let used = self.enforcer.agent_entries().len();
+        let watch = self.covering_watch(rel);
+        tracing::error!(
+            cgroup = rel,
+            capacity,
+            used,
+            "AGENT MAP FULL: new cgroups cannot be registered; they are judged by their watched \
+             parent's pending fallback until entries are freed"
+        );
+        let _ = self.notices.send(Notice {
+            kind: "agent-map-full",
+            detail: json!({
+                "cgroup": rel,
+                "capacity": capacity,
+                "used": used,
+                "watched_parent": watch.as_ref().map(|(p, _)| p.clone()),
+                "fallback": watch.map(|(_, m)| registry::pending_name(m)),
+            }),
+        });
+    }
+
+    /// The watched parent above `rel` and its pending mode.
+    fn covering_watch(&self, rel: &str) -> Option<(String, u32)> {
+        self.parents
+            .iter()
+            .filter(|(p, _)| {
+                rel.strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+            .max_by_key(|(p, _)| p.len())
+            .map(|(p, m)| (p.clone(), *m))
+    }
+
+    /// Removes the entry of cgroup `id`.
+    fn forget(&mut self, id: u64) {
+        if let Err(e) = self.enforcer.remove_agent(id) {
+            tracing::warn!(cgroup_id = id, "removing an agent map entry: {e}");
+        }
+        if let Some(e) = self.entries.remove(&id) {
+            if e.entry.kind == entry::AGENT {
+                tracing::info!(cgroup = %e.rel, cgroup_id = id, "agent unregistered");
+            }
+        }
         self.names.write().expect("names").agents.remove(&id);
-        let _ = self.update_levels();
+    }
+
+    /// Tries again the cgroups that found the map full.
+    fn retry_unregistered(&mut self) {
+        for rel in std::mem::take(&mut self.unregistered) {
+            let path = self.root.join(&rel);
+            match cgroup::cgroup_id(&path) {
+                Ok(id) => {
+                    let _ = self.ensure(id, &rel);
+                }
+                Err(_) => continue,
+            }
+        }
     }
 
     fn update_levels(&mut self) -> Result<()> {
         let mask = self
-            .agents
+            .entries
             .values()
-            .fold(self.adopted_levels, |m, a| m | (1 << a.level));
+            .fold(self.adopted_levels, |m, e| m | (1 << e.level));
         self.enforcer.set_agent_levels(mask)?;
         Ok(())
     }
 
-    /// Registers cgroups that selectors match and forgets agents whose cgroup is gone.
-    fn rescan(&mut self) {
-        let gone: Vec<u64> = self
-            .agents
-            .iter()
-            .filter(|(_, a)| !self.root.join(&a.rel).is_dir())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            self.unregister(id);
-        }
-        if self.set.policies.is_empty() {
-            return;
-        }
-        for rel in cgroup::walk(&self.root) {
-            if self.set.find_for_cgroup(&rel).is_empty() {
-                continue;
-            }
-            let Ok(id) = cgroup::cgroup_id(&self.root.join(&rel)) else {
-                continue;
-            };
-            let current = self.agents.get(&id).map(|a| a.policy_id);
-            let wanted = match self.set.find_for_cgroup(&rel).as_slice() {
-                [p] => self.installed.get(&p.name).map(|i| i.id),
-                _ => Some(CONFLICT_POLICY_ID),
-            };
-            if current != wanted {
-                if let Err(e) = self.register(id, &rel) {
-                    tracing::warn!(cgroup = rel, "cannot register: {e:#}");
+    /// Writes the watch entries of the current set's parents (before any agent is re-pointed,
+    /// so a cgroup the new selectors match is covered from now on).
+    pub(crate) fn install_watches(&mut self) {
+        self.parents = registry::watched_parents(&self.set);
+        let parents: Vec<String> = self.parents.keys().cloned().collect();
+        for rel in parents {
+            if let Ok(id) = cgroup::cgroup_id(&self.root.join(&rel)) {
+                if let Err(e) = self.ensure(id, &rel) {
+                    tracing::error!(cgroup = rel, "cannot watch: {e:#}");
                 }
             }
         }
+        if let Err(e) = self.update_levels() {
+            tracing::error!("writing the agent levels: {e}");
+        }
+        self.publish_watch_paths();
     }
+
+    fn publish_watch_paths(&self) {
+        let paths: Vec<PathBuf> = self
+            .parents
+            .keys()
+            .map(|p| self.root.join(p))
+            .filter(|p| p.is_dir())
+            .collect();
+        self.watch_paths.send_if_modified(|old| {
+            let changed = *old != paths;
+            if changed {
+                *old = paths;
+            }
+            changed
+        });
+    }
+
+    /// The backstop: re-judges every cgroup of the tree, and removes the entries of cgroups
+    /// that are gone (a cgroup recreated at the same path has a new id: the old entry goes).
+    pub(crate) fn rescan(&mut self) {
+        let mut seen = HashSet::new();
+        if !self.set.policies.is_empty() {
+            for rel in cgroup::walk(&self.root) {
+                let Ok(id) = cgroup::cgroup_id(&self.root.join(&rel)) else {
+                    continue;
+                };
+                if let Err(e) = self.ensure(id, &rel) {
+                    tracing::debug!(cgroup = rel, "cannot register: {e:#}");
+                }
+                if self.entries.contains_key(&id) {
+                    seen.insert(id);
+                }
+            }
+        }
+        let gone: Vec<u64> = self
+            .entries
+            .keys()
+            .filter(|id| !seen.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.forget(id);
+        }
+        // Unregistered cgroups that are gone are no longer waiting.
+        let root = self.root.clone();
+        self.unregistered.retain(|rel| root.join(rel).is_dir());
+        if self.map_full && self.unregistered.is_empty() {
+            self.map_full = false;
+        }
+        if let Err(e) = self.update_levels() {
+            tracing::error!("writing the agent levels: {e}");
+        }
+        self.publish_watch_paths();
+    }
+
+    /// A cgroup appeared or went, as the watcher saw it.
+    pub(crate) fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Created(path) => {
+                let Ok(rel) = cgroup::relative(&self.root, &path) else {
+                    return;
+                };
+                // Gone again already: the removal event follows.
+                let Ok(id) = cgroup::cgroup_id(&path) else {
+                    return;
+                };
+                if let Err(e) = self.ensure(id, &rel) {
+                    tracing::warn!(cgroup = rel, "cannot register: {e:#}");
+                }
+                if let Err(e) = self.update_levels() {
+                    tracing::error!("writing the agent levels: {e}");
+                }
+                if self.parents.contains_key(&rel) {
+                    self.publish_watch_paths();
+                }
+            }
+            Change::Removed(path) => {
+                let Ok(rel) = cgroup::relative(&self.root, &path) else {
+                    return;
+                };
+                // A cgroup recreated at once has a new id: keep only the live one's entry.
+                let live = cgroup::cgroup_id(&path).ok();
+                let gone: Vec<u64> = self
+                    .entries
+                    .iter()
+                    .filter(|(id, e)| e.rel == rel && Some(**id) != live)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &gone {
+                    self.forget(*id);
+                }
+                if live.is_none() {
+                    self.unregistered.remove(&rel);
+                }
+                if !gone.is_empty() {
+                    if let Err(e) = self.update_levels() {
+                        tracing::error!("writing the agent levels: {e}");
+                    }
+                    self.retry_unregistered();
+                }
+            }
+            Change::Overflow => self.rescan(),
+        }
+    }
+
+    /// What `agentwall status` shows, the kernel's side read back from the kernel.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let c = self.enforcer.counters().unwrap_or_default();
+        let names = self.names.read().expect("names");
+        let agents: Vec<_> = names
+            .agents
+            .values()
+            .map(|a| json!({ "agent": a.name, "cgroup": a.cgroup, "policy": a.policy }))
+            .collect();
+        drop(names);
+        let watches: Vec<_> = self
+            .entries
+            .values()
+            .filter(|e| e.entry.kind == entry::WATCH)
+            .map(|e| json!({ "cgroup": e.rel, "pending": registry::pending_name(e.entry.mode) }))
+            .collect();
+        let in_kernel = self.enforcer.agent_entries();
+        let kernel_ids: HashSet<u64> = in_kernel.iter().map(|(id, _)| *id).collect();
+        let unknown: Vec<u64> = in_kernel
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.entries.contains_key(id))
+            .collect();
+        let mut missing: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|(id, _)| !kernel_ids.contains(id))
+            .map(|(_, e)| e.rel.as_str())
+            .collect();
+        missing.sort_unstable();
+        let k = self.enforcer.kernel_state();
+        let mut problems = k.problems();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "{} registered cgroups have no entry in the kernel's agent map",
+                missing.len()
+            ));
+        }
+        if !unknown.is_empty() {
+            problems.push(format!(
+                "the kernel's agent map has {} entries this controller did not write",
+                unknown.len()
+            ));
+        }
+        if !self.unregistered.is_empty() {
+            problems.push(format!(
+                "{} selected cgroups could not be registered (agent map full)",
+                self.unregistered.len()
+            ));
+        }
+        json!({
+            "generation": self.generation,
+            "policies": self.installed.keys().collect::<Vec<_>>(),
+            "agents": agents,
+            "watches": watches,
+            "agents_unregistered": self.unregistered,
+            "agent_map": {
+                "used": in_kernel.len(),
+                "capacity": self.enforcer.agent_capacity(),
+            },
+            "counters": c,
+            "audit_log": self.audit.snapshot(),
+            "kernel": {
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "pinned": k.pinned,
+                "links": k.links,
+                "agent_entries": in_kernel.len(),
+                "registry_entries": self.entries.len(),
+                "unknown_entries": unknown,
+                "missing_entries": missing,
+            },
+        })
+    }
+}
+
+/// Reads and compiles the policy directory on a blocking thread; the result comes back to the
+/// actor, which only switches the maps.
+fn start_reload(dir: PathBuf, done: mpsc::UnboundedSender<Result<apply::Prepared>>) {
+    tokio::spawn(async move {
+        let result = tokio::task::spawn_blocking(move || apply::prepare_dir(&dir))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("reading the policy directory: {e}")));
+        let _ = done.send(result);
+    });
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 pub mod cgroup;
+pub mod watch;
 
 /// A registered agent cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,154 @@
+//! Installing a policy set: `prepare` (read, parse, compile: slow, runs off the actor, touches
+//! no state) and `State::switch` (the map writes, in the actor).
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context, Result};
+
+use super::{Installed, State};
+use crate::{
+    datapath::{Datapath, PrefixKeys},
+    identity::PolicyMeta,
+    policy::{self, CompiledPolicy, PolicySet},
+};
+
+/// A policy set compiled and checked, ready to switch to.
+pub struct Prepared {
+    pub(crate) set: PolicySet,
+    pub(crate) compiled: Vec<CompiledPolicy>,
+}
+
+/// Reads and compiles the policy directory: blocking, CPU-heavy, run with `spawn_blocking`.
+pub fn prepare_dir(dir: &Path) -> Result<Prepared> {
+    prepare(policy::load_dir(dir)?)
+}
+
+/// Compiles every policy of `set`.
+pub fn prepare(set: PolicySet) -> Result<Prepared> {
+    let mut compiled = Vec::with_capacity(set.policies.len());
+    for p in &set.policies {
+        compiled.push(policy::compile(p).with_context(|| format!("policy {}", p.name))?);
+    }
+    Ok(Prepared { set, compiled })
+}
+
+impl<D: Datapath> State<D> {
+    /// Compiles and installs `set` in the actor (the start, tests).
+    pub(crate) fn apply(&mut self, set: PolicySet) -> Result<()> {
+        self.switch(prepare(set)?)
+    }
+
+    /// Installs a prepared set without a window: watches first (new cgroups below the new
+    /// selectors' parents are judged by the fallback from now on), then the new rules under
+    /// fresh policy ids, then each entry is switched in one map update, then the old rules
+    /// go. If anything fails before the switch, what was added is removed and the running
+    /// state stays.
+    pub(crate) fn switch(&mut self, prepared: Prepared) -> Result<()> {
+        let Prepared { set, compiled } = prepared;
+        self.check_capacity(&set, &compiled)?;
+        let generation = self.generation + 1;
+        let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
+        let mut metas = Vec::new();
+        for (p, c) in set.policies.iter().zip(compiled) {
+            let id = self.next_policy_id;
+            self.next_policy_id = self
+                .next_policy_id
+                .checked_add(1)
+                .context("policy ids exhausted")?;
+            let keys = PrefixKeys::of(&c);
+            if let Err(e) = self.enforcer.install_rules(id, &c) {
+                let _ = self.enforcer.remove_rules(id, &keys);
+                for inst in fresh.values() {
+                    let _ = self.enforcer.remove_rules(inst.id, &inst.keys);
+                }
+                return Err(e).with_context(|| format!("installing policy {}", p.name));
+            }
+            metas.push((
+                id,
+                PolicyMeta {
+                    name: p.name.clone(),
+                    version: generation,
+                    rules: p.rules.iter().map(|r| r.name.clone()).collect(),
+                    unix: p.unix.iter().map(|u| u.to_string()).collect(),
+                },
+            ));
+            fresh.insert(
+                p.name.clone(),
+                Installed {
+                    id,
+                    keys,
+                    mode: p.mode.as_kernel(),
+                },
+            );
+        }
+        {
+            let mut names = self.names.write().expect("names");
+            for (id, m) in metas {
+                names.policies.insert(id, m);
+            }
+        }
+        let old = std::mem::replace(&mut self.installed, fresh);
+        self.set = set;
+        self.generation = generation;
+        self.warn_root_level_selectors();
+        // Watches before agents, then every existing cgroup re-judged; entries of cgroups the
+        // new set no longer covers go.
+        self.install_watches();
+        self.rescan();
+        for inst in old.values() {
+            if let Err(e) = self.enforcer.remove_rules(inst.id, &inst.keys) {
+                tracing::warn!(policy_id = inst.id, "removing old rules: {e}");
+            }
+        }
+        // Selectors, modes and names are all the controller needs from here on; the rules live
+        // in the kernel. Freed heap goes back to the system (a 100k-rule load peaks high).
+        for p in &mut self.set.policies {
+            p.rules = Vec::new();
+        }
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        tracing::info!(
+            generation,
+            policies = self.installed.len(),
+            "policy applied"
+        );
+        Ok(())
+    }
+
+    /// Old and new rules sit in the tries together until the switch is done: both must fit.
+    /// The same check as `agentwall policy check`, with what is installed counted.
+    fn check_capacity(&self, set: &PolicySet, compiled: &[CompiledPolicy]) -> Result<()> {
+        let need: Vec<(&Path, policy::Usage)> = set
+            .policies
+            .iter()
+            .zip(compiled)
+            .map(|(p, c)| (p.source.as_path(), policy::Usage::of(c)))
+            .collect();
+        let installed = self
+            .installed
+            .values()
+            .map(|i| policy::Usage {
+                v4: i.keys.v4.len(),
+                v6: i.keys.v6.len(),
+                unix: i.keys.unix.len(),
+            })
+            .sum();
+        Ok(policy::check_capacity(&need, installed)?)
+    }
+
+    fn warn_root_level_selectors(&self) {
+        for (policy, selector) in super::registry::root_level_selectors(&self.set) {
+            tracing::warn!(
+                policy = %policy,
+                selector = %selector,
+                "SELECTOR AT THE CGROUP2 ROOT: a new cgroup it matches runs UNENFORCED until the \
+                 controller registers it (no pending fallback: the kernel cannot tell such a \
+                 cgroup from any other on the node). Put agents below a parent cgroup, e.g. \
+                 agentwall/{selector}"
+            );
+        }
+    }
+}

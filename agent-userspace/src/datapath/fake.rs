@@ -1,0 +1,125 @@
+//! An in-memory datapath: the maps as Rust collections, with the agent map's capacity limit, so
+//! control logic is unit-tested without root or a kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agent_common::AgentEntry;
+
+use super::{
+    kernel_state::{KernelState, LinkState},
+    Beat, Counters, Datapath, LoaderError, PrefixKeys,
+};
+use crate::policy::CompiledPolicy;
+
+#[derive(Debug, Clone)]
+pub struct Fake {
+    pub agents: BTreeMap<u64, AgentEntry>,
+    pub capacity: u32,
+    pub levels: u32,
+    /// Policy id -> prefixes installed under it (v4, v6, unix counts).
+    pub rules: BTreeMap<u32, PrefixKeys>,
+    pub counters: Counters,
+    pub lost_reported: u64,
+    pub heartbeats: u64,
+    /// Links the fake kernel reports as attached.
+    pub attached: bool,
+}
+
+impl Fake {
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            agents: BTreeMap::new(),
+            capacity,
+            levels: 0,
+            rules: BTreeMap::new(),
+            counters: Counters::default(),
+            lost_reported: 0,
+            heartbeats: 0,
+            attached: true,
+        }
+    }
+
+    /// Entries of one `entry::*` kind.
+    pub fn of_kind(&self, kind: u32) -> BTreeMap<u64, AgentEntry> {
+        self.agents
+            .iter()
+            .filter(|(_, e)| e.kind == kind)
+            .map(|(k, e)| (*k, *e))
+            .collect()
+    }
+}
+
+impl Datapath for Fake {
+    fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
+        // As a BPF hash map: an update of an existing key always fits, a new key may not.
+        if !self.agents.contains_key(&cgroup_id) && self.agents.len() >= self.capacity as usize {
+            return Err(LoaderError::Full("AW_AGENTS"));
+        }
+        self.agents.insert(cgroup_id, entry);
+        Ok(())
+    }
+    fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
+        self.agents.remove(&cgroup_id);
+        Ok(())
+    }
+    fn agent_entries(&self) -> Vec<(u64, AgentEntry)> {
+        self.agents.iter().map(|(k, e)| (*k, *e)).collect()
+    }
+    fn agent_capacity(&self) -> u32 {
+        self.capacity
+    }
+    fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
+        self.levels = mask;
+        Ok(())
+    }
+    fn install_rules(
+        &mut self,
+        policy_id: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<(), LoaderError> {
+        self.rules.insert(policy_id, PrefixKeys::of(compiled));
+        Ok(())
+    }
+    fn remove_rules(&mut self, policy_id: u32, _keys: &PrefixKeys) -> Result<(), LoaderError> {
+        self.rules.remove(&policy_id);
+        Ok(())
+    }
+    fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
+        let before = self.rules.len();
+        self.rules.retain(|id, _| keep.contains(id));
+        Ok(before - self.rules.len())
+    }
+    fn rule_policy_ids(&self) -> BTreeSet<u32> {
+        self.rules.keys().copied().collect()
+    }
+    fn counters(&self) -> Result<Counters, LoaderError> {
+        Ok(self.counters)
+    }
+    fn lost_reported(&self) -> Result<u64, LoaderError> {
+        Ok(self.lost_reported)
+    }
+    fn set_lost_reported(&mut self, n: u64) -> Result<(), LoaderError> {
+        self.lost_reported = n;
+        Ok(())
+    }
+    fn heartbeat(&mut self) -> Result<(), LoaderError> {
+        self.heartbeats += 1;
+        Ok(())
+    }
+    fn take_heartbeat(&mut self) -> Option<Box<dyn Beat>> {
+        None
+    }
+    fn pinned(&self) -> bool {
+        false
+    }
+    fn kernel_state(&self) -> KernelState {
+        KernelState {
+            pinned: false,
+            links: vec![LinkState {
+                program: "connect4",
+                pinned: false,
+                attached: self.attached,
+            }],
+        }
+    }
+}
