@@ -450,6 +450,8 @@ mod tests {
             sockets: 0,
             deadman: None,
             unix: Vec::new(),
+            pending: Default::default(),
+            capabilities: Vec::new(),
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules
                 .iter()

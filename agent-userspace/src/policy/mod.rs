@@ -11,16 +11,21 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use agent_common::{mode, proto};
 use ipnet::IpNet;
 
+mod capacity;
 mod compile;
+#[cfg(test)]
+mod dir_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
 
+pub use capacity::{check_capacity, CapacityError, Family, Usage};
 pub use compile::{compile, CompileError, CompiledPolicy};
 
 /// Largest policy file accepted, in bytes. A policy with 100,000 rules is about 5 MiB.
@@ -138,6 +143,81 @@ impl CgroupSelector {
     pub fn is_literal(&self) -> bool {
         self.glob.is_none()
     }
+
+    /// The literal components before the first glob component (`agentwall` for
+    /// `agentwall/research-*` and for the literal `agentwall/demo`; `""` for the cgroup2 root,
+    /// as for `demo` or `research-*`): the cgroup below which new cgroups may be selected.
+    pub fn fixed_parent(&self) -> String {
+        let parts: Vec<&str> = self.pattern.split('/').collect();
+        let fixed = parts
+            .iter()
+            .position(|c| is_glob_component(c))
+            .unwrap_or(parts.len() - 1);
+        parts[..fixed].join("/")
+    }
+
+    /// Whether some cgroup strictly below `rel_path` could be selected: every component of
+    /// `rel_path` matches the selector's component at the same place, and the selector is
+    /// longer (or has a `**` that can span the rest).
+    pub fn could_match_below(&self, rel_path: &str) -> bool {
+        let pat: Vec<&str> = self.pattern.split('/').collect();
+        let path: Vec<&str> = rel_path.split('/').filter(|c| !c.is_empty()).collect();
+        for (i, c) in path.iter().enumerate() {
+            let Some(p) = pat.get(i) else {
+                return false;
+            };
+            if p.contains("**") {
+                return true;
+            }
+            if !component_matches(p, c) {
+                return false;
+            }
+        }
+        pat.len() > path.len()
+    }
+}
+
+/// A path component written with glob characters.
+fn is_glob_component(c: &str) -> bool {
+    c.contains(['*', '?', '[', ']'])
+}
+
+/// One selector component against one path component.
+fn component_matches(pattern: &str, component: &str) -> bool {
+    if !is_glob_component(pattern) {
+        return pattern == component;
+    }
+    glob::Pattern::new(pattern)
+        .map(|g| g.matches_with(component, GLOB_OPTIONS))
+        .unwrap_or(false)
+}
+
+/// What a policy's selectable cgroups that are not registered yet fall back to, in the kernel
+/// (`pending:`): cgroups below a selector's fixed parent without an entry of their own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Pending {
+    /// Deny everything, with reason `pending-identity`.
+    #[default]
+    Deny,
+    /// Allow everything and record it, with reason `pending-identity`.
+    Audit,
+}
+
+impl Pending {
+    /// The `agent_common::mode::*` of a watched parent's entry.
+    pub fn as_kernel(&self) -> u32 {
+        match self {
+            Pending::Deny => mode::ENFORCE,
+            Pending::Audit => mode::AUDIT,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Pending::Deny => "deny",
+            Pending::Audit => "audit",
+        }
+    }
 }
 
 impl PartialEq for CgroupSelector {
@@ -181,6 +261,10 @@ pub struct Policy {
     pub deadman: Option<Deadman>,
     /// Unix sockets the agents may connect or send to (default: none).
     pub unix: Vec<UnixTarget>,
+    /// How cgroups its selectors could match are judged until they are registered.
+    pub pending: Pending,
+    /// Capabilities `agentwall exec` lets the agents keep (names from [`CAPABILITIES`]).
+    pub capabilities: Vec<&'static str>,
     /// The file it was read from.
     pub source: PathBuf,
 }
@@ -337,6 +421,37 @@ pub const SOCKET_KINDS: [(&str, u32); 8] = [
     ("other-family", agent_common::sock::OTHER_FAMILY),
 ];
 
+/// Capabilities a policy may let its agents keep (`capabilities:`), as policy names and the
+/// kernel's. None of them lets an agent leave its cgroup, touch bpffs or signal other users'
+/// processes; every other capability could undo containment and is refused. Risks: docs/exec.md.
+pub const CAPABILITIES: [(&str, caps::Capability); 3] = [
+    ("net_raw", caps::Capability::CAP_NET_RAW),
+    ("net_bind_service", caps::Capability::CAP_NET_BIND_SERVICE),
+    ("ipc_lock", caps::Capability::CAP_IPC_LOCK),
+];
+
+/// The kernel capability of a `capabilities:` name.
+pub fn capability(name: &str) -> Option<caps::Capability> {
+    CAPABILITIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| *c)
+}
+
+impl Policy {
+    /// What `exec` keeps for this policy's agents: `capabilities`, and `net_raw` when `sockets`
+    /// lists raw or packet sockets (which need it).
+    pub fn kept_capabilities(&self) -> Vec<&'static str> {
+        let mut kept = self.capabilities.clone();
+        if self.sockets & (agent_common::sock::RAW | agent_common::sock::PACKET) != 0
+            && !kept.contains(&"net_raw")
+        {
+            kept.push("net_raw");
+        }
+        kept
+    }
+}
+
 pub fn socket_kind_bit(name: &str) -> Option<u32> {
     SOCKET_KINDS
         .iter()
@@ -420,6 +535,18 @@ pub enum PolicyError {
     /// More than one file of a directory is invalid; one error per line.
     #[error("{}", DisplayLines(.0))]
     Several(Vec<PolicyError>),
+    /// A directory entry is a symbolic link that leads out of the directory (or is absolute);
+    /// it is not read, so nothing of what it points to can reach a message.
+    #[error(
+        "{}: a symbolic link out of the policy directory{}; policy files must be in the \
+         directory (links between its own entries are fine); it was not read",
+        path.display(),
+        target.as_deref().map(|t| format!(" (to {})", raw::quoted(&t.to_string_lossy()))).unwrap_or_default()
+    )]
+    OutsideDir {
+        path: PathBuf,
+        target: Option<PathBuf>,
+    },
     /// A directory holds no policy file. Refused rather than read as an empty set: a controller
     /// whose policy directory was emptied (or mounted wrong) must not unregister every agent.
     #[error("no policy files (*.yaml, *.yml) in {}", dir.display())]
@@ -480,40 +607,89 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
 }
 
 fn load_file_located(path: &Path) -> Result<(Policy, raw::Locations), PolicyError> {
-    let text = read_text(path)?;
+    let file = open_file(path, |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+    })?;
+    read_located(path, file)
+}
+
+fn read_located(path: &Path, file: std::fs::File) -> Result<(Policy, raw::Locations), PolicyError> {
+    let text = read_text(path, file)?;
     raw::parse(path, &text)
 }
 
-/// Reads a regular file of at most [`MAX_POLICY_FILE_BYTES`] as UTF-8. The size is checked
-/// before anything is read, and nothing past the limit is ever read.
-fn read_text(path: &Path) -> Result<String, PolicyError> {
-    use std::os::unix::fs::OpenOptionsExt;
-
+/// Opens a policy file with `open` (given the flags to add) and checks it is a regular file.
+/// O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); it changes
+/// nothing for a regular file.
+fn open_file(
+    path: &Path,
+    open: impl FnOnce(i32) -> std::io::Result<std::fs::File>,
+) -> Result<std::fs::File, PolicyError> {
     let io = |error| PolicyError::Io {
         path: path.to_path_buf(),
         error,
     };
-    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); it
-    // changes nothing for a regular file.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let too_large = |size| PolicyError::TooLarge {
-        path: path.to_path_buf(),
-        size,
-        limit: MAX_POLICY_FILE_BYTES,
-    };
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
+    let file = open(libc::O_NONBLOCK).map_err(io)?;
+    if !file.metadata().map_err(io)?.is_file() {
         // A device (/dev/zero, a tty), FIFO or socket: unbounded, or blocks, or both.
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file",
         )));
     }
-    let size = meta.len();
+    Ok(file)
+}
+
+/// Opens `name` in the directory `dir` without leaving it: a symlink may lead to another entry
+/// of the directory (a Kubernetes ConfigMap volume is made of those), never out of it, nor be
+/// absolute. openat2 (Linux 5.6; the ring buffer agentwall needs came in 5.8) does the check in
+/// the kernel, in the same step as the open, so nothing can be swapped in between.
+fn open_beneath(
+    dir: &std::fs::File,
+    name: &std::ffi::OsStr,
+    flags: i32,
+) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: open_how is plain data; every field is set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | flags) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid dirfd, NUL-terminated name, and a pointer to `how` with its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+}
+
+/// Reads a regular file of at most [`MAX_POLICY_FILE_BYTES`] as UTF-8. The size is checked
+/// before anything is read, and nothing past the limit is ever read.
+fn read_text(path: &Path, file: std::fs::File) -> Result<String, PolicyError> {
+    let io = |error| PolicyError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let too_large = |size| PolicyError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: MAX_POLICY_FILE_BYTES,
+    };
+    let size = file.metadata().map_err(io)?.len();
     if size > MAX_POLICY_FILE_BYTES {
         return Err(too_large(size));
     }
@@ -548,48 +724,82 @@ fn is_policy_file_name(name: &str) -> bool {
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
-/// Loads every policy file (`*.yaml`, `*.yml`, not starting with `.`) of `dir`, not recursing
-/// into subdirectories; `dir` may also be a single file. All or nothing: if any file is
-/// invalid, or two files clash, the whole set is rejected, so the caller keeps what it runs.
-/// A directory without policy files is an error ([`PolicyError::NoPolicyFiles`]), not an
-/// empty set: an emptied directory must not unenforce every agent.
-pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+/// The policy files of the directory `dir`, sorted by path, each opened once (what was checked
+/// is what is read): regular files only, none through a symlink out of `dir`. Directories with
+/// a policy file's name are skipped; every other refusal is an error naming the entry.
+type Opened = (PathBuf, Result<std::fs::File, PolicyError>);
+
+fn open_dir_files(dir: &Path) -> Result<Vec<Opened>, PolicyError> {
     let io = |path: &Path, error| PolicyError::Io {
         path: path.to_path_buf(),
         error,
     };
-    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
-    let files = if meta.is_dir() {
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-            let entry = entry.map_err(|e| io(dir, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if !is_policy_file_name(name) {
-                continue;
-            }
-            let path = entry.path();
-            // Follows symlinks; a dangling one is an error (reading it fails below).
-            if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-                continue;
-            }
-            files.push(path);
+    let dir_fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| io(dir, e))?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(is_policy_file_name) {
+            continue;
         }
-        if files.is_empty() {
-            return Err(PolicyError::NoPolicyFiles {
-                dir: dir.to_path_buf(),
-            });
-        }
-        files.sort();
-        files
-    } else {
-        vec![dir.to_path_buf()]
-    };
+        let path = entry.path();
+        let opened = open_file(&path, |flags| open_beneath(&dir_fd, &name, flags));
+        let opened = match opened {
+            // EXDEV: the path leaves the directory (or is absolute); ELOOP: a magic link.
+            Err(PolicyError::Io { error, .. })
+                if matches!(error.raw_os_error(), Some(libc::EXDEV | libc::ELOOP)) =>
+            {
+                Err(PolicyError::OutsideDir {
+                    target: std::fs::read_link(&path).ok(),
+                    path: path.clone(),
+                })
+            }
+            // Not read (today as before): a subdirectory, or a symlink to one in `dir`.
+            Err(PolicyError::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::InvalidInput
+                    && std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) =>
+            {
+                continue
+            }
+            other => other,
+        };
+        files.push((path, opened));
+    }
+    if files.is_empty() {
+        return Err(PolicyError::NoPolicyFiles {
+            dir: dir.to_path_buf(),
+        });
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
 
+/// Loads every policy file (`*.yaml`, `*.yml`, not starting with `.`) of `dir`, not recursing
+/// into subdirectories; `dir` may also be a single file. Only regular files are read, and no
+/// symlink leads out of `dir` ([`PolicyError::OutsideDir`]). All or nothing: if any file is
+/// invalid, or two files clash, the whole set is rejected, so the caller keeps what it runs.
+/// A directory without policy files is an error ([`PolicyError::NoPolicyFiles`]), not an
+/// empty set: an emptied directory must not unenforce every agent.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    let meta = std::fs::metadata(dir).map_err(|error| PolicyError::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
     let mut errors = Vec::new();
-    let mut loaded = Vec::with_capacity(files.len());
-    for path in &files {
-        match load_file_located(path) {
+    let mut loaded = Vec::new();
+    if meta.is_dir() {
+        for (path, file) in open_dir_files(dir)? {
+            match file.and_then(|f| read_located(&path, f)) {
+                Ok(p) => loaded.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+    } else {
+        match load_file_located(dir) {
             Ok(p) => loaded.push(p),
             Err(e) => errors.push(e),
         }

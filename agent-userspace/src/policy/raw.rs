@@ -79,6 +79,41 @@ fn cut_message(mut message: String) -> String {
     message
 }
 
+/// Longest excerpt of the file that a YAML library message may quote (it quotes whole keys
+/// and values: a file of secrets, e.g. a copy of /etc/shadow, must not reach a log).
+pub(super) const MAX_EXCERPT_CHARS: usize = 24;
+
+/// `message` with every `` `...` `` and `"..."` span longer than [`MAX_EXCERPT_CHARS`] cut.
+pub(super) fn cut_excerpts(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE_BYTES));
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        let body = &rest[open + 1..];
+        let (inner, after) = match body.find(quote) {
+            Some(close) => (&body[..close], &body[close..]),
+            None => (body, ""),
+        };
+        match inner.char_indices().nth(MAX_EXCERPT_CHARS) {
+            None => out.push_str(inner),
+            Some((cut, _)) => {
+                out.push_str(&inner[..cut]);
+                out.push_str(&format!("...({} bytes)", inner.len()));
+            }
+        }
+        match after.chars().next() {
+            Some(c) => {
+                out.push(c);
+                rest = &after[c.len_utf8()..];
+            }
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A 1-based line and column (0 when unknown).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Loc {
@@ -183,11 +218,9 @@ fn yaml_error(source: &Path, err: &serde_saphyr::Error) -> PolicyError {
             breach: BudgetBreach::Depth { .. },
             ..
         } => format!("nesting too deep: a policy nests at most {MAX_DEPTH} levels"),
-        _ => cut_message(
-            serde_saphyr::UserMessageFormatter
-                .format_message(inner)
-                .into_owned(),
-        ),
+        _ => cut_message(cut_excerpts(
+            &serde_saphyr::UserMessageFormatter.format_message(inner),
+        )),
     };
     if let Some(defined) = defined.filter(|d| d.line() > 0) {
         message.push_str(&format!(
@@ -242,6 +275,62 @@ struct RawPolicy {
     /// Unix sockets the agents may reach (default: none).
     #[serde(default)]
     unix: Bounded<UnixEntry, UnixLimit>,
+    /// Capabilities `exec` lets the agents keep (default: none).
+    #[serde(default)]
+    capabilities: Bounded<CapabilityName, CapabilitiesLimit>,
+    /// Fallback for selectable cgroups not registered yet (default: deny).
+    #[serde(default)]
+    pending: PendingFallback,
+}
+
+/// `pending: deny | audit`.
+#[derive(Default)]
+struct PendingFallback(super::Pending);
+
+impl<'de> Deserialize<'de> for PendingFallback {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| match s {
+            "deny" => Ok(PendingFallback(super::Pending::Deny)),
+            "audit" => Ok(PendingFallback(super::Pending::Audit)),
+            _ => Err(format!(
+                "unknown pending fallback {}: expected \"deny\" or \"audit\"",
+                quoted(s)
+            )),
+        })
+    }
+}
+
+/// One entry of `capabilities:`.
+struct CapabilityName(&'static str);
+
+impl<'de> Deserialize<'de> for CapabilityName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| {
+            super::CAPABILITIES
+                .iter()
+                .find(|(n, _)| *n == s)
+                .map(|(n, _)| CapabilityName(n))
+                .ok_or_else(|| {
+                    format!(
+                        "capability {} cannot be kept: expected one of {} (any other capability \
+                         lets an agent undo its containment)",
+                        quoted(s),
+                        super::CAPABILITIES
+                            .iter()
+                            .map(|(n, _)| format!("\"{n}\""))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+        })
+    }
+}
+
+struct CapabilitiesLimit;
+impl Limit for CapabilitiesLimit {
+    const MAX: usize = MAX_SOCKET_KINDS;
+    const LIST: &'static str = "capabilities";
+    const ITEMS: &'static str = "entries";
 }
 
 /// One entry of `unix:`.
@@ -436,6 +525,13 @@ impl RawPolicy {
                 fallback: d.fallback.0,
             }),
             unix: self.unix.0.into_iter().map(|e| e.0).collect(),
+            capabilities: self.capabilities.0.iter().fold(Vec::new(), |mut kept, c| {
+                if !kept.contains(&c.0) {
+                    kept.push(c.0);
+                }
+                kept
+            }),
+            pending: self.pending.0,
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
