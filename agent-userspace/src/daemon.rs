@@ -2,7 +2,6 @@
 //! reader, control socket, the control actor); stops them in order.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
@@ -10,16 +9,16 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 
 use crate::{
     api::{self, Request},
     control::{Command, State, CONFLICT_POLICY_ID},
-    datapath::{self as loader, pin, Enforcer, LoadOptions, Retired},
+    datapath::{self as loader, lock::PinLock, pin, Enforcer, LoadOptions, Retired},
     events::{self, AuditRecord, Enricher},
-    identity::{cgroup, Names, PolicyMeta},
+    identity::{self, cgroup, Names, PolicyMeta},
     policy::{self, PolicySet},
     sinks::Sink,
 };
@@ -56,6 +55,8 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// In-process copy of every record (tests, demo).
     pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
+    /// Agent map size override (tests of a full map); `MAX_AGENTS` when None.
+    pub agent_map_entries: Option<u32>,
 }
 
 impl Options {
@@ -68,12 +69,14 @@ impl Options {
             stdout: false,
             control_socket: Some(api::DEFAULT_SOCKET.into()),
             bpffs: Some("/sys/fs/bpf".into()),
-            rescan: Duration::from_secs(1),
+            // A backstop: new cgroups are seen by inotify when they appear.
+            rescan: Duration::from_secs(30),
             wakeup_bytes: loader::DEFAULT_WAKEUP_BYTES,
             ring_bytes: None,
             drain_interval: events::DRAIN_INTERVAL,
             pin_dir: None,
             tap: None,
+            agent_map_entries: None,
         }
     }
 }
@@ -84,17 +87,21 @@ pub struct Handle {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<()>>>,
     pub cgroup_root: PathBuf,
+    /// Asks the event reader to reopen the audit log (SIGHUP).
+    reopen: mpsc::UnboundedSender<()>,
+    /// Held while this controller serves its pins; released after the tasks have stopped.
+    _lock: Option<PinLock>,
 }
 
 impl Handle {
+    /// Reopens the audit log before the next record (after a rotation, on SIGHUP).
+    pub fn reopen_audit_log(&self) {
+        let _ = self.reopen.send(());
+    }
+
     /// Sends a request as the control socket would.
     pub async fn request(&self, req: Request) -> Result<serde_json::Value> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Api(req, tx))
-            .await
-            .context("controller stopped")?;
-        let resp = rx.await.context("controller stopped")?;
+        let resp = api::dispatch(&self.commands, req).await;
         if resp.ok {
             Ok(resp.result.unwrap_or_default())
         } else {
@@ -135,6 +142,11 @@ pub async fn start(opts: Options) -> Result<Handle> {
     if let Some(bpffs) = &opts.bpffs {
         loader::ensure_bpffs(bpffs)?;
     }
+    // Before anything pinned is read or written: one controller per pin directory.
+    let lock = match &opts.pin_dir {
+        Some(dir) => Some(PinLock::acquire(dir)?),
+        None => None,
+    };
     let root = match &opts.cgroup_root {
         Some(r) => r.clone(),
         None => cgroup::cgroup2_mount()?,
@@ -143,6 +155,8 @@ pub async fn start(opts: Options) -> Result<Handle> {
         PolicySource::Path(p) => policy::load_dir(p)?,
         PolicySource::Fixed(s) => s.clone(),
     };
+    // An audit log that cannot be written refuses the start before anything is loaded.
+    let mut sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())?;
     // A newer layout pinned beside ours refuses the start before anything is loaded.
     let older_layouts = match &opts.pin_dir {
         Some(dir) => pin::older_layouts(dir)?,
@@ -152,6 +166,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         wakeup_bytes: opts.wakeup_bytes,
         ring_bytes: opts.ring_bytes,
         pin_dir: opts.pin_dir.clone(),
+        agent_map_entries: opts.agent_map_entries,
     })
     .context("loading eBPF programs")?;
     let ring = enforcer.take_events().context("event ring already taken")?;
@@ -165,39 +180,25 @@ pub async fn start(opts: Options) -> Result<Handle> {
             unix: vec![],
         },
     );
-    let (lost_tx, lost_rx) = mpsc::unbounded_channel();
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
     let audit_health = crate::sinks::Health::new();
-    // An adopted map holds the previous controller's policy ids: new ones must not collide.
     let adopted = enforcer.adopted();
-    let previous_ids = enforcer.rule_policy_ids();
-    let next_policy_id = previous_ids
-        .iter()
-        .copied()
-        .chain(enforcer.agent_entries().iter().map(|(_, e)| e.policy_id))
-        .max()
-        .map_or(CONFLICT_POLICY_ID + 1, |m| m + 1);
     let last_lost = enforcer.lost_reported()?;
-    let enforcer_levels = enforcer.agent_levels();
-    let mut state = State {
+    let (lost_tx, losses) = events::loss_link(last_lost);
+    let adopted_levels = if adopted { enforcer.agent_levels() } else { 0 };
+    let mut state = State::new(
         enforcer,
-        source: match &opts.policy {
+        root.clone(),
+        match &opts.policy {
             PolicySource::Path(p) => Some(p.clone()),
             PolicySource::Fixed(_) => None,
         },
-        root: root.clone(),
-        set: PolicySet { policies: vec![] },
-        installed: BTreeMap::new(),
-        agents: HashMap::new(),
-        next_policy_id,
-        generation: 0,
-        names: names.clone(),
-        last_lost,
+        names.clone(),
+        adopted_levels,
         lost_tx,
-        notices: notice_tx,
-        audit: audit_health.clone(),
-        adopted_levels: if adopted { enforcer_levels } else { 0 },
-    };
+        notice_tx,
+        audit_health.clone(),
+    )?;
     // Maps first, then attach: enforcement starts complete. When adopting, the previous
     // controller's entries keep enforcing until each is replaced, then the leftovers go.
     state.apply(set)?;
@@ -214,8 +215,6 @@ pub async fn start(opts: Options) -> Result<Handle> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let mut sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())
-        .with_context(|| format!("opening the audit log {:?}", opts.audit_log))?;
     let mut tasks: Vec<JoinHandle<Result<()>>> = Vec::new();
     let mut enricher = Enricher::new(names, root.clone());
     // An upgrade across layout versions: the older layout's links now run this controller's
@@ -230,21 +229,18 @@ pub async fn start(opts: Options) -> Result<Handle> {
         pin::uninstall(dir)?;
         tracing::info!(dir = %dir.display(), "retired an older pinned layout");
     }
-    let rx = shutdown_rx.clone();
     let drain = opts.drain_interval;
+    let (reopen_tx, reopen) = mpsc::unbounded_channel();
+    let inputs = events::Inputs {
+        losses,
+        notices: notice_rx,
+        reopen,
+    };
+    // It ends after the control actor, whose final loss total it writes.
     tasks.push(tokio::spawn(async move {
-        events::run(
-            ring,
-            enricher,
-            sink,
-            lost_rx,
-            notice_rx,
-            audit_health,
-            rx,
-            drain,
-        )
-        .await
-        .context("event reader")
+        events::run(ring, enricher, sink, inputs, audit_health, drain)
+            .await
+            .context("event reader")
     }));
     if let Some(sock) = opts.control_socket.clone() {
         let (tx, rx) = (cmd_tx.clone(), shutdown_rx.clone());
@@ -258,14 +254,24 @@ pub async fn start(opts: Options) -> Result<Handle> {
         }));
         tokio::task::yield_now().await;
     }
+    // New cgroups below the watched parents are registered when they appear.
+    let (change_tx, change_rx) = mpsc::channel(1024);
+    let watched = state.watched_paths();
+    tokio::spawn(async move {
+        if let Err(e) = identity::watch::run(watched, change_tx).await {
+            tracing::error!("cgroup watcher stopped: {e}; only the periodic scan registers");
+        }
+    });
     let rescan = opts.rescan;
     tasks.push(tokio::spawn(async move {
-        state.run(cmd_rx, shutdown_rx, rescan).await
+        state.run(cmd_rx, change_rx, shutdown_rx, rescan).await
     }));
     Ok(Handle {
         commands: cmd_tx,
         shutdown: shutdown_tx,
         tasks,
         cgroup_root: root,
+        reopen: reopen_tx,
+        _lock: lock,
     })
 }

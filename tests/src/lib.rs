@@ -21,6 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+pub mod audit;
+
 pub const EPERM: i32 = libc::EPERM;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -5,7 +5,10 @@
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::unix::net::{UnixListener, UnixStream},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -34,8 +37,8 @@ const TARGETS: &[(&str, &str)] = &[
     ("udp", "127.0.0.1:5354"),
     ("unix", "/run/agentwall-demo/tools.sock"),
     ("unix", "/run/agentwall-demo/secret.sock"),
-    // No cgroup hook sees packet sockets; `exec` dropped CAP_NET_RAW, so the kernel refuses it
-    // at its capability check, where agentwall records it.
+    // No cgroup hook sees packet sockets; `exec` runs the agent as `nobody` without
+    // capabilities, so the kernel refuses it at its capability check, where agentwall records it.
     ("packet", "socket(AF_PACKET, SOCK_RAW)"),
 ];
 
@@ -223,6 +226,10 @@ impl Servers {
                     UnixListener::bind(target)
                         .with_context(|| format!("demo server on {target}"))?,
                 );
+                // The agent runs as `nobody`: connecting needs write permission on the socket,
+                // so that agentwall, not the file mode, decides.
+                std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o666))
+                    .with_context(|| format!("making {target} reachable for the agent"))?;
                 continue;
             }
             if *proto == "packet" {

@@ -1,14 +1,17 @@
 //! The `agentwall` command line: the daemon (`run`) and clients of the control socket.
 
 pub mod demo;
+mod exec;
 
-use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use crate::{
     api::{self, Request},
     daemon::{self, Options, PolicySource},
-    datapath::pin,
-    identity::{self, cgroup},
+    datapath::{
+        lock::{LockError, PinLock},
+        pin,
+    },
     policy,
 };
 use anyhow::{bail, Context, Result};
@@ -31,7 +34,7 @@ enum Cmd {
     /// Start the controller: load and attach the programs, register agents, stream events.
     Run(RunArgs),
     /// Run a command as an agent (its cgroup is created when missing and registered first).
-    Exec(ExecArgs),
+    Exec(exec::ExecArgs),
     /// Policy files.
     Policy {
         #[command(subcommand)]
@@ -89,26 +92,13 @@ struct UninstallArgs {
     /// The pin directory [default: <bpffs>/agentwall/v1].
     #[arg(long)]
     pin_dir: Option<PathBuf>,
-    #[arg(long, default_value = api::DEFAULT_SOCKET)]
-    control_socket: PathBuf,
-    /// Uninstall even though a controller answers on the control socket.
+    /// Accepted for compatibility: whether a controller serves is known from its lock.
+    #[arg(long = "control-socket", hide = true)]
+    _control_socket: Option<PathBuf>,
+    /// Uninstall even though a controller holds the pin directory's lock (it keeps running
+    /// without its pins: nothing enforces until it is restarted).
     #[arg(long)]
     force: bool,
-}
-
-#[derive(Args)]
-struct ExecArgs {
-    /// Agent name: the cgroup <cgroup2>/<parent>/<NAME>.
-    #[arg(long)]
-    agent: String,
-    /// Parent cgroup of agents, relative to the cgroup2 root.
-    #[arg(long, default_value = "agentwall")]
-    cgroup_parent: String,
-    #[arg(long, default_value = api::DEFAULT_SOCKET)]
-    control_socket: PathBuf,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -137,7 +127,7 @@ pub fn main() -> ExitCode {
         Cmd::Policy {
             cmd: PolicyCmd::Check { path },
         } => policy_check(path),
-        Cmd::Exec(a) => exec(a),
+        Cmd::Exec(a) => exec::run(a),
         Cmd::DemoAgent => demo::agent(),
         Cmd::Reload(s) => print_reply(&s.control_socket, Request::Reload),
         Cmd::Status(s) => print_reply(&s.control_socket, Request::Status),
@@ -162,22 +152,37 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+/// Accepts exactly what `run` accepts: the same loader, compiler and map capacities.
 fn policy_check(path: PathBuf) -> Result<()> {
     let set = policy::load_dir(&path)?;
+    let mut compiled = Vec::with_capacity(set.policies.len());
+    let mut errors = Vec::new();
     for p in &set.policies {
-        let c = policy::compile(p)?;
+        match policy::compile(p) {
+            Ok(c) => compiled.push(c),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
+    let usage: Vec<_> = set
+        .policies
+        .iter()
+        .zip(&compiled)
+        .map(|(p, c)| (p.source.as_path(), policy::Usage::of(c)))
+        .collect();
+    policy::check_capacity(&usage, policy::Usage::default())?;
+    for (p, c) in set.policies.iter().zip(&compiled) {
         println!(
-            "{}: policy {:?} ({}) ok: {} rules, {} IPv4 and {} IPv6 prefixes",
+            "{}: policy {:?} ({}) ok: {} rules, {} IPv4 and {} IPv6 prefixes, {} Unix entries",
             p.source.display(),
             p.name,
-            if p.mode.as_kernel() == agent_common::mode::AUDIT {
-                "audit"
-            } else {
-                "enforce"
-            },
+            p.mode,
             p.rules.len(),
             c.v4.len(),
-            c.v6.len()
+            c.v6.len(),
+            c.unix.len()
         );
     }
     println!("{}: {} policies valid", path.display(), set.policies.len());
@@ -190,7 +195,26 @@ fn print_reply(socket: &std::path::Path, req: Request) -> Result<()> {
     Ok(())
 }
 
+/// The soft open-file limit raised to the hard one: the controller holds map, link and
+/// connection descriptors, and a refused accept (EMFILE) must not be what stops it answering.
+fn raise_nofile_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    "raising the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 async fn run(a: RunArgs) -> Result<()> {
+    raise_nofile_limit();
     let mut opts = Options::new(PolicySource::Path(a.policy));
     opts.audit_log = Some(a.audit_log);
     opts.stdout = a.stdout;
@@ -204,12 +228,15 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let handle = daemon::start(opts).await?;
-    tracing::info!("agentwall running; SIGHUP reloads the policy, SIGINT/SIGTERM stop");
+    tracing::info!(
+        "agentwall running; SIGHUP reloads the policy and reopens the audit log, SIGINT/SIGTERM stop"
+    );
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
+                handle.reopen_audit_log();
                 if let Err(e) = handle.request(Request::Reload).await {
                     tracing::error!("reload rejected, running policy kept: {e:#}");
                 }
@@ -221,16 +248,22 @@ async fn run(a: RunArgs) -> Result<()> {
 }
 
 fn uninstall(a: UninstallArgs) -> Result<()> {
-    if !a.force && std::os::unix::net::UnixStream::connect(&a.control_socket).is_ok() {
-        bail!(
-            "a controller is running (it answers on {}); stop it first, or pass --force",
-            a.control_socket.display()
-        );
-    }
     // Without --pin-dir: every layout version agentwall pinned under this bpffs.
-    let dirs = match a.pin_dir {
-        Some(d) => vec![d],
-        None => pin::all_layouts(&a.bpffs),
+    let (dirs, lock_for) = match a.pin_dir {
+        Some(d) => (vec![d.clone()], d),
+        None => (pin::all_layouts(&a.bpffs), pin::default_dir(&a.bpffs)),
+    };
+    // Held to the end: no controller starts on these pins while they are being removed.
+    let _lock = match PinLock::acquire_existing(&lock_for) {
+        Ok(lock) => lock,
+        Err(e @ LockError::Held { .. }) if a.force => {
+            eprintln!("agentwall: --force: uninstalling although {e}");
+            None
+        }
+        Err(e @ LockError::Held { .. }) => {
+            bail!("{e}; or pass --force to remove its pins anyway")
+        }
+        Err(e) => return Err(e.into()),
     };
     let mut total = 0;
     for dir in &dirs {
@@ -244,71 +277,4 @@ fn uninstall(a: UninstallArgs) -> Result<()> {
         println!("agents are no longer enforced");
     }
     Ok(())
-}
-
-/// Packet sockets (AF_PACKET) bypass every cgroup socket hook, and the BPF LSM hook that would
-/// see them is not on every kernel; without CAP_NET_RAW the kernel refuses them (and raw
-/// sockets) itself. Dropped from every set, the bounding set included, so no exec gets it back;
-/// where the bounding set cannot be changed (no CAP_SETPCAP), no_new_privs has the same effect.
-fn drop_net_raw() -> Result<()> {
-    use caps::{CapSet, Capability};
-    let bounding = caps::drop(None, CapSet::Bounding, Capability::CAP_NET_RAW);
-    for set in [
-        CapSet::Ambient,
-        CapSet::Inheritable,
-        CapSet::Effective,
-        CapSet::Permitted,
-    ] {
-        caps::drop(None, set, Capability::CAP_NET_RAW)
-            .with_context(|| format!("from the {set:?} set"))?;
-    }
-    if bounding.is_err() {
-        // SAFETY: plain prctl with constant arguments.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            bail!("setting no_new_privs: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Registers the agent's cgroup with the controller, joins it, then becomes the command. If the
-/// controller does not confirm, the command does not run: an agent never runs unenforced.
-fn exec(a: ExecArgs) -> Result<()> {
-    if !identity::valid_agent_name(&a.agent) {
-        bail!(
-            "agent name {:?} must be one cgroup name: letters, digits, '-', '_', '.'",
-            a.agent
-        );
-    }
-    let root = cgroup::cgroup2_mount()?;
-    let path = root.join(a.cgroup_parent.trim_matches('/')).join(&a.agent);
-    let existed = path.is_dir();
-    cgroup::create(&path)?;
-    let reply = match api::request(
-        &a.control_socket,
-        &Request::Register {
-            cgroup: path.clone(),
-        },
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            if !existed {
-                let _ = std::fs::remove_dir(&path);
-            }
-            return Err(e).with_context(|| format!("registering agent {:?}", a.agent));
-        }
-    };
-    tracing::debug!(?reply, "registered");
-    cgroup::move_pid(&path, std::process::id())?;
-    let sockets: Vec<String> = reply
-        .get("sockets")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
-    if !sockets.iter().any(|s| s == "raw" || s == "packet") {
-        drop_net_raw().context("dropping CAP_NET_RAW for the agent")?;
-    }
-    let err = std::process::Command::new(&a.command[0])
-        .args(&a.command[1..])
-        .exec();
-    bail!("executing {:?}: {err}", a.command[0])
 }

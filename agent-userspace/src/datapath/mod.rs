@@ -12,8 +12,8 @@ use std::{
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
-        RingBuf,
+        lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray,
+        PerCpuValues, RingBuf,
     },
     programs::{
         links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
@@ -23,13 +23,17 @@ use aya::{
 use thiserror::Error;
 
 use agent_common::{
-    counter, AgentEntry, Config, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
+    counter, names, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
     POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::policy::CompiledPolicy;
 
 pub mod btf;
+pub mod exec_track;
+pub mod fake;
+pub mod kernel_state;
+pub mod lock;
 pub mod pin;
 pub mod socket_guard;
 pub mod sys;
@@ -78,6 +82,9 @@ pub enum LoaderError {
     Bpffs(String, #[source] io::Error),
     #[error("programs are already attached")]
     AlreadyAttached,
+    /// A hash map has no room for another key (E2BIG).
+    #[error("map {0} is full")]
+    Full(&'static str),
     #[error(transparent)]
     Pin(#[from] PinError),
     #[error(transparent)]
@@ -136,6 +143,8 @@ pub struct LoadOptions {
     /// Pin maps and links here so enforcement outlives the controller, and adopt what is
     /// already pinned there. None: nothing pinned, programs detach when the Enforcer drops.
     pub pin_dir: Option<PathBuf>,
+    /// Agent map size override (tests of a full map); `MAX_AGENTS` when None.
+    pub agent_map_entries: Option<u32>,
 }
 
 pub struct Enforcer {
@@ -160,6 +169,52 @@ pub struct Enforcer {
     unix_links: Vec<std::os::fd::OwnedFd>,
     /// The packet-socket guard is loaded (this architecture and kernel have what it needs).
     socket_guard: bool,
+    /// The dead-man stamp (AW_HEARTBEAT), while no `Heartbeat` has been handed out.
+    heartbeat: Heartbeat,
+    /// A second handle to it, for `take_heartbeat` (once).
+    heartbeat_spare: Option<Heartbeat>,
+    /// tgid -> executable (AW_EXES), written by the exec tracker; seeded from /proc at attach.
+    exes: HashMap<MapData, u32, ExePath>,
+    /// The exec tracker is loaded (this kernel's BTF has what it reads).
+    exec_tracking: bool,
+}
+
+/// Signals liveness to the dead-man switches with its own handle to the heartbeat map, so a
+/// task of its own can beat while the control actor is busy: the kernel compares the stamp with
+/// its own clock, so agents fall back even when the controller is gone for good.
+pub struct Heartbeat {
+    map: Array<MapData, u64>,
+}
+
+impl Heartbeat {
+    /// Stamps CLOCK_BOOTTIME now.
+    pub fn beat(&mut self) -> Result<(), LoaderError> {
+        self.map
+            .set(0, boottime_ns(), 0)
+            .map_err(|e| LoaderError::Map(names::HEARTBEAT_MAP, e))
+    }
+
+    /// A second handle to the same map (a duplicated descriptor).
+    fn try_clone(&self) -> Result<Heartbeat, LoaderError> {
+        use aya::maps::IterableMap;
+        let fd = self
+            .map
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| LoaderError::Other(format!("duplicating the heartbeat map fd: {e}")))?;
+        let data = MapData::from_fd(fd).map_err(|e| LoaderError::Map(names::HEARTBEAT_MAP, e))?;
+        let map = Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| LoaderError::Map(names::HEARTBEAT_MAP, e))?;
+        Ok(Heartbeat { map })
+    }
+}
+
+impl Beat for Heartbeat {
+    fn beat(&mut self) -> Result<(), LoaderError> {
+        Heartbeat::beat(self)
+    }
 }
 
 macro_rules! take_map {
@@ -213,8 +268,23 @@ impl Enforcer {
             );
         }
         loader.override_global("CAP_GUARD_LAYOUT", &guard_layout, true);
+        let proc_layout = exec_track::kernel_layout()?;
+        let exec_tracking = exec_track::PROGRAMS.iter().all(|(_, tp)| {
+            btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), aya_obj::btf::BtfKind::Typedef)
+                .is_ok()
+        });
+        if !exec_tracking {
+            tracing::warn!(
+                "this kernel lacks the sched_process_{{exec,fork,exit}} tracepoints: records \
+                 name executables from /proc only (marked `exe_source: procfs`)"
+            );
+        }
+        loader.override_global("PROC_LAYOUT", &proc_layout, true);
         if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("AW_EVENTS", bytes);
+        }
+        if let Some(n) = opts.agent_map_entries {
+            loader.map_max_entries("AW_AGENTS", n);
         }
         let specs = pin::expected_maps(opts.ring_bytes);
         let mut adopted = false;
@@ -232,7 +302,8 @@ impl Enforcer {
             adopted = pin::links_exist(dir, &ALL_PROGRAMS)
                 && (unix_offsets.is_none()
                     || pin::links_exist(dir, &unix_hooks::PROGRAMS.map(|(n, _)| n)))
-                && (!socket_guard || pin::links_exist(dir, &[socket_guard::PROGRAM]));
+                && (!socket_guard || pin::links_exist(dir, &[socket_guard::PROGRAM]))
+                && (!exec_tracking || pin::links_exist(dir, &exec_track::PROGRAMS.map(|(n, _)| n)));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let unix_programs = match unix_offsets {
@@ -252,6 +323,13 @@ impl Enforcer {
                 .load(socket_guard::TRACEPOINT, &btf)
                 .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))?;
         }
+        if exec_tracking {
+            for (name, tp) in exec_track::PROGRAMS {
+                tracing_program(&mut ebpf, name)?
+                    .load(tp, &btf)
+                    .map_err(|e| LoaderError::Program(name, e))?;
+            }
+        }
 
         let config: Array<MapData, Config> = take_map!(ebpf, "AW_CONFIG");
         let agents = take_map!(ebpf, "AW_AGENTS");
@@ -260,11 +338,14 @@ impl Enforcer {
         let unix_paths = take_map!(ebpf, "AW_UNIX");
         let counters = take_map!(ebpf, "AW_COUNTERS");
         let events = Some(take_map!(ebpf, "AW_EVENTS"));
-        // An adopted config keeps its agent levels until the controller has re-registered.
-        let config_value = Config {
-            heartbeat_ns: boottime_ns(),
-            ..config.get(&0, 0).unwrap_or_default()
+        let exes = take_map!(ebpf, "AW_EXES");
+        let mut heartbeat = Heartbeat {
+            map: take_map!(ebpf, "AW_HEARTBEAT"),
         };
+        heartbeat.beat()?;
+        let heartbeat_spare = Some(heartbeat.try_clone()?);
+        // An adopted config keeps its agent levels until the controller has re-registered.
+        let config_value = config.get(&0, 0).unwrap_or_default();
         Ok(Self {
             ebpf,
             attached: false,
@@ -281,6 +362,10 @@ impl Enforcer {
             unix_programs,
             unix_links: Vec::new(),
             socket_guard,
+            heartbeat,
+            heartbeat_spare,
+            exes,
+            exec_tracking,
         })
     }
 
@@ -316,19 +401,29 @@ impl Enforcer {
             self.attach_new(name, &fd)?;
         }
         if self.socket_guard {
-            self.attach_socket_guard()?;
+            self.attach_tracing(socket_guard::PROGRAM)?;
+        }
+        if self.exec_tracking {
+            for (name, _) in exec_track::PROGRAMS {
+                self.attach_tracing(name)?;
+            }
+            // Processes that exec'd before the tracker ran: from /proc, never over what the
+            // programs have written since.
+            match exec_track::seed_from_proc(&mut self.exes) {
+                Ok(n) => tracing::debug!(processes = n, "executables seeded from /proc"),
+                Err(e) => tracing::warn!("seeding executables from /proc: {e}"),
+            }
         }
         self.attached = true;
         Ok(())
     }
 
-    /// Attaches the packet-socket guard to its tracepoint. A tracing link cannot switch
-    /// programs (no BPF_LINK_UPDATE), so a pinned one is replaced the other way round: the new
-    /// link is attached first and its pin renamed over the old one, which detaches the old
-    /// program. For that moment both judge a capability check; never neither.
-    fn attach_socket_guard(&mut self) -> Result<(), LoaderError> {
-        let name = socket_guard::PROGRAM;
-        let prog = guard_program(&mut self.ebpf)?;
+    /// Attaches a tracing program (the packet-socket guard, the exec tracker) to its
+    /// tracepoint. A tracing link cannot switch programs (no BPF_LINK_UPDATE), so a pinned one
+    /// is replaced the other way round: the new link is attached first and its pin renamed over
+    /// the old one, which detaches the old program. For that moment both run; never neither.
+    fn attach_tracing(&mut self, name: &'static str) -> Result<(), LoaderError> {
+        let prog = tracing_program(&mut self.ebpf, name)?;
         let id = prog.attach().map_err(|e| LoaderError::Program(name, e))?;
         let Some(dir) = &self.pin_dir else {
             // Unpinned: aya keeps the link, and dropping the Enforcer detaches it.
@@ -485,11 +580,20 @@ impl Enforcer {
         self.config_value.agent_levels
     }
 
-    /// Signals liveness to the dead-man switches: the kernel compares this stamp with its own
-    /// clock, so agents fall back even when the controller is gone for good.
+    /// Signals liveness to the dead-man switches (the same map a `Heartbeat` writes).
     pub fn heartbeat(&mut self) -> Result<(), LoaderError> {
-        self.config_value.heartbeat_ns = boottime_ns();
-        self.write_config()
+        self.heartbeat.beat()
+    }
+
+    /// A handle of its own to the heartbeat map, for a task that beats without the control
+    /// actor (once; `None` after).
+    pub fn take_heartbeat(&mut self) -> Option<Heartbeat> {
+        self.heartbeat_spare.take()
+    }
+
+    /// Whether the exec tracker runs (records carry the executable the kernel saw).
+    pub fn exec_tracking(&self) -> bool {
+        self.exec_tracking
     }
 
     fn write_config(&mut self) -> Result<(), LoaderError> {
@@ -501,7 +605,59 @@ impl Enforcer {
     pub fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
         self.agents
             .insert(cgroup_id, entry, 0)
-            .map_err(|e| LoaderError::Map("AW_AGENTS", e))
+            .map_err(|e| match &e {
+                MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    LoaderError::Full("AW_AGENTS")
+                }
+                _ => LoaderError::Map("AW_AGENTS", e),
+            })
+    }
+
+    /// How many entries the agent map holds at most.
+    pub fn agent_capacity(&self) -> u32 {
+        self.agents
+            .map()
+            .info()
+            .map(|i| i.max_entries())
+            .unwrap_or(agent_common::MAX_AGENTS)
+    }
+
+    /// Reads back from the kernel which links are pinned and attached.
+    pub fn kernel_state(&self) -> kernel_state::KernelState {
+        let mut names: Vec<&'static str> = ALL_PROGRAMS.to_vec();
+        names.extend(self.unix_programs.iter().map(|p| p.name));
+        if self.socket_guard {
+            names.push(socket_guard::PROGRAM);
+        }
+        if self.exec_tracking {
+            names.extend(exec_track::PROGRAMS.map(|(n, _)| n));
+        }
+        let links = names
+            .into_iter()
+            .map(|program| match &self.pin_dir {
+                Some(dir) => {
+                    let path = dir.join("links").join(program);
+                    let pinned = path.exists();
+                    let attached =
+                        pinned && kernel_state::pinned_link_attached(&path).unwrap_or(false);
+                    kernel_state::LinkState {
+                        program,
+                        pinned,
+                        attached,
+                    }
+                }
+                // Unpinned links are held by this process: attached while it lives.
+                None => kernel_state::LinkState {
+                    program,
+                    pinned: false,
+                    attached: self.attached,
+                },
+            })
+            .collect();
+        kernel_state::KernelState {
+            pinned: self.pin_dir.is_some(),
+            links,
+        }
     }
 
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
@@ -583,9 +739,99 @@ impl Enforcer {
     }
 }
 
+/// The liveness stamp of the dead-man switches, written from its own task.
+pub trait Beat: Send + 'static {
+    fn beat(&mut self) -> Result<(), LoaderError>;
+}
+
+/// What the control actor needs from the datapath: the agent map, the rule tries, the counters
+/// and the kernel's own view of what is attached. `Enforcer` is the real one; `fake::Fake`
+/// keeps it in memory for unit tests of control logic.
+pub trait Datapath: Send + 'static {
+    fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError>;
+    fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError>;
+    /// Every entry of the agent map (an adopted map holds the previous controller's).
+    fn agent_entries(&self) -> Vec<(u64, AgentEntry)>;
+    fn agent_capacity(&self) -> u32;
+    fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError>;
+    fn install_rules(
+        &mut self,
+        policy_id: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<(), LoaderError>;
+    fn remove_rules(&mut self, policy_id: u32, keys: &PrefixKeys) -> Result<(), LoaderError>;
+    fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError>;
+    fn rule_policy_ids(&self) -> BTreeSet<u32>;
+    fn counters(&self) -> Result<Counters, LoaderError>;
+    fn lost_reported(&self) -> Result<u64, LoaderError>;
+    fn set_lost_reported(&mut self, n: u64) -> Result<(), LoaderError>;
+    /// One liveness stamp, from the actor (used while no `Beat` of its own exists).
+    fn heartbeat(&mut self) -> Result<(), LoaderError>;
+    /// A handle that stamps liveness from its own task, so a busy actor never starves it.
+    fn take_heartbeat(&mut self) -> Option<Box<dyn Beat>>;
+    fn pinned(&self) -> bool;
+    fn kernel_state(&self) -> kernel_state::KernelState;
+}
+
+impl Datapath for Enforcer {
+    fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
+        Enforcer::set_agent(self, cgroup_id, entry)
+    }
+    fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
+        Enforcer::remove_agent(self, cgroup_id)
+    }
+    fn agent_entries(&self) -> Vec<(u64, AgentEntry)> {
+        Enforcer::agent_entries(self)
+    }
+    fn agent_capacity(&self) -> u32 {
+        Enforcer::agent_capacity(self)
+    }
+    fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
+        Enforcer::set_agent_levels(self, mask)
+    }
+    fn install_rules(
+        &mut self,
+        policy_id: u32,
+        compiled: &CompiledPolicy,
+    ) -> Result<(), LoaderError> {
+        Enforcer::install_rules(self, policy_id, compiled)
+    }
+    fn remove_rules(&mut self, policy_id: u32, keys: &PrefixKeys) -> Result<(), LoaderError> {
+        Enforcer::remove_rules(self, policy_id, keys)
+    }
+    fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
+        Enforcer::remove_rules_except(self, keep)
+    }
+    fn rule_policy_ids(&self) -> BTreeSet<u32> {
+        Enforcer::rule_policy_ids(self)
+    }
+    fn counters(&self) -> Result<Counters, LoaderError> {
+        Enforcer::counters(self)
+    }
+    fn lost_reported(&self) -> Result<u64, LoaderError> {
+        Enforcer::lost_reported(self)
+    }
+    fn set_lost_reported(&mut self, n: u64) -> Result<(), LoaderError> {
+        Enforcer::set_lost_reported(self, n)
+    }
+    fn heartbeat(&mut self) -> Result<(), LoaderError> {
+        Enforcer::heartbeat(self)
+    }
+    fn take_heartbeat(&mut self) -> Option<Box<dyn Beat>> {
+        Enforcer::take_heartbeat(self).map(|h| Box::new(h) as Box<dyn Beat>)
+    }
+    fn pinned(&self) -> bool {
+        Enforcer::pinned(self)
+    }
+    fn kernel_state(&self) -> kernel_state::KernelState {
+        Enforcer::kernel_state(self)
+    }
+}
+
 /// What an older pinned layout leaves once its links are unpinned: its event ring, still to be
-/// read, and the events it lost that its controller never reported. The ring's records and the
-/// counters' slots are the same in every layout so far (v1, v2).
+/// read, and the events it lost that its controller never reported. The counters' slots are the
+/// same in every layout so far; the ring's records of v2 and v3 are shorter prefixes of v4's,
+/// which decoding widens (agent_common::Event::from_bytes).
 pub struct Retired {
     pub dir: PathBuf,
     pub ring: Option<RingBuf<MapData>>,
@@ -656,10 +902,17 @@ fn sock_addr_program<'a>(
 }
 
 fn guard_program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, LoaderError> {
-    ebpf.program_mut(socket_guard::PROGRAM)
-        .ok_or(LoaderError::Missing("program", socket_guard::PROGRAM))?
+    tracing_program(ebpf, socket_guard::PROGRAM)
+}
+
+fn tracing_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut BtfTracePoint, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Missing("program", name))?
         .try_into()
-        .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))
+        .map_err(|e| LoaderError::Program(name, e))
 }
 
 fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {

@@ -34,6 +34,16 @@
 //!   loop:ALLOWED,DENIED,MS   alternate TCP connects to both for MS milliseconds; value is the
 //!                        number of attempts, ok only if every allowed one connected and every
 //!                        denied one got EPERM (detail says what went wrong)
+//!   write:PATH,TEXT      write TEXT to the existing file PATH (e.g. `write:<cg>/cgroup.procs,0`)
+//!   unlink:PATH          remove the file PATH
+//!   kill:PID,SIG         send signal SIG to process PID
+//!   run:PROG,ARG,...     run PROG with the arguments; ok only if it exits 0 (detail: its output)
+//!   capmask:FIELD        value: the mask of /proc/self/status FIELD (CapEff, CapPrm, CapInh,
+//!                        CapBnd, CapAmb), or the first number of another field (Uid, Gid,
+//!                        NoNewPrivs); `capmask:Groups` is the number of supplementary groups
+//!   bpf-next-prog        BPF_PROG_GET_NEXT_ID (what a process needs to find and detach programs)
+//!   exec:PROGRAM[,ARG...]    replace this process with PROGRAM (execv; steps after it are
+//!                        not run, and the ones before have been printed)
 //! ADDR is a socket address: 127.0.0.1:80, [::1]:80, [::ffff:127.0.0.1]:80.
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
@@ -208,12 +218,93 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             }
             Ok(0)
         }
+        "exec" => exec(arg),
         "sleep" => {
             let ms: u64 = arg
                 .parse()
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "sleep:MS"))?;
             std::thread::sleep(Duration::from_millis(ms));
             Ok(0)
+        }
+        "write" => {
+            let (path, text) = arg
+                .split_once(',')
+                .ok_or_else(|| io::Error::other("write:PATH,TEXT"))?;
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)?
+                .write_all(text.as_bytes())?;
+            Ok(0)
+        }
+        "unlink" => {
+            std::fs::remove_file(arg)?;
+            Ok(0)
+        }
+        "kill" => {
+            let (pid, sig) = arg
+                .split_once(',')
+                .and_then(|(p, s)| Some((p.parse().ok()?, s.parse().ok()?)))
+                .ok_or_else(|| io::Error::other("kill:PID,SIG"))?;
+            // SAFETY: plain syscall; the test names the pid.
+            if unsafe { libc::kill(pid, sig) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(0)
+        }
+        "run" => {
+            let mut parts = arg.split(',');
+            let prog = parts
+                .next()
+                .ok_or_else(|| io::Error::other("run:PROG,..."))?;
+            let out = std::process::Command::new(prog).args(parts).output()?;
+            if out.status.success() {
+                return Ok(0);
+            }
+            Err(io::Error::other(format!(
+                "{prog} {}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+        "capmask" => {
+            let status = std::fs::read_to_string("/proc/self/status")?;
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(arg)?.strip_prefix(':'))
+                .map(str::trim)
+                .ok_or_else(|| io::Error::other(format!("no {arg} in /proc/self/status")))?;
+            let bad = |_| io::Error::other(format!("{arg}: {value:?}"));
+            if arg.starts_with("Cap") {
+                return i64::from_str_radix(value, 16).map_err(bad);
+            }
+            if arg == "Groups" {
+                return Ok(value.split_whitespace().count() as i64);
+            }
+            value
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .parse()
+                .map_err(bad)
+        }
+        "bpf-next-prog" => {
+            // union bpf_attr for BPF_PROG_GET_NEXT_ID: start_id, next_id, open_flags.
+            let mut attr = [0u32; 4];
+            // SAFETY: BPF_PROG_GET_NEXT_ID (11) with a zeroed attr of the size we pass.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    11,
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(attr[1] as i64)
         }
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -643,4 +734,19 @@ fn main() {
         };
         println!("{}", serde_json::to_string(&out).expect("serialize"));
     }
+}
+
+/// Replaces this process with `PROGRAM[,ARG...]`; returns only when execv fails.
+fn exec(arg: &str) -> io::Result<i64> {
+    use std::io::Write;
+    let args: Vec<std::ffi::CString> = arg
+        .split(',')
+        .map(|a| std::ffi::CString::new(a).map_err(|_| io::Error::other("exec: NUL in argument")))
+        .collect::<io::Result<_>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    io::stdout().flush()?;
+    // SAFETY: NUL-terminated strings and a null-terminated argv that outlive the call.
+    unsafe { libc::execv(argv[0], argv.as_ptr()) };
+    Err(io::Error::last_os_error())
 }
