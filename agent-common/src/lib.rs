@@ -24,10 +24,11 @@ pub const MAX_UNIX_PATHS: u32 = 16_384;
 /// Bytes of `sun_path` in `struct sockaddr_un`.
 pub const UNIX_PATH_MAX: usize = 108;
 
-/// Ring buffer size in bytes (power of two, multiple of the page size): about 100,000 events
-/// of 656 bytes (record and header), so a burst of that many decisions is kept even while the
-/// reader is starved of CPU.
-pub const EVENT_RING_BYTES: u32 = 64 << 20;
+/// Ring buffer size in bytes (power of two, multiple of the page size): about 50,000 events of
+/// 656 bytes (record and header), so a burst of that many decisions is kept while the reader is
+/// starved of CPU or the audit log cannot be written. The controller maps it, so it counts in
+/// its resident memory once read through.
+pub const EVENT_RING_BYTES: u32 = 32 << 20;
 
 /// Bytes of an executable path kept per process and copied into each event (NUL included).
 pub const EXE_PATH_MAX: usize = 256;
@@ -97,12 +98,70 @@ pub mod exe {
     pub const FROM_PROC: u32 = 1 << 1;
 }
 
-/// Names of the maps and programs, defined once for both sides.
+/// Names of the maps and programs, defined once for both sides. The eBPF side spells them as
+/// literals (aya's `#[map(name = ..)]` and program names are identifiers, not constants): a unit
+/// test of agent-userspace parses the built object and checks it against these lists, both ways.
 pub mod names {
+    /// Single-entry array: which cgroup levels hold agents (`Config`).
+    pub const CONFIG_MAP: &str = "AW_CONFIG";
+    /// Cgroup id -> `AgentEntry`.
+    pub const AGENTS_MAP: &str = "AW_AGENTS";
+    /// Per-policy IPv4 prefixes (LPM trie).
+    pub const RULES_V4_MAP: &str = "AW_RULES_V4";
+    /// Per-policy IPv6 prefixes (LPM trie).
+    pub const RULES_V6_MAP: &str = "AW_RULES_V6";
+    /// Per-policy Unix socket paths and abstract names (LPM trie).
+    pub const UNIX_MAP: &str = "AW_UNIX";
+    /// The ring buffer of decisions.
+    pub const EVENTS_MAP: &str = "AW_EVENTS";
+    /// Per-CPU counters (`counter::*`).
+    pub const COUNTERS_MAP: &str = "AW_COUNTERS";
     /// Single-entry array: CLOCK_BOOTTIME (ns) of the controller's last liveness signal.
     pub const HEARTBEAT_MAP: &str = "AW_HEARTBEAT";
     /// tgid -> the executable it last exec'd (`ExePath`).
     pub const EXES_MAP: &str = "AW_EXES";
+    /// Per-CPU room to build one `ExePath` (scratch space: never pinned).
+    pub const EXE_SCRATCH_MAP: &str = "AW_EXE_SCRATCH";
+
+    /// Every map that is pinned, so that enforcement outlives the controller.
+    pub const PINNED_MAPS: [&str; 9] = [
+        CONFIG_MAP,
+        AGENTS_MAP,
+        RULES_V4_MAP,
+        RULES_V6_MAP,
+        UNIX_MAP,
+        EVENTS_MAP,
+        COUNTERS_MAP,
+        HEARTBEAT_MAP,
+        EXES_MAP,
+    ];
+    /// Every map the eBPF object defines.
+    pub const ALL_MAPS: [&str; 10] = [
+        CONFIG_MAP,
+        AGENTS_MAP,
+        RULES_V4_MAP,
+        RULES_V6_MAP,
+        UNIX_MAP,
+        EVENTS_MAP,
+        COUNTERS_MAP,
+        HEARTBEAT_MAP,
+        EXES_MAP,
+        EXE_SCRATCH_MAP,
+    ];
+
+    /// cgroup/connect4, connect6, sendmsg4, sendmsg6.
+    pub const CONNECT4_PROGRAM: &str = "connect4";
+    pub const CONNECT6_PROGRAM: &str = "connect6";
+    pub const SENDMSG4_PROGRAM: &str = "sendmsg4";
+    pub const SENDMSG6_PROGRAM: &str = "sendmsg6";
+    /// cgroup/sock_create: the socket-creation guard (inet families).
+    pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
+    /// cgroup/connect_unix, cgroup/sendmsg_unix (Linux 6.7+), loaded by the controller itself.
+    pub const CONNECT_UNIX_PROGRAM: &str = "connect_unix";
+    pub const SENDMSG_UNIX_PROGRAM: &str = "sendmsg_unix";
+    /// tp_btf/cap_capable: the packet-socket guard.
+    pub const NET_RAW_PROGRAM: &str = "net_raw_use";
+    pub const NET_RAW_TRACEPOINT: &str = "cap_capable";
     /// tp_btf/sched_process_exec: records the executable.
     pub const EXEC_PROGRAM: &str = "exec_track";
     pub const EXEC_TRACEPOINT: &str = "sched_process_exec";
@@ -112,6 +171,110 @@ pub mod names {
     /// tp_btf/sched_process_fork: a new process runs its parent's program until it execs.
     pub const FORK_PROGRAM: &str = "fork_track";
     pub const FORK_TRACEPOINT: &str = "sched_process_fork";
+
+    /// The sock_addr programs aya loads and attaches.
+    pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+        CONNECT4_PROGRAM,
+        CONNECT6_PROGRAM,
+        SENDMSG4_PROGRAM,
+        SENDMSG6_PROGRAM,
+    ];
+    /// Every cgroup program aya loads and attaches (the Unix-socket ones are `UNIX_PROGRAMS`).
+    pub const CGROUP_PROGRAMS: [&str; 5] = [
+        CONNECT4_PROGRAM,
+        CONNECT6_PROGRAM,
+        SENDMSG4_PROGRAM,
+        SENDMSG6_PROGRAM,
+        SOCK_CREATE_PROGRAM,
+    ];
+    pub const UNIX_PROGRAMS: [&str; 2] = [CONNECT_UNIX_PROGRAM, SENDMSG_UNIX_PROGRAM];
+    /// The exec tracker's programs, with their tracepoints.
+    pub const EXEC_PROGRAMS: [(&str, &str); 3] = [
+        (EXEC_PROGRAM, EXEC_TRACEPOINT),
+        (FORK_PROGRAM, FORK_TRACEPOINT),
+        (EXIT_PROGRAM, EXIT_TRACEPOINT),
+    ];
+    /// Every program the eBPF object defines.
+    pub const ALL_PROGRAMS: [&str; 11] = [
+        CONNECT4_PROGRAM,
+        CONNECT6_PROGRAM,
+        SENDMSG4_PROGRAM,
+        SENDMSG6_PROGRAM,
+        SOCK_CREATE_PROGRAM,
+        CONNECT_UNIX_PROGRAM,
+        SENDMSG_UNIX_PROGRAM,
+        NET_RAW_PROGRAM,
+        EXEC_PROGRAM,
+        FORK_PROGRAM,
+        EXIT_PROGRAM,
+    ];
+
+    /// Whether `name` is in `list` (usable in const context).
+    const fn contains(list: &[&str], name: &str) -> bool {
+        let mut i = 0;
+        while i < list.len() {
+            if eq(list[i], name) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    const fn eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    const fn all_in(part: &[&str], whole: &[&str]) -> bool {
+        let mut i = 0;
+        while i < part.len() {
+            if !contains(whole, part[i]) {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    // The sub-lists are parts of the whole ones, and the whole ones have no name twice.
+    const _: () =
+        assert!(all_in(&PINNED_MAPS, &ALL_MAPS) && !contains(&PINNED_MAPS, EXE_SCRATCH_MAP));
+    const _: () = assert!(all_in(&CGROUP_PROGRAMS, &ALL_PROGRAMS));
+    const _: () = assert!(all_in(&SOCK_ADDR_PROGRAMS, &CGROUP_PROGRAMS));
+    const _: () = assert!(all_in(&UNIX_PROGRAMS, &ALL_PROGRAMS));
+    const _: () = assert!(contains(&ALL_PROGRAMS, NET_RAW_PROGRAM));
+    const _: () = assert!(
+        contains(&ALL_PROGRAMS, EXEC_PROGRAM)
+            && contains(&ALL_PROGRAMS, FORK_PROGRAM)
+            && contains(&ALL_PROGRAMS, EXIT_PROGRAM)
+    );
+    const _: () = assert!(distinct(&ALL_MAPS) && distinct(&ALL_PROGRAMS));
+
+    const fn distinct(list: &[&str]) -> bool {
+        let mut i = 0;
+        while i < list.len() {
+            let mut j = i + 1;
+            while j < list.len() {
+                if eq(list[i], list[j]) {
+                    return false;
+                }
+                j += 1;
+            }
+            i += 1;
+        }
+        true
+    }
 }
 
 /// What an agent falls back to when the controller stops signalling liveness

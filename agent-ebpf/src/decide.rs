@@ -24,9 +24,17 @@ use agent_common::{
 use crate::{
     exec,
     maps::{count, AGENTS, CONFIG, EVENTS, HEARTBEAT, RULES_V4, RULES_V6, UNIX_PATHS},
-    net_raw::NetRawUse,
     ALLOW, DENY,
 };
+
+/// The hook could not read what it needs to decide: it judged the call the strictest way and
+/// its record has been written, or counted lost (reason `error`; for the packet-socket guard,
+/// the strictest socket kind). Made only here, so an `Err` always means that; the hook then
+/// returns its `*_ON_ERROR` value.
+pub(crate) struct FailedClosed(());
+
+/// What a hook that judges returns: `ALLOW` or `DENY`, or a decision that failed closed.
+pub(crate) type Decision = Result<i32, FailedClosed>;
 
 /// Load-time constant: wake the consumer only once this many bytes are pending. Below it events
 /// are submitted without a wake-up and the controller drains them on a short timer
@@ -186,9 +194,9 @@ fn socket_verdict(c: &Caller, kind: u32) -> (u32, u32) {
     }
 }
 
-pub fn inet4(ctx: &SockAddrContext, hook: u32) -> i32 {
+pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
     let Some(c) = find_agent() else {
-        return ALLOW;
+        return Ok(ALLOW);
     };
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
@@ -208,18 +216,18 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> i32 {
     } else {
         lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol)
     };
-    finish(hook, &c, &dest, v, r, rule)
+    Ok(finish(hook, &c, &dest, v, r, rule))
 }
 
-pub fn inet6(ctx: &SockAddrContext, hook: u32) -> i32 {
+pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
     let Some(c) = find_agent() else {
-        return ALLOW;
+        return Ok(ALLOW);
     };
     // SAFETY: as above.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.user_family != AF_INET6 {
         let dest = Dest::socket(sa.user_family, 0, sa.protocol, 0);
-        return fail_closed(hook, &c, &dest);
+        return Err(fail_closed(hook, &c, &dest));
     }
     let w = [
         sa.user_ip6[0].to_ne_bytes(),
@@ -258,7 +266,7 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> i32 {
             None => (verdict::DENY, reason::NO_ADDRESS_MATCH, NO_RULE),
         }
     };
-    finish(hook, &c, &dest, v, r, rule)
+    Ok(finish(hook, &c, &dest, v, r, rule))
 }
 
 /// The `sock::*` kind of a new socket, or 0 for the kinds that need no allowance (TCP and UDP
@@ -286,23 +294,40 @@ fn socket_kind(family: u32, ty: u32, protocol: u32) -> u32 {
 /// (raw, ping, UDP-Lite, SCTP, ...), unless the agent's policy allows that kind. The kernel runs
 /// this hook from inet_create and inet6_create only: packet sockets are judged by
 /// `net_raw_use`.
-pub fn sock_create(ctx: &SockContext) -> i32 {
+pub fn sock_create(ctx: &SockContext) -> Decision {
     // SAFETY: the kernel hands every sock program a valid context.
     let sk = unsafe { &*ctx.sock };
-    guard_socket(sk.family, sk.type_, sk.protocol)
-}
-
-fn guard_socket(family: u32, ty: u32, protocol: u32) -> i32 {
+    let (family, ty, protocol) = (sk.family, sk.type_, sk.protocol);
     let Some(c) = find_agent() else {
-        return ALLOW;
+        return Ok(ALLOW);
     };
     let kind = socket_kind(family, ty, protocol);
     if kind == 0 {
-        return ALLOW;
+        return Ok(ALLOW);
     }
     let dest = Dest::socket(family, ty, protocol, kind);
     let (v, r) = socket_verdict(&c, kind);
-    finish(hook::SOCK_CREATE, &c, &dest, v, r, NO_RULE)
+    Ok(finish(hook::SOCK_CREATE, &c, &dest, v, r, NO_RULE))
+}
+
+/// What an agent was doing when its CAP_NET_RAW was checked (read by net_raw.rs).
+pub enum NetRawUse {
+    /// socket(family, type, protocol). `trusted`: read from the registers the kernel saved at
+    /// syscall entry; socketcall's arguments are in user memory, which another thread can
+    /// change after the kernel read them.
+    Socket {
+        family: u32,
+        ty: u32,
+        protocol: u32,
+        trusted: bool,
+    },
+    /// Inside io_uring (its worker threads, or io_uring_enter): socket creation or a socket
+    /// option, which cannot be told apart here.
+    IoUring,
+    /// Anything else (a socket option such as SO_MARK): not socket creation.
+    Other,
+    /// The task could not be read (counted as an error).
+    Unknown,
 }
 
 /// The packet-socket guard (tp_btf/cap_capable, see net_raw.rs): an agent's CAP_NET_RAW was
@@ -310,9 +335,11 @@ fn guard_socket(family: u32, ty: u32, protocol: u32) -> i32 {
 /// needs it; a tracepoint cannot make the call fail, so an agent whose policy does not allow
 /// the socket, and whose capability the kernel granted, is killed (SIGKILL to the whole process)
 /// before the call returns to user space. A refusal by the kernel is recorded as blocked.
-pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) {
+/// `Err`: the use could not be read and was judged, and recorded, as the strictest kind.
+pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) -> Result<(), FailedClosed> {
+    let unreadable = matches!(what, NetRawUse::Unknown);
     let (family, ty, protocol, kind) = match what {
-        NetRawUse::Other => return,
+        NetRawUse::Other => return Ok(()),
         // Which socket io_uring makes cannot be read here: only a policy that allows packet
         // sockets (the widest kind) lets an agent use CAP_NET_RAW there. Unreadable: the same,
         // failing closed.
@@ -324,9 +351,9 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) {
             trusted,
         } => {
             let kind = match socket_kind(family, ty, protocol) {
-                0 => return,
+                0 => return Ok(()),
                 // Raw inet sockets are judged by sock_create once the kernel grants this.
-                sock::RAW if granted && trusted => return,
+                sock::RAW if granted && trusted => return Ok(()),
                 // Arguments another thread may have changed since the kernel read them.
                 _ if !trusted => sock::PACKET,
                 k => k,
@@ -337,7 +364,7 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) {
     let (v, r) = socket_verdict(c, kind);
     if !granted && v == verdict::ALLOW {
         // The kernel's own refusal of an allowed kind: no decision of ours.
-        return;
+        return Ok(());
     }
     let (ret, mut out) = settle(c.entry, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
@@ -355,6 +382,11 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) {
     };
     let dest = Dest::socket(family, ty, protocol, kind);
     emit(hook::SOCKET, c, &dest, &out);
+    if unreadable {
+        Err(FailedClosed(()))
+    } else {
+        Ok(())
+    }
 }
 
 const SIGKILL: u32 = 9;
@@ -370,10 +402,10 @@ fn finish(hook: u32, c: &Caller, dest: &Dest, v: u32, r: u32, rule_id: u32) -> i
 /// The program cannot read what it needs to decide: deny (whatever the mode), count it as a
 /// denial and an error, and report it like any decision, with reason `error`.
 #[inline(always)]
-fn fail_closed(hook: u32, c: &Caller, dest: &Dest) -> i32 {
+fn fail_closed(hook: u32, c: &Caller, dest: &Dest) -> FailedClosed {
     let out = failed();
     emit(hook, c, dest, &out);
-    DENY
+    FailedClosed(())
 }
 
 /// The outcome of a decision that failed closed, counted.
@@ -539,9 +571,9 @@ const SUN_PATH_OFFSET: u32 = 2;
 /// cgroup/connect_unix and cgroup/sendmsg_unix: an agent may reach a Unix socket only by a path
 /// or abstract name its policy lists. The kernel has no context field for the address of a
 /// Unix call, so it is read from the kernel's own context with bpf_probe_read_kernel.
-pub fn unix(ctx: &SockAddrContext, hook: u32) -> i32 {
+pub fn unix(ctx: &SockAddrContext, hook: u32) -> Decision {
     let Some(c) = find_agent() else {
-        return ALLOW;
+        return Ok(ALLOW);
     };
     // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
@@ -556,13 +588,13 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> i32 {
         let len = bpf_probe_read_kernel(base.add(len_off) as *const u32);
         match (uaddr, len) {
             (Ok(a), Ok(l)) => (a, l),
-            _ => return unix_failed(hook, &c, &dest),
+            _ => return Err(unix_failed(hook, &c, &dest)),
         }
     };
     // The kernel has checked 2 < addrlen <= sizeof(struct sockaddr_un) before the hook runs.
     let n = addrlen.wrapping_sub(SUN_PATH_OFFSET) as usize;
     if n == 0 || n > UNIX_PATH_MAX {
-        return unix_failed(hook, &c, &dest);
+        return Err(unix_failed(hook, &c, &dest));
     }
     let mut buf = PathBuf {
         key: Key::new(
@@ -588,7 +620,7 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> i32 {
         )
     };
     if rc != 0 {
-        return unix_failed(hook, &c, &dest);
+        return Err(unix_failed(hook, &c, &dest));
     }
     let key = &buf.key;
     let (v, r, rule) = if c.pending {
@@ -603,15 +635,15 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> i32 {
     };
     let (ret, out) = settle(c.entry, v, r, rule);
     emit_unix(hook, &c, &dest, &out, Some((&key.data.path, n as u32)));
-    ret
+    Ok(ret)
 }
 
 /// A Unix-socket call whose address cannot be read: fails closed, reported with no path.
 #[inline(always)]
-fn unix_failed(hook: u32, c: &Caller, dest: &Dest) -> i32 {
+fn unix_failed(hook: u32, c: &Caller, dest: &Dest) -> FailedClosed {
     let out = failed();
     emit_unix(hook, c, dest, &out, None);
-    DENY
+    FailedClosed(())
 }
 
 /// Reports a Unix-socket decision with the name the caller gave (none when unreadable).
@@ -685,4 +717,3 @@ const DOTDOT_END: u32 = u32::from_be_bytes(*b"/..\0");
 
 // Silence unused warnings for constants kept for readability.
 const _: u32 = AF_INET;
-const _: i32 = DENY;

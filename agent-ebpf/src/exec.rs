@@ -29,6 +29,10 @@ static PROC_LAYOUT: ProcLayout = ProcLayout {
     _reserved: 0,
 };
 
+/// A process the tracker could not record (a read failed, or the map is full): it stays
+/// unknown, and records of its decisions say so (`proc::EXE_KNOWN` unset).
+pub struct Untracked;
+
 #[inline(always)]
 fn layout() -> ProcLayout {
     // SAFETY: read of a load-time constant.
@@ -37,22 +41,19 @@ fn layout() -> ProcLayout {
 
 /// tp_btf/sched_process_exec(task, old_pid, bprm): the task has become its thread group's
 /// leader and runs `bprm->filename` now.
-pub fn on_exec(ctx: &BtfTracePointContext) {
+pub fn on_exec(ctx: &BtfTracePointContext) -> Result<(), Untracked> {
     let l = layout();
     if l.enabled == 0 {
-        return;
+        return Ok(());
     }
     let bprm: u64 = ctx.arg(2);
-    let Some(value) = EXE_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
+    let value = EXE_SCRATCH.get_ptr_mut(0).ok_or(Untracked)?;
     // SAFETY: `value` is this CPU's scratch slot (programs do not migrate while running); the
     // helpers read kernel memory and fail instead of faulting; the string read writes at most
     // EXE_PATH_MAX bytes, the size of `path`, and zero-fills behind the NUL is done first.
     unsafe {
-        let Ok(name) = bpf_probe_read_kernel((bprm + l.bprm_filename as u64) as *const u64) else {
-            return;
-        };
+        let name = bpf_probe_read_kernel((bprm + l.bprm_filename as u64) as *const u64)
+            .map_err(|_| Untracked)?;
         (*value).flags = 0;
         (*value)._reserved = 0;
         (*value).path = [0; EXE_PATH_MAX];
@@ -62,7 +63,7 @@ pub fn on_exec(ctx: &BtfTracePointContext) {
             name as *const c_void,
         );
         if n <= 0 {
-            return;
+            return Err(Untracked);
         }
         if n as usize >= EXE_PATH_MAX {
             (*value).flags = exe::TRUNCATED;
@@ -71,7 +72,8 @@ pub fn on_exec(ctx: &BtfTracePointContext) {
         // A full map leaves the process unknown (records then say so). By reference: a copy
         // would not fit the stack.
         #[allow(clippy::needless_borrows_for_generic_args)]
-        let _ = EXES.insert(tgid, &*value, 0);
+        let inserted = EXES.insert(tgid, &*value, 0);
+        inserted.map_err(|_| Untracked)
     }
 }
 
@@ -87,10 +89,10 @@ pub fn on_exit() {
 
 /// tp_btf/sched_process_fork(parent, child): a new process (not a thread) runs its parent's
 /// program until it execs.
-pub fn on_fork(ctx: &BtfTracePointContext) {
+pub fn on_fork(ctx: &BtfTracePointContext) -> Result<(), Untracked> {
     let l = layout();
     if l.enabled == 0 {
-        return;
+        return Ok(());
     }
     let child: u64 = ctx.arg(1);
     // SAFETY: the helper reads kernel memory and fails instead of faulting.
@@ -100,19 +102,22 @@ pub fn on_fork(ctx: &BtfTracePointContext) {
             bpf_probe_read_kernel((child + l.task_tgid as u64) as *const u32),
         ) {
             (Ok(p), Ok(t)) => (p, t),
-            _ => return,
+            _ => return Err(Untracked),
         }
     };
     if pid != tgid {
-        return;
+        return Ok(());
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(v) = EXES.get_ptr(parent) {
-        // SAFETY: a live map value, copied by the helper. By reference: a copy would not fit
-        // the stack.
-        #[allow(clippy::needless_borrows_for_generic_args)]
-        let _ = EXES.insert(tgid, unsafe { &*v }, 0);
-    }
+    // A parent the tracker does not know leaves the child unknown too.
+    let Some(v) = EXES.get_ptr(parent) else {
+        return Ok(());
+    };
+    // SAFETY: a live map value, copied by the helper. By reference: a copy would not fit the
+    // stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let inserted = EXES.insert(tgid, unsafe { &*v }, 0);
+    inserted.map_err(|_| Untracked)
 }
 
 /// Fills the process fields of an event being written: the caller's executable, its parent and

@@ -24,9 +24,25 @@ use agent_common::hook;
 pub(crate) const ALLOW: i32 = 1;
 pub(crate) const DENY: i32 = 0;
 
-// A decision that cannot be made (an address that cannot be read) fails closed inside decide.rs
-// and is reported with reason `error`: every hook returns the verdict it is given. Non-agents
-// never reach an error path (identification itself cannot fail), so they always pass.
+// Each entry is thin: decide.rs judges, and a decision it cannot make (an address that cannot
+// be read) fails closed there, with its record (reason `error`) written before it returns
+// `Err`. The entry then returns its hook's `*_ON_ERROR`. Non-agents never reach an error path
+// (identification itself cannot fail), so they always pass.
+
+/// What each hook returns when its decision failed closed.
+const CONNECT4_ON_ERROR: i32 = DENY;
+const CONNECT6_ON_ERROR: i32 = DENY;
+const SENDMSG4_ON_ERROR: i32 = DENY;
+const SENDMSG6_ON_ERROR: i32 = DENY;
+const SOCK_CREATE_ON_ERROR: i32 = DENY;
+const CONNECT_UNIX_ON_ERROR: i32 = DENY;
+const SENDMSG_UNIX_ON_ERROR: i32 = DENY;
+/// The kernel ignores a tracepoint's return value: the packet-socket guard acts by its record
+/// and SIGKILL, the exec tracker by its map (an untracked process is recorded as unknown).
+const TRACEPOINT_RET: i32 = 0;
+const NET_RAW_USE_ON_ERROR: i32 = TRACEPOINT_RET;
+const EXEC_TRACK_ON_ERROR: i32 = TRACEPOINT_RET;
+const FORK_TRACK_ON_ERROR: i32 = TRACEPOINT_RET;
 
 /// The verdict as a sock_addr/sock program returns it: spelled out so the verifier sees a
 /// return value of exactly 0 or 1.
@@ -41,72 +57,99 @@ fn verdict(ret: i32) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    verdict(decide::inet4(&ctx, hook::CONNECT4))
+    match decide::inet4(&ctx, hook::CONNECT4) {
+        Ok(v) => verdict(v),
+        Err(_) => CONNECT4_ON_ERROR,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    verdict(decide::inet6(&ctx, hook::CONNECT6))
+    match decide::inet6(&ctx, hook::CONNECT6) {
+        Ok(v) => verdict(v),
+        Err(_) => CONNECT6_ON_ERROR,
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    verdict(decide::inet4(&ctx, hook::SENDMSG4))
+    match decide::inet4(&ctx, hook::SENDMSG4) {
+        Ok(v) => verdict(v),
+        Err(_) => SENDMSG4_ON_ERROR,
+    }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    verdict(decide::inet6(&ctx, hook::SENDMSG6))
+    match decide::inet6(&ctx, hook::SENDMSG6) {
+        Ok(v) => verdict(v),
+        Err(_) => SENDMSG6_ON_ERROR,
+    }
 }
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
-    verdict(decide::sock_create(&ctx))
+    match decide::sock_create(&ctx) {
+        Ok(v) => verdict(v),
+        Err(_) => SOCK_CREATE_ON_ERROR,
+    }
 }
 
 // aya 0.14 has no attach type for the Unix hooks (cgroup/connect_unix, cgroup/sendmsg_unix, Linux
 // 6.7+). The section names below only let aya parse the object; the controller loads these two
-// itself with the Unix attach types (agent-userspace/src/unix_hooks.rs).
+// itself with the Unix attach types (agent-userspace/src/datapath/unix_hooks.rs).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/connect4")]
 pub fn connect_unix(ctx: *mut bpf_sock_addr) -> i32 {
-    verdict(decide::unix(&SockAddrContext::new(ctx), hook::CONNECT_UNIX))
+    match decide::unix(&SockAddrContext::new(ctx), hook::CONNECT_UNIX) {
+        Ok(v) => verdict(v),
+        Err(_) => CONNECT_UNIX_ON_ERROR,
+    }
 }
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/sendmsg4")]
 pub fn sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
-    verdict(decide::unix(&SockAddrContext::new(ctx), hook::SENDMSG_UNIX))
+    match decide::unix(&SockAddrContext::new(ctx), hook::SENDMSG_UNIX) {
+        Ok(v) => verdict(v),
+        Err(_) => SENDMSG_UNIX_ON_ERROR,
+    }
 }
 
 /// A process exec'd: remember its executable (exec.rs).
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn exec_track(ctx: BtfTracePointContext) -> i32 {
-    exec::on_exec(&ctx);
-    0
+    match exec::on_exec(&ctx) {
+        Ok(()) => TRACEPOINT_RET,
+        Err(_) => EXEC_TRACK_ON_ERROR,
+    }
 }
 
 /// A process forked: the child runs its parent's program until it execs (exec.rs).
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn fork_track(ctx: BtfTracePointContext) -> i32 {
-    exec::on_fork(&ctx);
-    0
+    match exec::on_fork(&ctx) {
+        Ok(()) => TRACEPOINT_RET,
+        Err(_) => FORK_TRACK_ON_ERROR,
+    }
 }
 
-/// A thread exited: forget the process when it was the leader (exec.rs).
+/// A thread exited: forget the process when it was the leader (exec.rs). Cannot fail: a
+/// process the tracker never knew has nothing to forget.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn exit_track(_ctx: BtfTracePointContext) -> i32 {
     exec::on_exit();
-    0
+    TRACEPOINT_RET
 }
 
-/// An agent's CAP_NET_RAW check: packet sockets (see net_raw.rs). A tracepoint's return value
-/// is ignored: its failures are counted (`counter::ERRORS`), and a use that cannot be read is
-/// judged as the strictest kind.
+/// An agent's CAP_NET_RAW check: packet sockets (see net_raw.rs). A use that cannot be read is
+/// judged as the strictest kind, and counted (`counter::ERRORS`).
 #[btf_tracepoint(function = "cap_capable")]
 pub fn net_raw_use(ctx: BtfTracePointContext) -> i32 {
-    net_raw::cap_check(&ctx);
-    0
+    match net_raw::cap_check(&ctx) {
+        Ok(()) => TRACEPOINT_RET,
+        Err(_) => NET_RAW_USE_ON_ERROR,
+    }
 }
 
 #[cfg(not(test))]

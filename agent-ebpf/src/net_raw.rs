@@ -15,7 +15,10 @@ use aya_ebpf::{
 
 use agent_common::{counter, CapGuardLayout};
 
-use crate::{decide, maps::count};
+use crate::{
+    decide::{self, FailedClosed, NetRawUse},
+    maps::count,
+};
 
 /// Load-time constant: syscall numbers and kernel struct offsets, from the controller (which
 /// reads them from the kernel's BTF). All zero, as built: the guard is off.
@@ -41,39 +44,20 @@ const SYS_SOCKET: u64 = 1;
 /// Bits of a socket type argument that are the type (the rest are SOCK_NONBLOCK/CLOEXEC).
 const SOCK_TYPE_MASK: u32 = 0xf;
 
-/// What the agent was doing when its CAP_NET_RAW was checked.
-pub enum NetRawUse {
-    /// socket(family, type, protocol). `trusted`: read from the registers the kernel saved at
-    /// syscall entry; socketcall's arguments are in user memory, which another thread can
-    /// change after the kernel read them.
-    Socket {
-        family: u32,
-        ty: u32,
-        protocol: u32,
-        trusted: bool,
-    },
-    /// Inside io_uring (its worker threads, or io_uring_enter): socket creation or a socket
-    /// option, which cannot be told apart here.
-    IoUring,
-    /// Anything else (a socket option such as SO_MARK): not socket creation.
-    Other,
-    /// The task could not be read (counted as an error).
-    Unknown,
-}
-
 /// tp_btf/cap_capable(cred, target_ns, capable_ns, cap, ret): `ret == 0` when granted.
-pub fn cap_check(ctx: &BtfTracePointContext) {
+/// `Err`: what the agent was doing could not be read, and was judged as the strictest kind.
+pub fn cap_check(ctx: &BtfTracePointContext) -> Result<(), FailedClosed> {
     let cap: i32 = ctx.arg(3);
     if cap != CAP_NET_RAW {
-        return;
+        return Ok(());
     }
     // SAFETY: read of a load-time constant.
     let l = unsafe { core::ptr::read_volatile(&CAP_GUARD_LAYOUT) };
     if l.enabled == 0 {
-        return;
+        return Ok(());
     }
     let Some(caller) = decide::find_agent() else {
-        return;
+        return Ok(());
     };
     let granted = ctx.arg::<i32>(4) == 0;
     let what = classify(&l).unwrap_or(NetRawUse::Unknown);

@@ -4,17 +4,10 @@
 
 use std::{ffi::OsStr, os::unix::ffi::OsStrExt};
 
-use agent_common::{exe, names, ExePath, ProcLayout, EXE_PATH_MAX};
+use agent_common::{exe, ExePath, ProcLayout, EXE_PATH_MAX};
 use aya::maps::{HashMap, MapData, MapError};
 
 use super::btf::{self, BtfError};
-
-/// The programs, by function name, with their tracepoints.
-pub const PROGRAMS: [(&str, &str); 3] = [
-    (names::EXEC_PROGRAM, names::EXEC_TRACEPOINT),
-    (names::FORK_PROGRAM, names::FORK_TRACEPOINT),
-    (names::EXIT_PROGRAM, names::EXIT_TRACEPOINT),
-];
 
 /// The layout for the running kernel.
 pub fn kernel_layout() -> Result<ProcLayout, BtfError> {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_common::AgentEntry;
+use agent_common::{names, AgentEntry};
 
 use super::{
     kernel_state::{KernelState, LinkState},
@@ -53,7 +53,7 @@ impl Datapath for Fake {
     fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
         // As a BPF hash map: an update of an existing key always fits, a new key may not.
         if !self.agents.contains_key(&cgroup_id) && self.agents.len() >= self.capacity as usize {
-            return Err(LoaderError::Full("AW_AGENTS"));
+            return Err(LoaderError::Full(names::AGENTS_MAP));
         }
         self.agents.insert(cgroup_id, entry);
         Ok(())
@@ -116,7 +116,7 @@ impl Datapath for Fake {
         KernelState {
             pinned: false,
             links: vec![LinkState {
-                program: "connect4",
+                program: names::CONNECT4_PROGRAM,
                 pinned: false,
                 attached: self.attached,
             }],

@@ -45,20 +45,6 @@ use unix_hooks::{UnixHookError, UnixProgram};
 /// The eBPF object, built from agent-ebpf by build.rs into OUT_DIR.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
 
-/// The sock_addr programs, by the function names in agent-ebpf.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-/// The socket-creation guard (inet families).
-pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
-/// Every program aya loads, as its link is pinned (the Unix-socket programs are in
-/// `unix_hooks::PROGRAMS`).
-pub const ALL_PROGRAMS: [&str; 5] = [
-    "connect4",
-    "connect6",
-    "sendmsg4",
-    "sendmsg6",
-    "sock_create",
-];
-
 /// Bytes pending in the ring buffer before a program wakes the consumer (see agent-ebpf).
 pub const DEFAULT_WAKEUP_BYTES: u64 = 256 * 1024;
 
@@ -218,7 +204,7 @@ impl Beat for Heartbeat {
 }
 
 macro_rules! take_map {
-    ($ebpf:expr, $name:literal) => {
+    ($ebpf:expr, $name:expr) => {
         $ebpf
             .take_map($name)
             .ok_or(LoaderError::Missing("map", $name))?
@@ -255,7 +241,7 @@ impl Enforcer {
             .map_err(|e| LoaderError::Other(format!("reading the kernel's BTF: {e}")))?;
         let has_tracepoint = btf
             .id_by_type_name_kind(
-                &format!("btf_trace_{}", socket_guard::TRACEPOINT),
+                &format!("btf_trace_{}", names::NET_RAW_TRACEPOINT),
                 aya_obj::btf::BtfKind::Typedef,
             )
             .is_ok();
@@ -269,7 +255,7 @@ impl Enforcer {
         }
         loader.override_global("CAP_GUARD_LAYOUT", &guard_layout, true);
         let proc_layout = exec_track::kernel_layout()?;
-        let exec_tracking = exec_track::PROGRAMS.iter().all(|(_, tp)| {
+        let exec_tracking = names::EXEC_PROGRAMS.iter().all(|(_, tp)| {
             btf.id_by_type_name_kind(&format!("btf_trace_{tp}"), aya_obj::btf::BtfKind::Typedef)
                 .is_ok()
         });
@@ -281,10 +267,10 @@ impl Enforcer {
         }
         loader.override_global("PROC_LAYOUT", &proc_layout, true);
         if let Some(bytes) = opts.ring_bytes {
-            loader.map_max_entries("AW_EVENTS", bytes);
+            loader.map_max_entries(names::EVENTS_MAP, bytes);
         }
         if let Some(n) = opts.agent_map_entries {
-            loader.map_max_entries("AW_AGENTS", n);
+            loader.map_max_entries(names::AGENTS_MAP, n);
         }
         let specs = pin::expected_maps(opts.ring_bytes);
         let mut adopted = false;
@@ -299,48 +285,47 @@ impl Enforcer {
             for spec in &specs {
                 loader.map_pin_path(spec.name, dir.join("maps").join(spec.name));
             }
-            adopted = pin::links_exist(dir, &ALL_PROGRAMS)
-                && (unix_offsets.is_none()
-                    || pin::links_exist(dir, &unix_hooks::PROGRAMS.map(|(n, _)| n)))
-                && (!socket_guard || pin::links_exist(dir, &[socket_guard::PROGRAM]))
-                && (!exec_tracking || pin::links_exist(dir, &exec_track::PROGRAMS.map(|(n, _)| n)));
+            adopted = pin::links_exist(dir, &names::CGROUP_PROGRAMS)
+                && (unix_offsets.is_none() || pin::links_exist(dir, &names::UNIX_PROGRAMS))
+                && (!socket_guard || pin::links_exist(dir, &[names::NET_RAW_PROGRAM]))
+                && (!exec_tracking || pin::links_exist(dir, &names::EXEC_PROGRAMS.map(|(n, _)| n)));
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let unix_programs = match unix_offsets {
             Some(_) => unix_hooks::load(EBPF_OBJECT, &ebpf)?,
             None => Vec::new(),
         };
-        for name in SOCK_ADDR_PROGRAMS {
+        for name in names::SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?
                 .load()
                 .map_err(|e| LoaderError::Program(name, e))?;
         }
         sock_program(&mut ebpf)?
             .load()
-            .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))?;
+            .map_err(|e| LoaderError::Program(names::SOCK_CREATE_PROGRAM, e))?;
         if socket_guard {
             guard_program(&mut ebpf)?
-                .load(socket_guard::TRACEPOINT, &btf)
-                .map_err(|e| LoaderError::Program(socket_guard::PROGRAM, e))?;
+                .load(names::NET_RAW_TRACEPOINT, &btf)
+                .map_err(|e| LoaderError::Program(names::NET_RAW_PROGRAM, e))?;
         }
         if exec_tracking {
-            for (name, tp) in exec_track::PROGRAMS {
+            for (name, tp) in names::EXEC_PROGRAMS {
                 tracing_program(&mut ebpf, name)?
                     .load(tp, &btf)
                     .map_err(|e| LoaderError::Program(name, e))?;
             }
         }
 
-        let config: Array<MapData, Config> = take_map!(ebpf, "AW_CONFIG");
-        let agents = take_map!(ebpf, "AW_AGENTS");
-        let rules_v4 = take_map!(ebpf, "AW_RULES_V4");
-        let rules_v6 = take_map!(ebpf, "AW_RULES_V6");
-        let unix_paths = take_map!(ebpf, "AW_UNIX");
-        let counters = take_map!(ebpf, "AW_COUNTERS");
-        let events = Some(take_map!(ebpf, "AW_EVENTS"));
-        let exes = take_map!(ebpf, "AW_EXES");
+        let config: Array<MapData, Config> = take_map!(ebpf, names::CONFIG_MAP);
+        let agents = take_map!(ebpf, names::AGENTS_MAP);
+        let rules_v4 = take_map!(ebpf, names::RULES_V4_MAP);
+        let rules_v6 = take_map!(ebpf, names::RULES_V6_MAP);
+        let unix_paths = take_map!(ebpf, names::UNIX_MAP);
+        let counters = take_map!(ebpf, names::COUNTERS_MAP);
+        let events = Some(take_map!(ebpf, names::EVENTS_MAP));
+        let exes = take_map!(ebpf, names::EXES_MAP);
         let mut heartbeat = Heartbeat {
-            map: take_map!(ebpf, "AW_HEARTBEAT"),
+            map: take_map!(ebpf, names::HEARTBEAT_MAP),
         };
         heartbeat.beat()?;
         let heartbeat_spare = Some(heartbeat.try_clone()?);
@@ -384,7 +369,7 @@ impl Enforcer {
             source,
         })?;
         let unix: Vec<&'static str> = self.unix_programs.iter().map(|p| p.name).collect();
-        for name in ALL_PROGRAMS.into_iter().chain(unix) {
+        for name in names::CGROUP_PROGRAMS.into_iter().chain(unix) {
             if let Some(dir) = self.pin_dir.clone() {
                 let own = dir.join("links").join(name);
                 let prior = std::iter::once(own.clone())
@@ -401,10 +386,10 @@ impl Enforcer {
             self.attach_new(name, &fd)?;
         }
         if self.socket_guard {
-            self.attach_tracing(socket_guard::PROGRAM)?;
+            self.attach_tracing(names::NET_RAW_PROGRAM)?;
         }
         if self.exec_tracking {
-            for (name, _) in exec_track::PROGRAMS {
+            for (name, _) in names::EXEC_PROGRAMS {
                 self.attach_tracing(name)?;
             }
             // Processes that exec'd before the tracker ran: from /proc, never over what the
@@ -495,7 +480,7 @@ impl Enforcer {
                 FdLink::try_from(link).map_err(|e| pin_err(Path::new(name), e.to_string()))?
             }};
         }
-        let link: FdLink = if name == SOCK_CREATE_PROGRAM {
+        let link: FdLink = if name == names::SOCK_CREATE_PROGRAM {
             attach_and_take!(sock_program(&mut self.ebpf)?)
         } else {
             attach_and_take!(sock_addr_program(&mut self.ebpf, name)?)
@@ -538,9 +523,9 @@ impl Enforcer {
 
     /// Removes every prefix whose policy id is not in `keep` (left by an earlier controller).
     pub fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
-        Ok(remove_stale(&mut self.rules_v4, keep, "AW_RULES_V4")?
-            + remove_stale(&mut self.rules_v6, keep, "AW_RULES_V6")?
-            + remove_stale(&mut self.unix_paths, keep, "AW_UNIX")?)
+        Ok(remove_stale(&mut self.rules_v4, keep, names::RULES_V4_MAP)?
+            + remove_stale(&mut self.rules_v6, keep, names::RULES_V6_MAP)?
+            + remove_stale(&mut self.unix_paths, keep, names::UNIX_MAP)?)
     }
 
     /// Lost events already reported (kept in the pinned counters across restarts).
@@ -548,7 +533,7 @@ impl Enforcer {
         let v = self
             .counters
             .get(&counter::LOST_REPORTED, 0)
-            .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+            .map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))?;
         Ok(v.first().copied().unwrap_or(0))
     }
 
@@ -561,7 +546,7 @@ impl Enforcer {
             .map_err(|e| LoaderError::Other(format!("per-CPU values: {e}")))?;
         self.counters
             .set(counter::LOST_REPORTED, values, 0)
-            .map_err(|e| LoaderError::Map("AW_COUNTERS", e))
+            .map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))
     }
 
     /// Hands the ring buffer to the event reader (once).
@@ -599,7 +584,7 @@ impl Enforcer {
     fn write_config(&mut self) -> Result<(), LoaderError> {
         self.config
             .set(0, self.config_value, 0)
-            .map_err(|e| LoaderError::Map("AW_CONFIG", e))
+            .map_err(|e| LoaderError::Map(names::CONFIG_MAP, e))
     }
 
     pub fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
@@ -607,9 +592,9 @@ impl Enforcer {
             .insert(cgroup_id, entry, 0)
             .map_err(|e| match &e {
                 MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                    LoaderError::Full("AW_AGENTS")
+                    LoaderError::Full(names::AGENTS_MAP)
                 }
-                _ => LoaderError::Map("AW_AGENTS", e),
+                _ => LoaderError::Map(names::AGENTS_MAP, e),
             })
     }
 
@@ -624,15 +609,15 @@ impl Enforcer {
 
     /// Reads back from the kernel which links are pinned and attached.
     pub fn kernel_state(&self) -> kernel_state::KernelState {
-        let mut names: Vec<&'static str> = ALL_PROGRAMS.to_vec();
-        names.extend(self.unix_programs.iter().map(|p| p.name));
+        let mut programs: Vec<&'static str> = names::CGROUP_PROGRAMS.to_vec();
+        programs.extend(self.unix_programs.iter().map(|p| p.name));
         if self.socket_guard {
-            names.push(socket_guard::PROGRAM);
+            programs.push(names::NET_RAW_PROGRAM);
         }
         if self.exec_tracking {
-            names.extend(exec_track::PROGRAMS.map(|(n, _)| n));
+            programs.extend(names::EXEC_PROGRAMS.map(|(n, _)| n));
         }
-        let links = names
+        let links = programs
             .into_iter()
             .map(|program| match &self.pin_dir {
                 Some(dir) => {
@@ -663,7 +648,7 @@ impl Enforcer {
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
         match self.agents.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(LoaderError::Map("AW_AGENTS", e)),
+            Err(e) => Err(LoaderError::Map(names::AGENTS_MAP, e)),
         }
     }
 
@@ -676,12 +661,12 @@ impl Enforcer {
         for (len, addr, rules) in &compiled.v4 {
             self.rules_v4
                 .insert(&key_v4(policy_id, *len, *addr), rules, 0)
-                .map_err(|e| LoaderError::Map("AW_RULES_V4", e))?;
+                .map_err(|e| LoaderError::Map(names::RULES_V4_MAP, e))?;
         }
         for (len, addr, rules) in &compiled.v6 {
             self.rules_v6
                 .insert(&key_v6(policy_id, *len, *addr), rules, 0)
-                .map_err(|e| LoaderError::Map("AW_RULES_V6", e))?;
+                .map_err(|e| LoaderError::Map(names::RULES_V6_MAP, e))?;
         }
         for (bits, path, rule_id) in &compiled.unix {
             self.unix_paths
@@ -690,7 +675,7 @@ impl Enforcer {
                     UnixRule { rule_id: *rule_id },
                     0,
                 )
-                .map_err(|e| LoaderError::Map("AW_UNIX", e))?;
+                .map_err(|e| LoaderError::Map(names::UNIX_MAP, e))?;
         }
         Ok(())
     }
@@ -701,21 +686,21 @@ impl Enforcer {
             remove_key(
                 &mut self.rules_v4,
                 &key_v4(policy_id, *len, *addr),
-                "AW_RULES_V4",
+                names::RULES_V4_MAP,
             )?;
         }
         for (len, addr) in &keys.v6 {
             remove_key(
                 &mut self.rules_v6,
                 &key_v6(policy_id, *len, *addr),
-                "AW_RULES_V6",
+                names::RULES_V6_MAP,
             )?;
         }
         for (bits, path) in &keys.unix {
             remove_key(
                 &mut self.unix_paths,
                 &key_unix(policy_id, *bits, *path),
-                "AW_UNIX",
+                names::UNIX_MAP,
             )?;
         }
         Ok(())
@@ -726,7 +711,7 @@ impl Enforcer {
             let v = self
                 .counters
                 .get(&i, 0)
-                .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+                .map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))?;
             Ok(v.iter().sum())
         };
         Ok(Counters {
@@ -841,33 +826,35 @@ pub struct Retired {
 impl Retired {
     pub fn open(dir: &Path) -> Result<Retired, LoaderError> {
         let maps = dir.join("maps");
-        let path = maps.join("AW_EVENTS");
+        let path = maps.join(names::EVENTS_MAP);
         let ring = if path.exists() {
-            let mut spec = pin::spec("AW_EVENTS", None).expect("a ring spec");
+            let mut spec = pin::spec(names::EVENTS_MAP, None).expect("a ring spec");
             spec.max_entries = 0;
             pin::check_map(&path, &spec)?;
-            let data = MapData::from_pin(&path).map_err(|e| LoaderError::Map("AW_EVENTS", e))?;
+            let data =
+                MapData::from_pin(&path).map_err(|e| LoaderError::Map(names::EVENTS_MAP, e))?;
             Some(
                 RingBuf::try_from(aya::maps::Map::RingBuf(data))
-                    .map_err(|e| LoaderError::Map("AW_EVENTS", e))?,
+                    .map_err(|e| LoaderError::Map(names::EVENTS_MAP, e))?,
             )
         } else {
             None
         };
-        let path = maps.join("AW_COUNTERS");
+        let path = maps.join(names::COUNTERS_MAP);
         let lost = if path.exists() {
             pin::check_map(
                 &path,
-                &pin::spec("AW_COUNTERS", None).expect("a counters spec"),
+                &pin::spec(names::COUNTERS_MAP, None).expect("a counters spec"),
             )?;
-            let data = MapData::from_pin(&path).map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+            let data =
+                MapData::from_pin(&path).map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))?;
             let counters: PerCpuArray<MapData, u64> =
                 PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-                    .map_err(|e| LoaderError::Map("AW_COUNTERS", e))?;
+                    .map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))?;
             let get = |i: u32| {
                 counters
                     .get(&i, 0)
-                    .map_err(|e| LoaderError::Map("AW_COUNTERS", e))
+                    .map_err(|e| LoaderError::Map(names::COUNTERS_MAP, e))
             };
             let lost: u64 = get(counter::LOST)?.iter().sum();
             let reported = get(counter::LOST_REPORTED)?.first().copied().unwrap_or(0);
@@ -902,7 +889,7 @@ fn sock_addr_program<'a>(
 }
 
 fn guard_program(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint, LoaderError> {
-    tracing_program(ebpf, socket_guard::PROGRAM)
+    tracing_program(ebpf, names::NET_RAW_PROGRAM)
 }
 
 fn tracing_program<'a>(
@@ -916,10 +903,10 @@ fn tracing_program<'a>(
 }
 
 fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
-    ebpf.program_mut(SOCK_CREATE_PROGRAM)
-        .ok_or(LoaderError::Missing("program", SOCK_CREATE_PROGRAM))?
+    ebpf.program_mut(names::SOCK_CREATE_PROGRAM)
+        .ok_or(LoaderError::Missing("program", names::SOCK_CREATE_PROGRAM))?
         .try_into()
-        .map_err(|e| LoaderError::Program(SOCK_CREATE_PROGRAM, e))
+        .map_err(|e| LoaderError::Program(names::SOCK_CREATE_PROGRAM, e))
 }
 
 /// A trie key whose first 32 bits are the policy id.
@@ -1033,4 +1020,30 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), LoaderError> {
         return Err(err(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use agent_common::names;
+
+    use super::EBPF_OBJECT;
+
+    /// The object the loader embeds defines exactly the maps and programs agent-common names,
+    /// so a rename on either side fails here rather than at load time.
+    #[test]
+    fn the_object_defines_exactly_the_shared_names() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object parses");
+        // Sections of globals (.rodata, .bss, .data) are maps to aya too, named by section.
+        let maps: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        assert_eq!(maps, BTreeSet::from(names::ALL_MAPS), "maps");
+        assert_eq!(programs, BTreeSet::from(names::ALL_PROGRAMS), "programs");
+    }
 }

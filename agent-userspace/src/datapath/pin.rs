@@ -44,54 +44,54 @@ pub struct MapSpec {
     pub max_entries: u32,
 }
 
-/// Every map agentwall pins, as the programs define them.
-pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; 9] {
+/// Every map agentwall pins (`names::PINNED_MAPS`), as the programs define them.
+pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; names::PINNED_MAPS.len()] {
     let s = |n: usize| n as u32;
     [
         MapSpec {
-            name: "AW_CONFIG",
+            name: names::CONFIG_MAP,
             map_type: MapType::Array,
             key_size: 4,
             value_size: s(size_of::<Config>()),
             max_entries: 1,
         },
         MapSpec {
-            name: "AW_AGENTS",
+            name: names::AGENTS_MAP,
             map_type: MapType::Hash,
             key_size: 8,
             value_size: s(size_of::<AgentEntry>()),
             max_entries: MAX_AGENTS,
         },
         MapSpec {
-            name: "AW_RULES_V4",
+            name: names::RULES_V4_MAP,
             map_type: MapType::LpmTrie,
             key_size: s(4 + size_of::<PrefixV4>()),
             value_size: s(size_of::<RuleSet>()),
             max_entries: MAX_PREFIXES_V4,
         },
         MapSpec {
-            name: "AW_RULES_V6",
+            name: names::RULES_V6_MAP,
             map_type: MapType::LpmTrie,
             key_size: s(4 + size_of::<PrefixV6>()),
             value_size: s(size_of::<RuleSet>()),
             max_entries: MAX_PREFIXES_V6,
         },
         MapSpec {
-            name: "AW_UNIX",
+            name: names::UNIX_MAP,
             map_type: MapType::LpmTrie,
             key_size: s(4 + size_of::<UnixKey>()),
             value_size: s(size_of::<UnixRule>()),
             max_entries: MAX_UNIX_PATHS,
         },
         MapSpec {
-            name: "AW_EVENTS",
+            name: names::EVENTS_MAP,
             map_type: MapType::RingBuf,
             key_size: 0,
             value_size: 0,
             max_entries: ring_bytes.unwrap_or(EVENT_RING_BYTES),
         },
         MapSpec {
-            name: "AW_COUNTERS",
+            name: names::COUNTERS_MAP,
             map_type: MapType::PerCpuArray,
             key_size: 4,
             value_size: 8,
@@ -350,21 +350,27 @@ mod tests {
     }
 
     #[test]
+    fn expected_maps_are_the_pinned_maps() {
+        let specs: Vec<&str> = expected_maps(None).iter().map(|m| m.name).collect();
+        assert_eq!(specs, names::PINNED_MAPS);
+    }
+
+    #[test]
     fn expected_maps_match_the_shared_types() {
         let maps = expected_maps(None);
-        let v4 = maps.iter().find(|m| m.name == "AW_RULES_V4").unwrap();
+        let v4 = maps.iter().find(|m| m.name == names::RULES_V4_MAP).unwrap();
         assert_eq!((v4.key_size, v4.value_size), (12, 196));
-        let v6 = maps.iter().find(|m| m.name == "AW_RULES_V6").unwrap();
+        let v6 = maps.iter().find(|m| m.name == names::RULES_V6_MAP).unwrap();
         assert_eq!(v6.key_size, 24);
-        let unix = maps.iter().find(|m| m.name == "AW_UNIX").unwrap();
+        let unix = maps.iter().find(|m| m.name == names::UNIX_MAP).unwrap();
         assert_eq!((unix.key_size, unix.value_size), (116, 4));
-        let agents = maps.iter().find(|m| m.name == "AW_AGENTS").unwrap();
+        let agents = maps.iter().find(|m| m.name == names::AGENTS_MAP).unwrap();
         assert_eq!(agents.value_size, 32);
-        let exes = maps.iter().find(|m| m.name == "AW_EXES").unwrap();
+        let exes = maps.iter().find(|m| m.name == names::EXES_MAP).unwrap();
         assert_eq!((exes.key_size, exes.value_size), (4, 264));
         let ring = |m: &[MapSpec]| {
             m.iter()
-                .find(|m| m.name == "AW_EVENTS")
+                .find(|m| m.name == names::EVENTS_MAP)
                 .unwrap()
                 .max_entries
         };

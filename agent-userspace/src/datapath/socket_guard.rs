@@ -1,14 +1,10 @@
-//! The packet-socket guard's view of this kernel (program `net_raw_use`, tp_btf/cap_capable): the
-//! syscall numbers of this architecture, and where the kernel keeps what the guard reads, taken
-//! from the kernel's BTF.
+//! The packet-socket guard's view of this kernel (`names::NET_RAW_PROGRAM` on tp_btf/cap_capable):
+//! the syscall numbers of this architecture, and where the kernel keeps what the guard reads,
+//! taken from the kernel's BTF.
 
 use agent_common::CapGuardLayout;
 
 use super::btf::{self, BtfError};
-
-/// The program, by its function name in agent-ebpf, and the tracepoint it is attached to.
-pub const PROGRAM: &str = "net_raw_use";
-pub const TRACEPOINT: &str = "cap_capable";
 
 /// The layout for the running kernel; `enabled == 0` on an architecture the guard does not
 /// know (it then never acts).

@@ -8,15 +8,16 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
+use agent_common::names;
 use aya::{maps::Map, Ebpf};
 use thiserror::Error;
 
 use super::{btf, sys};
 
-/// The programs, by their function names in agent-ebpf, with their attach types.
+/// The programs with their attach types.
 pub const PROGRAMS: [(&str, u32); 2] = [
-    ("connect_unix", sys::BPF_CGROUP_UNIX_CONNECT),
-    ("sendmsg_unix", sys::BPF_CGROUP_UNIX_SENDMSG),
+    (names::CONNECT_UNIX_PROGRAM, sys::BPF_CGROUP_UNIX_CONNECT),
+    (names::SENDMSG_UNIX_PROGRAM, sys::BPF_CGROUP_UNIX_SENDMSG),
 ];
 
 #[derive(Debug, Error)]
