@@ -7,11 +7,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{
-    decode::Decision,
-    record::{AuditRecord, DecisionRecord},
+use super::decode::Decision;
+use crate::{
+    identity::{cgroup, Names},
+    sinks::{AuditRecord, DecisionRecord},
 };
-use crate::identity::{cgroup, Names};
 
 /// Converts CLOCK_BOOTTIME stamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,6 @@
 mod decode;
 mod enrich;
 mod loss;
-mod record;
 
 use std::{
     collections::VecDeque,
@@ -18,10 +17,10 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
+pub use crate::sinks::{AuditRecord, DecisionRecord};
 pub use decode::Decision;
 pub use enrich::{node_name, Clock, Enricher};
 pub use loss::{link as loss_link, LossInbox, LossReports};
-pub use record::{AuditRecord, DecisionRecord};
 
 use crate::sinks::{AuditError, Health, Sink};
 

@@ -7,13 +7,13 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::events::AuditRecord;
-
 mod audit;
 mod health;
+mod record;
 
 pub use audit::{AuditError, AuditFile, ROTATION_CHECK};
 pub use health::{Health, HealthState};
+pub use record::{AuditRecord, DecisionRecord};
 
 /// Where records go: the audit file, stdout, and an in-process tap. The audit file is the
 /// record of truth: a record counts as written once its whole line is in it, and a write error
