@@ -103,6 +103,36 @@ async fn recreated_cgroups_never_run_unenforced_and_leave_no_entries() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_created_after_start_is_watched_from_its_creation() -> Result<()> {
+    let cg = TestCgroups::new()?;
+    let (_ok_srv, ok) = tcp_server("127.0.0.1")?;
+    let (_srv, denied) = tcp_server("127.0.0.2")?;
+    // The selector's fixed parent `{base}/late` does not exist when the controller starts.
+    let yaml = policy_allowing(ok.port()).replace("{base}/agent-*", "{base}/late/agent-*");
+    let (h, _records) = start(&cg, &yaml, |o| o.rescan = Duration::from_secs(600)).await?;
+    let parent = cg.make("late")?;
+    // The parent is watched in the kernel once created (no scan runs for 600 s).
+    wait_status(&h, "the late parent watched", |s| {
+        s["watches"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|x| x["cgroup"] == cg.rel("late")))
+    })
+    .await?;
+    let steps: Vec<String> = (0..10).map(|_| format!("tcp:{denied}")).collect();
+    let mut passed = 0;
+    for i in 0..10 {
+        let path = cg.make(&format!("late/agent-{i}"))?;
+        // Joins at once: pending until registered, then the policy; never allowed.
+        let out = probe_in(&path, &steps)?;
+        passed += out.iter().filter(|o| o.errno != EPERM).count();
+        std::fs::remove_dir(&path)?;
+    }
+    assert_eq!(passed, 0, "{passed} denied connects got through");
+    std::fs::remove_dir(&parent)?;
+    h.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_delay_from_mkdir() -> Result<()> {
     let cg = TestCgroups::new()?;
     let (_srv, ok) = tcp_server("127.0.0.1")?;

@@ -22,7 +22,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     datapath::{Datapath, Enforcer, LoaderError, PrefixKeys},
     events::Notice,
-    identity::{agent_name, cgroup, watch::Change, AgentMeta, Names},
+    identity::{
+        agent_name, cgroup,
+        watch::{Change, Root},
+        AgentMeta, Names,
+    },
     policy::PolicySet,
 };
 
@@ -113,7 +117,7 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     /// Levels of an adopted map's agents, kept in the mask until they are re-registered.
     pub(crate) adopted_levels: u32,
     /// The directories the cgroup watcher watches (the existing watched parents).
-    pub(crate) watch_paths: watch::Sender<Vec<PathBuf>>,
+    pub(crate) watch_paths: watch::Sender<Vec<Root>>,
 }
 
 /// Reloads waiting for a result: those of the one running, and those that came in after it
@@ -168,7 +172,7 @@ impl<D: Datapath> State<D> {
     }
 
     /// The directories the cgroup watcher should watch, kept current by the actor.
-    pub(crate) fn watched_paths(&self) -> watch::Receiver<Vec<PathBuf>> {
+    pub(crate) fn watched_paths(&self) -> watch::Receiver<Vec<Root>> {
         self.watch_paths.subscribe()
     }
 
@@ -311,6 +315,14 @@ impl<D: Datapath> State<D> {
 
     fn register_path(&mut self, path: &Path) -> Result<Registration> {
         let rel = cgroup::relative(&self.root, path)?;
+        // `exec` may have just created the agent's parent: watch it before the agent runs.
+        if self
+            .parents
+            .keys()
+            .any(|p| rel.starts_with(&format!("{p}/")) && !self.is_watching(p))
+        {
+            self.install_watches();
+        }
         let id = cgroup::cgroup_id(path)?;
         let class = registry::classify(&self.set, &self.parents, &rel);
         let Class::Agent(matched) = &class else {
@@ -548,13 +560,34 @@ impl<D: Datapath> State<D> {
         self.publish_watch_paths();
     }
 
+    /// Whether the watched parent `rel` has its entry in the kernel.
+    fn is_watching(&self, rel: &str) -> bool {
+        self.entries.values().any(|e| e.rel == rel)
+    }
+
+    /// The directories the watcher watches: each watched parent's subtree, and for a parent that
+    /// does not exist yet its nearest existing ancestor's entries (so the parent is watched,
+    /// and its cgroups judged, from the moment it is created, not at the next scan).
     fn publish_watch_paths(&self) {
-        let paths: Vec<PathBuf> = self
-            .parents
-            .keys()
-            .map(|p| self.root.join(p))
-            .filter(|p| p.is_dir())
-            .collect();
+        let mut paths: Vec<Root> = Vec::new();
+        for p in self.parents.keys() {
+            let path = self.root.join(p);
+            let root = if path.is_dir() {
+                Root { path, deep: true }
+            } else {
+                let Some(existing) = path.ancestors().skip(1).find(|a| a.is_dir()) else {
+                    continue;
+                };
+                Root {
+                    path: existing.to_path_buf(),
+                    deep: false,
+                }
+            };
+            if !paths.contains(&root) {
+                paths.push(root);
+            }
+        }
+        paths.sort();
         self.watch_paths.send_if_modified(|old| {
             let changed = *old != paths;
             if changed {
@@ -619,9 +652,8 @@ impl<D: Datapath> State<D> {
                 if let Err(e) = self.update_levels() {
                     tracing::error!("writing the agent levels: {e}");
                 }
-                if self.parents.contains_key(&rel) {
-                    self.publish_watch_paths();
-                }
+                // A watched parent (or an ancestor of one) that appeared: watch it from now on.
+                self.publish_watch_paths();
             }
             Change::Removed(path) => {
                 let Ok(rel) = cgroup::relative(&self.root, &path) else {

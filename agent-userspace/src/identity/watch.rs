@@ -4,7 +4,7 @@
 //! overflow asks for one at once).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     ffi::OsStr,
     fs, io,
     path::{Path, PathBuf},
@@ -13,6 +13,15 @@ use std::{
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::{mpsc, watch};
+
+/// A directory to watch: its whole subtree (a watched parent), or only its own entries (the
+/// nearest existing ancestor of a watched parent that does not exist yet, so the parent is seen
+/// the moment it is created and its subtree watched from then on).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Root {
+    pub path: PathBuf,
+    pub deep: bool,
+}
 
 /// A change in the cgroup tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +42,9 @@ const MASK: WatchMask = WatchMask::CREATE
 struct Watcher {
     inotify: inotify::Watches,
     dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// Roots whose subtrees are watched, and directories watched for their own entries only.
+    deep: HashSet<PathBuf>,
+    shallow: HashSet<PathBuf>,
     out: mpsc::Sender<Change>,
 }
 
@@ -81,10 +93,13 @@ impl Watcher {
         if !mask.contains(EventMask::ISDIR) {
             return;
         }
+        let shallow = self.shallow.contains(dir);
         let path = dir.join(name);
         if mask.contains(EventMask::CREATE) {
-            // The cgroup first, then its watch and anything created below it meanwhile.
-            if self.out.send(Change::Created(path.clone())).await.is_err() {
+            // The cgroup first, then its watch and anything created below it meanwhile. Below a
+            // shallow root only the cgroup is reported: the controller makes it a deep root if
+            // it is a watched parent.
+            if self.out.send(Change::Created(path.clone())).await.is_err() || shallow {
                 return;
             }
             self.add_tree(&path, true).await;
@@ -93,11 +108,33 @@ impl Watcher {
         }
     }
 
-    /// Watches the subtrees of `roots` not watched yet.
-    async fn watch_roots(&mut self, roots: &[PathBuf]) {
+    /// Watches the subtrees (or, for shallow roots, the entries) of `roots` not watched yet.
+    async fn watch_roots(&mut self, roots: &[Root]) {
         for r in roots {
-            if !self.dirs.values().any(|d| d == r) {
-                self.add_tree(r, true).await;
+            if r.deep {
+                if !self.deep.contains(&r.path) {
+                    self.deep.insert(r.path.clone());
+                    self.add_tree(&r.path, true).await;
+                }
+            } else if !self.dirs.values().any(|d| d == &r.path) {
+                match self.inotify.add(&r.path, MASK) {
+                    Ok(wd) => {
+                        self.dirs.insert(wd, r.path.clone());
+                        self.shallow.insert(r.path.clone());
+                    }
+                    Err(e) => {
+                        tracing::debug!(dir = %r.path.display(), "inotify watch: {e}");
+                        continue;
+                    }
+                }
+                // What was created before the watch existed.
+                for e in fs::read_dir(&r.path).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir())
+                        && self.out.send(Change::Created(e.path())).await.is_err()
+                    {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -106,7 +143,7 @@ impl Watcher {
 /// Runs until `roots` is closed (the control actor is gone): watches every directory below
 /// each root (the controller keeps the list current) and sends what changes to `out`.
 pub async fn run(
-    mut roots: watch::Receiver<Vec<PathBuf>>,
+    mut roots: watch::Receiver<Vec<Root>>,
     out: mpsc::Sender<Change>,
 ) -> io::Result<()> {
     let inotify = Inotify::init()?;
@@ -115,6 +152,8 @@ pub async fn run(
     let mut w = Watcher {
         inotify: watches,
         dirs: HashMap::new(),
+        deep: HashSet::new(),
+        shallow: HashSet::new(),
         out,
     };
     let first = roots.borrow_and_update().clone();
@@ -158,7 +197,10 @@ mod tests {
         let base = std::env::temp_dir().join(format!("aw-watch-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("pre/existing")).unwrap();
-        let (roots_tx, roots) = watch::channel(vec![base.clone()]);
+        let (roots_tx, roots) = watch::channel(vec![Root {
+            path: base.clone(),
+            deep: true,
+        }]);
         let (tx, mut rx) = mpsc::channel(64);
         let task = tokio::spawn(run(roots, tx));
         let mut seen = vec![next(&mut rx).await, next(&mut rx).await];
