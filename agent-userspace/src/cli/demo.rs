@@ -40,6 +40,9 @@ const TARGETS: &[(&str, &str)] = &[
     // No cgroup hook sees packet sockets; `exec` runs the agent as `nobody` without
     // capabilities, so the kernel refuses it at its capability check, where agentwall records it.
     ("packet", "socket(AF_PACKET, SOCK_RAW)"),
+    // A tool the agent starts connects and exits at once: the record still names the program
+    // that made the call and the agent process that started it (captured in the kernel).
+    ("tool", "127.0.0.2:8443"),
 ];
 
 /// Where the demo's Unix sockets live (the demo policy lists tools.sock).
@@ -96,7 +99,22 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
             "FAILED"
         }
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // What the kernel enforces, read back from it (as `agentwall status` shows it).
+    let status_reply = handle.status().await?;
+    let kernel = &status_reply["kernel"];
+    println!(
+        "status: kernel {} ({} agent entries, {} watched parents: a new cgroup below one is denied \
+         as pending-identity until registered), audit log {}",
+        if kernel["ok"] == true { "ok" } else { "NOT OK" },
+        kernel["agent_entries"],
+        status_reply["watches"].as_array().map_or(0, Vec::len),
+        if status_reply["audit_log"]["ok"] == true {
+            "ok"
+        } else {
+            "FAILING"
+        },
+    );
+    // Shutdown drains the ring: every record of the run is written before it returns.
     handle.shutdown().await?;
     let _ = std::fs::remove_dir(root.join(&selector));
     // The parent too, when the demo made it and nothing else lives there (rmdir refuses then).
@@ -118,9 +136,14 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
 }
 
 fn print_record(rec: &AuditRecord) {
+    let file = |p: &Option<String>| {
+        p.as_deref()
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+            .unwrap_or_else(|| "?".into())
+    };
     match &rec.decision {
         Some(d) => println!(
-            "  #{:<3} {:<8} {} {} agent={} pid={} ({}) reason={}{}",
+            "  #{:<3} {:<8} {} {} agent={} pid={} exe={} parent={} ({}) reason={}{}",
             rec.seq,
             d.action,
             if d.family == "unix" || d.hook == "socket" {
@@ -139,14 +162,24 @@ fn print_record(rec: &AuditRecord) {
             },
             d.agent.as_deref().unwrap_or("?"),
             d.pid,
-            d.comm,
+            file(&d.exe),
+            d.ppid.map_or("?".into(), |p| p.to_string()),
+            file(&d.parent_exe),
             d.reason,
             d.rule_name
                 .as_deref()
                 .map(|r| format!(" rule={r}"))
                 .unwrap_or_default()
         ),
-        None => println!("  #{:<3} lost {} events", rec.seq, rec.lost.unwrap_or(0)),
+        None if rec.kind == "lost" => {
+            println!("  #{:<3} lost {} events", rec.seq, rec.lost.unwrap_or(0))
+        }
+        None => println!(
+            "  #{:<3} {} {}",
+            rec.seq,
+            rec.kind,
+            rec.detail.clone().unwrap_or_default()
+        ),
     }
 }
 
@@ -156,6 +189,7 @@ pub fn agent() -> Result<()> {
         let result = match *proto {
             "unix" => UnixStream::connect(target).map(|_| ()),
             "packet" => packet_socket(),
+            "tool" => run_tool(target),
             "tcp" => {
                 let addr: SocketAddr = target.parse()?;
                 TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ())
@@ -182,9 +216,32 @@ pub fn agent() -> Result<()> {
             std::process::id()
         );
     }
-    // Stay a moment so the controller can still read this process's details from /proc.
-    std::thread::sleep(Duration::from_millis(300));
     Ok(())
+}
+
+/// Starts a tool (this binary's `demo-tool`) that connects to `target` once and exits.
+fn run_tool(target: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(["demo-tool", target])
+        .status()?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(TOOL_EPERM) => Err(ErrorKind::PermissionDenied.into()),
+        _ => Err(std::io::Error::other(format!("tool exited with {status}"))),
+    }
+}
+
+/// Exit code of `demo-tool` when its connect got EPERM.
+const TOOL_EPERM: i32 = 3;
+
+/// The demo agent's tool: one TCP connect, then exit (code 0, or TOOL_EPERM when refused).
+pub fn tool(target: &str) -> Result<()> {
+    let addr: SocketAddr = target.parse()?;
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => std::process::exit(TOOL_EPERM),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn packet_socket() -> std::io::Result<()> {
@@ -232,7 +289,7 @@ impl Servers {
                     .with_context(|| format!("making {target} reachable for the agent"))?;
                 continue;
             }
-            if *proto == "packet" {
+            if *proto == "packet" || *proto == "tool" {
                 continue;
             }
             let mut addr: SocketAddr = target.parse()?;

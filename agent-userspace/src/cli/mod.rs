@@ -50,6 +50,8 @@ enum Cmd {
     Demo(DemoArgs),
     #[command(hide = true)]
     DemoAgent,
+    #[command(hide = true)]
+    DemoTool { target: String },
 }
 
 #[derive(Args)]
@@ -74,10 +76,11 @@ struct RunArgs {
     /// Where bpffs is (mounted when missing).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
-    /// How often to look for new cgroups that policies select, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    /// How often to scan the cgroup tree for cgroups that policies select, in milliseconds: a
+    /// backstop only, new cgroups are registered from inotify when they appear.
+    #[arg(long, default_value_t = 30_000)]
     rescan_ms: u64,
-    /// Where maps and links are pinned [default: <bpffs>/agentwall/v1].
+    /// Where maps and links are pinned [default: <bpffs>/agentwall/v<layout>].
     #[arg(long)]
     pin_dir: Option<PathBuf>,
     /// Pin nothing: enforcement stops with the controller (for trials only).
@@ -129,6 +132,7 @@ pub fn main() -> ExitCode {
         } => policy_check(path),
         Cmd::Exec(a) => exec::run(a),
         Cmd::DemoAgent => demo::agent(),
+        Cmd::DemoTool { target } => demo::tool(&target),
         Cmd::Reload(s) => print_reply(&s.control_socket, Request::Reload),
         Cmd::Status(s) => print_reply(&s.control_socket, Request::Status),
         Cmd::Uninstall(a) => uninstall(a),
