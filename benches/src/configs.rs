@@ -96,6 +96,11 @@ pub struct Ctx {
     pub dir: PathBuf,
     pub agent: PathBuf,
     pub other: PathBuf,
+    /// The parent below which the registration test creates cgroups (`<base>/reg`): a policy
+    /// of the control-plane daemon selects `<base>/reg/agent-*`.
+    pub reg_parent: PathBuf,
+    /// The static exit(0) program of the exec workload (see `tiny`).
+    pub exit0: PathBuf,
     pub client_cpu: usize,
     pub server_cpu: usize,
     /// The loopback servers (see `servers`).
@@ -121,6 +126,7 @@ impl Ctx {
             kind,
             target,
             proxy: None,
+            program: None,
             n: 0,
             warmup: 0,
             until_signal: None,
@@ -156,7 +162,8 @@ pub enum Active {
 pub struct SetupInfo {
     /// Time to set the configuration up (controller start + register; nft -f; proxy start).
     pub setup_ms: f64,
-    /// cgroup socket programs loaded by others while the floor was measured.
+    /// cgroup socket and tracing programs (such as another agentwall's exec tracking) loaded
+    /// by others while the floor was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreign_cgroup_programs: Option<usize>,
 }
@@ -274,11 +281,11 @@ pub async fn settle(handle: &Handle, follower: &mut AuditFollower) -> Result<Cou
     }
 }
 
-/// Counts cgroup socket programs loaded on the machine (ours are all unloaded at this point),
-/// waiting up to 1 s for ours to go.
+/// Counts cgroup socket and tracing programs loaded on the machine (ours are all unloaded at
+/// this point), waiting up to 1 s for ours to go.
 fn foreign_cgroup_programs() -> usize {
-    // BPF_PROG_TYPE_CGROUP_SKB, _SOCK, _SOCK_ADDR, _SOCKOPT.
-    const TYPES: [u32; 4] = [8, 9, 18, 25];
+    // BPF_PROG_TYPE_CGROUP_SKB, _SOCK, _SOCK_ADDR, _SOCKOPT; _TRACING (tp_btf, fentry).
+    const TYPES: [u32; 5] = [8, 9, 18, 25, 26];
     let count = || {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)

@@ -7,17 +7,21 @@
 //! - `--mode daemon`: start the controller the way `agentwall run --policy FILE` does (from the
 //!   file), register the agent cgroup, report RSS and the kernel memory of its maps, then on
 //!   request insert single entries into its live IPv4 trie, timing each one, while the bench
-//!   runs a TCP connect loop in the agent; then stop and account for every event.
+//!   runs a TCP connect loop in the agent; then, on request, create cgroups that a policy
+//!   selects and time how long each takes to be registered (its entry in the kernel's agent
+//!   map); then stop and account for every event.
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use agent_common::{proto, AgentEntry, PortRule, PrefixV4, RuleSet, POLICY_PREFIX_BITS};
+use agent_common::{
+    entry, names, proto, AgentEntry, PortRule, PrefixV4, RuleSet, POLICY_PREFIX_BITS,
+};
 use agentwall::{
     api::Request,
     daemon::{self, Options, PolicySource},
@@ -32,6 +36,7 @@ use crate::{
     cleanup,
     configs::{self, AuditFollower, EventCheck},
     load::{self, Kind as LoadKind},
+    report::Plan,
     stats, sys,
 };
 
@@ -45,7 +50,7 @@ pub enum Mode {
 pub struct DaemonArgs {
     #[arg(long, value_enum)]
     pub mode: Mode,
-    /// The policy file (YAML).
+    /// The policy file (YAML; load mode) or directory (daemon mode).
     #[arg(long)]
     pub policy: PathBuf,
     /// The agent cgroup to register (daemon mode).
@@ -55,6 +60,17 @@ pub struct DaemonArgs {
     pub audit_log: PathBuf,
     #[arg(long)]
     pub wakeup_bytes: Option<u64>,
+    /// Where the registration test creates cgroups (a policy selects `<this>/agent-*`).
+    #[arg(long)]
+    pub reg_parent: Option<PathBuf>,
+    /// The loopback server the registration policy allows, and the canary it does not.
+    #[arg(long)]
+    pub server: Option<SocketAddrV4>,
+    #[arg(long)]
+    pub canary: Option<SocketAddrV4>,
+    /// CPU for the verdict checks' processes.
+    #[arg(long, default_value_t = 0)]
+    pub cpu: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +99,10 @@ pub struct DaemonFigures {
     /// From the policy file to enforcing: parse + compile + load + install + attach.
     pub start_ms: f64,
     pub rss_kib: u64,
+    /// RssAnon: the controller's own (private) memory, without the mapped event ring, which is
+    /// kernel memory mapped twice into the process and counted with the maps.
+    #[serde(default)]
+    pub anon_kib: u64,
     pub hwm_kib: u64,
     /// RSS after malloc_trim(0): what the daemon would hold if it gave freed heap back.
     pub rss_after_trim_kib: u64,
@@ -98,11 +118,25 @@ pub struct UpdateFigures {
     pub trie_entries_before: usize,
 }
 
+/// The registration test of one round, in ms from each cgroup's mkdir.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegFigures {
+    /// One cgroup at a time: mkdir to its agent entry in the kernel's map.
+    pub single_ms: Vec<f64>,
+    /// `batch` cgroups made at once: each one's mkdir to its entry.
+    pub batch_ms: Vec<f64>,
+    /// The batch: first mkdir to the last entry.
+    pub batch_all_ms: f64,
+    /// rmdir to the entry gone from the map (singles and batch).
+    pub removal_ms: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Reply {
     Load(LoadFigures),
     Ready(DaemonFigures),
     Updates(UpdateFigures),
+    Registrations(RegFigures),
     Stopped(EventCheck),
 }
 
@@ -160,7 +194,7 @@ async fn load_mode(args: &DaemonArgs) -> Result<()> {
     }))
 }
 
-/// A controller with no control socket, logging to `audit_log`.
+/// A controller with no control socket, logging to `audit_log`, scanning once an hour.
 fn options(
     policy: PolicySource,
     audit_log: &std::path::Path,
@@ -169,6 +203,8 @@ fn options(
     let mut opts = Options::new(policy);
     opts.control_socket = None;
     opts.audit_log = Some(audit_log.to_path_buf());
+    // The backstop scan out of the way: the registration test measures the inotify path.
+    opts.rescan = Duration::from_secs(3600);
     if let Some(w) = wakeup_bytes {
         opts.wakeup_bytes = w;
     }
@@ -196,6 +232,7 @@ async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
     say(&Reply::Ready(DaemonFigures {
         start_ms,
         rss_kib,
+        anon_kib: sys::status_kib("RssAnon")?,
         hwm_kib,
         rss_after_trim_kib: sys::status_kib("VmRSS")?,
         maps: own_maps()?,
@@ -218,6 +255,16 @@ async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
                 let figures =
                     tokio::task::spawn_blocking(move || single_updates(n, agent_id)).await??;
                 say(&Reply::Updates(figures))?;
+            }
+            (Some("registrations"), Some(prefix)) => {
+                let mut n = words.map(str::parse::<usize>);
+                let (Some(Ok(singles)), Some(Ok(batch))) = (n.next(), n.next()) else {
+                    bail!("registrations PREFIX SINGLES BATCH: {line:?}");
+                };
+                let test = RegTest::new(args, prefix)?;
+                let figures =
+                    tokio::task::spawn_blocking(move || test.run(singles, batch)).await??;
+                say(&Reply::Registrations(figures))?;
             }
             (Some("stop"), _) => break,
             _ => bail!("unknown command {line:?}"),
@@ -320,13 +367,13 @@ fn own_map_id(name: &str) -> Result<u32> {
 /// live IPv4 trie under the agent's policy, one at a time, timing each; removes them after.
 fn single_updates(n: usize, agent_cgroup_id: u64) -> Result<UpdateFigures> {
     let agents: BpfHashMap<MapData, u64, AgentEntry> =
-        Map::HashMap(MapData::from_id(own_map_id("AW_AGENTS")?)?).try_into()?;
+        Map::HashMap(MapData::from_id(own_map_id(names::AGENTS_MAP)?)?).try_into()?;
     let policy_id = agents
         .get(&agent_cgroup_id, 0)
         .context("the agent cgroup is not registered")?
         .policy_id;
     let mut trie: LpmTrie<MapData, PrefixV4, RuleSet> =
-        Map::LpmTrie(MapData::from_id(own_map_id("AW_RULES_V4")?)?).try_into()?;
+        Map::LpmTrie(MapData::from_id(own_map_id(names::RULES_V4_MAP)?)?).try_into()?;
     let trie_entries_before = trie.keys().count();
     let mut rules = RuleSet::EMPTY;
     rules.count = 1;
@@ -369,6 +416,182 @@ fn single_updates(n: usize, agent_cgroup_id: u64) -> Result<UpdateFigures> {
     })
 }
 
+/// The registration test, run in the daemon child (whose controller holds the agent map).
+struct RegTest {
+    parent: PathBuf,
+    prefix: String,
+    agents: BpfHashMap<MapData, u64, AgentEntry>,
+    server: SocketAddrV4,
+    canary: SocketAddrV4,
+    cpu: usize,
+}
+
+/// Cgroups the test made, with their ids.
+type Cgroups = Vec<(PathBuf, u64)>;
+
+/// How long a cgroup may take to be registered, or its entry to go, before the test fails: far
+/// beyond inotify, far below the 1-hour scan the daemon is given.
+const REG_DEADLINE: Duration = Duration::from_secs(10);
+
+impl RegTest {
+    fn new(args: &DaemonArgs, prefix: &str) -> Result<Self> {
+        let agents = Map::HashMap(MapData::from_id(own_map_id(names::AGENTS_MAP)?)?).try_into()?;
+        Ok(Self {
+            parent: args.reg_parent.clone().context("--reg-parent")?,
+            prefix: prefix.to_string(),
+            agents,
+            server: args.server.context("--server")?,
+            canary: args.canary.context("--canary")?,
+            cpu: args.cpu,
+        })
+    }
+
+    fn registered(&self, id: u64) -> bool {
+        self.agents
+            .get(&id, 0)
+            .is_ok_and(|e| e.kind == entry::AGENT)
+    }
+
+    fn present(&self, id: u64) -> bool {
+        self.agents.get(&id, 0).is_ok()
+    }
+
+    /// Polls `done` for each of `ids` until all are true; returns when each one became true.
+    /// 50 µs between sweeps: fine enough, without taking a CPU from the controller.
+    fn wait_each(
+        &self,
+        what: &str,
+        ids: &[(PathBuf, u64)],
+        done: impl Fn(&Self, u64) -> bool,
+    ) -> Result<Vec<Instant>> {
+        let start = Instant::now();
+        let mut seen: Vec<Option<Instant>> = vec![None; ids.len()];
+        loop {
+            for (i, (_, id)) in ids.iter().enumerate() {
+                if seen[i].is_none() && done(self, *id) {
+                    seen[i] = Some(Instant::now());
+                }
+            }
+            if seen.iter().all(Option::is_some) {
+                return Ok(seen.into_iter().map(|t| t.expect("all seen")).collect());
+            }
+            if start.elapsed() > REG_DEADLINE {
+                let (path, _) = &ids[seen.iter().position(Option::is_none).expect("one left")];
+                bail!(
+                    "{}: {what} within {} s (the controller's scan is set to 1 hour, so only \
+                     its inotify watch can do it)",
+                    path.display(),
+                    REG_DEADLINE.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Makes the cgroups, in order, each timed from just before its mkdir.
+    fn make(&self, names: &[String]) -> Result<(Cgroups, Vec<Instant>)> {
+        let mut ids = Vec::with_capacity(names.len());
+        let mut t0 = Vec::with_capacity(names.len());
+        for n in names {
+            let path = self.parent.join(n);
+            t0.push(Instant::now());
+            std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+            ids.push((path.clone(), cgroup::cgroup_id(&path)?));
+        }
+        Ok((ids, t0))
+    }
+
+    /// Removes the cgroups and times each until its entry is gone from the map.
+    fn remove(&self, ids: &[(PathBuf, u64)]) -> Result<Vec<f64>> {
+        let mut t0 = Vec::with_capacity(ids.len());
+        for (path, _) in ids {
+            t0.push(Instant::now());
+            remove_cgroup(path)?;
+        }
+        let gone = self.wait_each("entry not removed after rmdir", ids, |s, id| !s.present(id))?;
+        Ok(gone.iter().zip(&t0).map(|(g, t)| ms(*g - *t)).collect())
+    }
+
+    /// Proves that a registered cgroup gets its policy's verdict, not the pending fallback
+    /// (which would deny the server too): the server is reached, the canary is not.
+    fn check_verdict(&self, cgroup: &Path) -> Result<()> {
+        let exe = std::env::current_exe()?;
+        for (target, expected) in [(self.server, true), (self.canary, false)] {
+            let spec = load::Spec {
+                kind: LoadKind::Check,
+                target,
+                proxy: None,
+                program: None,
+                n: 0,
+                warmup: 0,
+                until_signal: None,
+                cgroup: cgroup.to_path_buf(),
+                cpu: self.cpu,
+            };
+            let r = spec.check(&exe)?;
+            ensure!(
+                r.allowed == expected,
+                "a process in the registered cgroup {} was {} connecting to {target} ({}): \
+                 the registration policy {} it",
+                cgroup.display(),
+                if r.allowed { "allowed" } else { "refused" },
+                r.detail,
+                if expected { "allows" } else { "does not allow" }
+            );
+        }
+        Ok(())
+    }
+
+    fn run(self, singles: usize, batch: usize) -> Result<RegFigures> {
+        // SAFETY: sets this thread's timer slack (1 µs), so the 50 µs polls sleep about that.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
+        let mut f = RegFigures::default();
+        for i in 0..singles {
+            let (ids, t0) = self.make(&[format!("{}-s{i}", self.prefix)])?;
+            let seen = self.wait_each("not registered", &ids, Self::registered)?;
+            f.single_ms.push(ms(seen[0] - t0[0]));
+            if i == 0 {
+                self.check_verdict(&ids[0].0)?;
+            }
+            f.removal_ms.extend(self.remove(&ids)?);
+        }
+        if batch > 0 {
+            let names: Vec<String> = (0..batch)
+                .map(|i| format!("{}-b{i}", self.prefix))
+                .collect();
+            let (ids, t0) = self.make(&names)?;
+            let seen = self.wait_each("not registered", &ids, Self::registered)?;
+            f.batch_ms = seen.iter().zip(&t0).map(|(s, t)| ms(*s - *t)).collect();
+            let last = seen.iter().max().expect("batch > 0");
+            f.batch_all_ms = ms(*last - t0[0]);
+            f.removal_ms.extend(self.remove(&ids)?);
+        }
+        Ok(f)
+    }
+}
+
+/// rmdir, retried while the cgroup is still busy (a check process that is exiting).
+fn remove_cgroup(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e).with_context(|| format!("rmdir {}", path.display())),
+        }
+    }
+}
+
+/// The control-plane child's inputs: the 100k-rule policy file (load mode) and the directory
+/// the daemon serves (that policy and the registration test's).
+#[derive(Debug, Clone)]
+pub struct ControlFiles {
+    pub policy_file: PathBuf,
+    pub policy_dir: PathBuf,
+}
+
 /// One repetition of the control-plane measurements, as the bench sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ControlRep {
@@ -384,6 +607,7 @@ pub struct ControlRep {
     pub trie_entries_before: usize,
     /// The TCP loop's time per connection while the updates ran.
     pub tcp_during_updates_ns_per_op: f64,
+    pub registration: RegFigures,
     pub events: EventCheck,
 }
 
@@ -408,6 +632,14 @@ impl DaemonChild {
         if let Some(w) = ctx.wakeup_bytes {
             cmd.arg("--wakeup-bytes").arg(w.to_string());
         }
+        cmd.arg("--reg-parent")
+            .arg(&ctx.reg_parent)
+            .arg("--server")
+            .arg(ctx.tcp.to_string())
+            .arg("--canary")
+            .arg(ctx.canary.to_string())
+            .arg("--cpu")
+            .arg(ctx.client_cpu.to_string());
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -449,15 +681,16 @@ impl DaemonChild {
     }
 }
 
-/// One repetition: a load child, then a daemon child with the single-update test.
+/// One repetition: a load child, then a daemon child with the single-update test and the
+/// registration test.
 pub fn control_rep(
     ctx: &configs::Ctx,
-    policy_file: &Path,
+    files: &ControlFiles,
     round: usize,
-    updates: usize,
+    plan: &Plan,
 ) -> Result<ControlRep> {
     let log = ctx.dir.join(format!("audit-control-r{round}.jsonl"));
-    let mut loader = DaemonChild::spawn(ctx, "load", policy_file, &log)?;
+    let mut loader = DaemonChild::spawn(ctx, "load", &files.policy_file, &log)?;
     let load = match loader.reply()? {
         Reply::Load(l) => l,
         r => bail!("unexpected reply {r:?}"),
@@ -465,7 +698,7 @@ pub fn control_rep(
     loader.wait()?;
     let _ = std::fs::remove_file(&log);
 
-    let mut d = DaemonChild::spawn(ctx, "daemon", policy_file, &log)?;
+    let mut d = DaemonChild::spawn(ctx, "daemon", &files.policy_dir, &log)?;
     let daemon = match d.reply()? {
         Reply::Ready(f) => f,
         r => bail!("unexpected reply {r:?}"),
@@ -483,7 +716,7 @@ pub fn control_rep(
             started.contains("started"),
             "the TCP loop did not start: {started:?}"
         );
-        d.send(&format!("updates {updates}"))?;
+        d.send(&format!("updates {}", plan.updates))?;
         match d.reply()? {
             Reply::Updates(u) => Ok(u),
             r => bail!("unexpected reply {r:?}"),
@@ -507,6 +740,22 @@ pub fn control_rep(
         upd.start_ns >= tcp_res.start_ns && upd.end_ns <= tcp_res.end_ns,
         "the single updates did not run entirely while the TCP loop ran"
     );
+    // The cgroups the child makes, registered here too: the child does not clean up.
+    let prefix = format!("agent-r{round}");
+    for i in 0..plan.reg_singles {
+        cleanup::add_cgroup(ctx.reg_parent.join(format!("{prefix}-s{i}")));
+    }
+    for i in 0..plan.reg_batch {
+        cleanup::add_cgroup(ctx.reg_parent.join(format!("{prefix}-b{i}")));
+    }
+    d.send(&format!(
+        "registrations {prefix} {} {}",
+        plan.reg_singles, plan.reg_batch
+    ))?;
+    let registration = match d.reply()? {
+        Reply::Registrations(r) => r,
+        r => bail!("unexpected reply {r:?}"),
+    };
     d.send("stop")?;
     let events = match d.reply()? {
         Reply::Stopped(e) => e,
@@ -526,6 +775,7 @@ pub fn control_rep(
         trie_entries_before: upd.trie_entries_before,
         update_samples_ns: upd.samples_ns,
         tcp_during_updates_ns_per_op: tcp_res.ns_per_op(),
+        registration,
         events,
     })
 }

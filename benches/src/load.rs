@@ -1,14 +1,15 @@
 //! The workload process (`agentwall-bench __load ...`): joins a cgroup, pins itself to the client
-//! CPU, runs a loop of one kind of network operation against a loopback server and prints how
-//! long it took. It is a child of the bench so that the cgroup it joins (an agent's, or not) is
+//! CPU, runs a loop of one kind of operation (network operations against a loopback server, a
+//! syscall, or fork+exec+wait of a tiny program) and prints how long it took. It is a child of the bench so that the cgroup it joins (an agent's, or not) is
 //! the only thing that differs between runs.
 //!
 //! Output, one JSON line each: `{"started":true}` after the warm-up, then the result.
 
 use std::{
+    ffi::{CStr, CString},
     io::{self, Write},
     net::SocketAddrV4,
-    os::fd::RawFd,
+    os::{fd::RawFd, unix::ffi::OsStrExt},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -31,6 +32,9 @@ pub enum Kind {
     /// getppid(): the cheapest syscall, so any cost a hook puts on every syscall of every
     /// process shows (agentwall's packet-socket guard runs on capability checks instead).
     Syscall,
+    /// fork() + execve() of `--program` (a static exit(0)) + waitpid(): what the tracepoints
+    /// on sched_process_fork/exec/exit cost a process's life cycle.
+    Exec,
     /// A TCP connection through an HTTP CONNECT proxy: connect to the proxy, CONNECT to the
     /// target, read the proxy's reply (must be 200), close.
     Proxy,
@@ -49,6 +53,9 @@ pub struct LoadArgs {
     /// The HTTP CONNECT proxy (kinds proxy and check).
     #[arg(long)]
     pub proxy: Option<SocketAddrV4>,
+    /// The program kind exec runs.
+    #[arg(long)]
+    pub program: Option<PathBuf>,
     /// Operations to time.
     #[arg(long, default_value_t = 0)]
     pub n: u64,
@@ -198,6 +205,39 @@ fn proxy_once(proxy: &libc::sockaddr_in, request: &[u8]) -> io::Result<String> {
     r
 }
 
+/// One fork + execve + waitpid; the child must exit 0.
+fn exec_once(program: &CStr, argv: &[*const libc::c_char; 2]) -> Result<()> {
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: the __load process is single-threaded, and the child only calls execve and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(explain("fork", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: NUL-terminated path and NULL-terminated argv/envp that outlive the call.
+        unsafe {
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: our own child.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(explain("waitpid", e));
+        }
+    }
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{program:?} did not exit 0 (wait status {status:#x}; 127: execve failed)"
+    );
+    Ok(())
+}
+
 fn is_200(status_line: &str) -> bool {
     let mut parts = status_line.split_whitespace();
     parts.next().is_some_and(|v| v.starts_with("HTTP/")) && parts.next() == Some("200")
@@ -329,6 +369,16 @@ pub fn main(args: LoadArgs) -> Result<()> {
             unsafe { libc::syscall(libc::SYS_getppid) };
             Ok(())
         })?,
+        Kind::Exec => {
+            let program = args
+                .program
+                .as_ref()
+                .context("--kind exec needs --program")?;
+            let program = CString::new(program.as_os_str().as_bytes())
+                .context("a program path with a NUL byte")?;
+            let argv = [program.as_ptr(), std::ptr::null()];
+            timed(&args, || exec_once(&program, &argv))?
+        }
         Kind::Proxy => {
             let proxy_addr = args.proxy.context("--kind proxy needs --proxy")?;
             let proxy = sockaddr(proxy_addr);
@@ -385,6 +435,8 @@ pub struct Spec {
     pub kind: Kind,
     pub target: SocketAddrV4,
     pub proxy: Option<SocketAddrV4>,
+    /// The program kind exec runs.
+    pub program: Option<PathBuf>,
     pub n: u64,
     pub warmup: u64,
     pub until_signal: Option<f64>,
@@ -410,6 +462,9 @@ impl Spec {
             .arg(self.cpu.to_string());
         if let Some(p) = self.proxy {
             cmd.arg("--proxy").arg(p.to_string());
+        }
+        if let Some(p) = &self.program {
+            cmd.arg("--program").arg(p);
         }
         if let Some(s) = self.until_signal {
             cmd.arg("--until-signal").arg(s.to_string());

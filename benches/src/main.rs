@@ -7,8 +7,11 @@
 //! allowlist) are set up and torn down in turn within every round, over at least 4 rounds. Each
 //! workload is a child process that joins the agent cgroup (or a cgroup that is not an agent),
 //! pins itself to one CPU while the loopback servers run on the other, and times a loop of
-//! operations. Figures are medians over the rounds with min and max; comparisons are ratios to
-//! the floor of the same round.
+//! operations (network operations, a syscall, or fork+exec+wait of a tiny static program).
+//! Figures are medians over the rounds with min and max; comparisons are ratios to the floor of
+//! the same round. Each round ends with the control-plane measurements in separate processes
+//! (`daemon`): loading, memory, single trie updates, and how soon new cgroups that a policy
+//! selects are registered.
 
 mod cleanup;
 mod configs;
@@ -19,6 +22,7 @@ mod rules;
 mod servers;
 mod stats;
 mod sys;
+mod tiny;
 
 use std::{
     collections::HashMap,
@@ -83,6 +87,7 @@ pub enum Workload {
     TcpOther,
     UdpOther,
     SyscallOther,
+    ExecOther,
     TcpProxy,
 }
 
@@ -93,13 +98,14 @@ const _: () = assert!(matches!(
 
 impl Workload {
     /// Every workload, the proxy's last (`for_config` relies on that).
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::TcpAgent,
         Workload::UdpAgent,
         Workload::UdpcAgent,
         Workload::TcpOther,
         Workload::UdpOther,
         Workload::SyscallOther,
+        Workload::ExecOther,
         Workload::TcpProxy,
     ];
 
@@ -111,6 +117,7 @@ impl Workload {
             Workload::TcpOther => "TCP connect+close, not an agent",
             Workload::UdpOther => "UDP sendto, not an agent",
             Workload::SyscallOther => "getppid() syscall, not an agent",
+            Workload::ExecOther => "fork+exec+wait of a static exit(0), not an agent",
             Workload::TcpProxy => "TCP connect through the proxy, agent",
         }
     }
@@ -139,6 +146,7 @@ impl Workload {
             Workload::TcpOther => (LoadKind::Tcp, false, ctx.tcp, plan.tcp_ops),
             Workload::UdpOther => (LoadKind::Udp, false, ctx.udp, plan.udp_ops),
             Workload::SyscallOther => (LoadKind::Syscall, false, ctx.udp, plan.syscall_ops),
+            Workload::ExecOther => (LoadKind::Exec, false, ctx.udp, plan.exec_ops),
             Workload::TcpProxy => {
                 // tinyproxy fsyncs each log line: with its log on, 1/20 of the connections.
                 let n = if config == (Kind::Proxy { log: true }) {
@@ -154,6 +162,9 @@ impl Workload {
         s.warmup = (n / plan.warmup_divisor).max(10);
         if *self == Workload::TcpProxy {
             s.proxy = Some(ctx.proxy_addr());
+        }
+        if *self == Workload::ExecOther {
+            s.program = Some(ctx.exit0.clone());
         }
         s
     }
@@ -216,12 +227,15 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             tcp_ops: 2_000,
             udp_ops: 15_000,
             syscall_ops: 300_000,
+            exec_ops: 3_000,
             proxy_ops: 300,
             warmup_divisor: 10,
             quiesce_ms: 50,
             idle_wait_s,
             wakeup_bytes: 0,
             updates: 250,
+            reg_singles: 10,
+            reg_batch: 100,
             small_rules: 1_000,
             large_rules: 100_000,
         }
@@ -232,12 +246,15 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             tcp_ops: 20_000,
             udp_ops: 200_000,
             syscall_ops: 3_000_000,
+            exec_ops: 10_000,
             proxy_ops: 2_000,
             warmup_divisor: 20,
             quiesce_ms: 250,
             idle_wait_s,
             wakeup_bytes: 0,
             updates: 2_000,
+            reg_singles: 25,
+            reg_batch: 100,
             small_rules: 1_000,
             large_rules: 100_000,
         }
@@ -310,13 +327,15 @@ async fn bench(
     let base = root.join(format!("agentwall-bench-{pid}"));
     let agent = base.join("agent");
     let other = base.join("other");
-    for cg in [&base, &agent, &other] {
+    let reg_parent = base.join("reg");
+    for cg in [&base, &agent, &other, &reg_parent] {
         cleanup::add_cgroup(cg.clone());
         cgroup::create(cg)?;
     }
     let dir = std::env::temp_dir().join(format!("agentwall-bench-{pid}"));
     cleanup::add_dir(dir.clone());
     std::fs::create_dir_all(&dir)?;
+    let exit0 = tiny::write(&dir)?;
 
     let servers = servers::Servers::start(server_cpu)?;
     let ports = [servers.tcp.port(), servers.udp.port()];
@@ -360,6 +379,24 @@ async fn bench(
         nft_files.insert(n, file);
     }
 
+    // The control-plane daemon serves a directory: the large policy and one that selects the
+    // registration test's cgroups (`<base>/reg/agent-*`), from inotify alone.
+    let daemon_policies = dir.join("daemon-policies");
+    std::fs::create_dir_all(&daemon_policies)?;
+    std::fs::copy(
+        &large_policy_file,
+        daemon_policies.join(large_policy_file.file_name().context("policy file name")?),
+    )?;
+    let reg_rel = cgroup::relative(&root, &reg_parent)?;
+    let reg_yaml = rules::registration_policy_yaml(&reg_rel, ports);
+    let reg_file = daemon_policies.join("bench-reg.yaml");
+    std::fs::write(&reg_file, &reg_yaml)?;
+    policy::parse_policy(&reg_file, &reg_yaml)?;
+    let control_files = daemon::ControlFiles {
+        policy_file: large_policy_file.clone(),
+        policy_dir: daemon_policies,
+    };
+
     let proxy_port = free_port()?;
     let proxy_log = dir.join("tinyproxy.log");
     let filter = dir.join("tinyproxy.filter");
@@ -384,6 +421,8 @@ async fn bench(
         dir: dir.clone(),
         agent: agent.clone(),
         other,
+        reg_parent,
+        exit0,
         client_cpu,
         server_cpu,
         tcp: servers.tcp,
@@ -452,8 +491,8 @@ async fn bench(
             tokio::time::sleep(quiesce).await;
             if let Some(n) = info.foreign_cgroup_programs.filter(|&n| n > 0) {
                 eprintln!(
-                    "agentwall-bench: warning: {n} cgroup socket programs of others are loaded \
-                     while the floor is measured (another agentwall or test run?): every \
+                    "agentwall-bench: warning: {n} cgroup socket or tracing programs of others \
+                     are loaded while the floor is measured (another agentwall or test run?): every \
                      figure of this round may be off"
                 );
             }
@@ -477,12 +516,11 @@ async fn bench(
             tokio::time::sleep(quiesce).await;
         }
         let c = ctx.clone();
-        let file = large_policy_file.clone();
-        let updates = plan.updates;
-        let rep =
-            tokio::task::spawn_blocking(move || daemon::control_rep(&c, &file, round, updates))
-                .await?
-                .context("control-plane measurements")?;
+        let files = control_files.clone();
+        let p = plan.clone();
+        let rep = tokio::task::spawn_blocking(move || daemon::control_rep(&c, &files, round, &p))
+            .await?
+            .context("control-plane measurements")?;
         control.push(rep);
         let wall_s = rt.elapsed().as_secs_f64();
         let foreign_cpu_s = (sys::foreign_cpu_s() - foreign0).max(0.0);

@@ -67,6 +67,18 @@ pub fn policy_yaml(
     y
 }
 
+/// The registration test's policy: it selects every `agent-*` below `parent` (so new cgroups
+/// there are judged by `pending: deny` until the controller registers them) and allows the
+/// loopback server, so a registered cgroup is told apart from a pending one by a connect.
+pub fn registration_policy_yaml(parent: &str, server_ports: [u16; 2]) -> String {
+    format!(
+        "name: bench-registration\nmode: enforce\npending: deny\nagents:\n  cgroups:\n    - \
+         {parent}/agent-*\negress:\n  - name: bench-server\n    cidr: 127.0.0.1/32\n    \
+         ports: [{}, {}]\n    protocol: any\n",
+        server_ports[0], server_ports[1]
+    )
+}
+
 /// The same policy for nftables. `cgroup_path` is as nft resolves it (relative to
 /// /sys/fs/cgroup), `level` the agent cgroup's level in the cgroup2 hierarchy.
 pub fn nft_ruleset(

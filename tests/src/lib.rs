@@ -590,3 +590,24 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The pid of the process serving a Unix socket (SO_PEERCRED).
+pub fn unix_server_pid(socket: &Path) -> Result<i32> {
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(socket)?;
+    // SAFETY: an all-zero ucred is valid; getsockopt fills at most `len` bytes.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a connected socket we own and an out-parameter of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    ensure!(rc == 0, "SO_PEERCRED: {}", std::io::Error::last_os_error());
+    Ok(cred.pid)
+}

@@ -6,12 +6,13 @@
 //! (ambient, for the non-root user) and nothing else.
 
 use std::{
-    os::{fd::AsRawFd, unix::net::UnixStream},
     path::{Path, PathBuf},
     process::Command,
 };
 
-use agentwall_tests::{sibling_exe, tcp_server, Daemon, Outcome, TestCgroups, EPERM};
+use agentwall_tests::{
+    sibling_exe, tcp_server, unix_server_pid, Daemon, Outcome, TestCgroups, EPERM,
+};
 use anyhow::{ensure, Context, Result};
 
 const EACCES: i32 = libc::EACCES;
@@ -54,26 +55,6 @@ fn exec(
     ))
 }
 
-/// The pid of the process serving a Unix socket (SO_PEERCRED).
-fn peer_pid(socket: &Path) -> Result<i32> {
-    let s = UnixStream::connect(socket)?;
-    // SAFETY: an all-zero ucred is valid; getsockopt fills at most `len` bytes.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a connected socket we own and an out-parameter of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    ensure!(rc == 0, "SO_PEERCRED: {}", std::io::Error::last_os_error());
-    Ok(cred.pid)
-}
-
 /// Some pinned file under `dir` (a map or a link).
 fn some_pin(dir: &Path) -> Option<PathBuf> {
     let mut stack = vec![dir.to_path_buf()];
@@ -113,7 +94,7 @@ fn an_exec_agent_cannot_escape_or_end_enforcement() -> Result<()> {
     let allowed = format!("tcp:{addr}");
     let denied = format!("tcp:127.0.0.1:{b}");
     let pin = some_pin(&d.pin_dir).context("the daemon pinned nothing")?;
-    let controller = peer_pid(&d.socket)?;
+    let controller = unix_server_pid(&d.socket)?;
     let (uid, gid) = nobody()?;
     let root_procs = cg.root.join("cgroup.procs");
     let base_procs = cg.root.join(&cg.base).join("cgroup.procs");
@@ -175,7 +156,7 @@ fn an_exec_agent_cannot_escape_or_end_enforcement() -> Result<()> {
     assert!(pin.exists(), "{} was removed", pin.display());
     let (ok, msg) = d.cli(&["status"])?;
     ensure!(ok, "the controller does not answer: {msg}");
-    assert_eq!(peer_pid(&d.socket)?, controller);
+    assert_eq!(unix_server_pid(&d.socket)?, controller);
     let (ok, out, err) = exec(&d, &cg.base, "jail", &[], &[denied.clone(), allowed])?;
     ensure!(ok, "exec failed: {err}");
     assert_eq!((out[0].errno, out[1].errno), (EPERM, 0), "{out:?}");

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwall_tests::{probe_in, tcp_server, Daemon, TestCgroups, EPERM};
+use agentwall_tests::{probe_in, tcp_server, unix_server_pid, Daemon, TestCgroups, EPERM};
 use anyhow::{bail, ensure, Context, Result};
 
 fn policy(name: &str, cgroup: &str, ports: &[u16]) -> String {
@@ -44,27 +44,6 @@ fn wait_registered(d: &Daemon, rel: &str) -> Result<serde_json::Value> {
     }
 }
 
-/// The pid of the process serving the Unix socket at `path` (SO_PEERCRED).
-fn server_pid(path: &Path) -> Result<i32> {
-    use std::os::fd::AsRawFd;
-    let s = std::os::unix::net::UnixStream::connect(path)?;
-    // SAFETY: ucred is plain data.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket, and a buffer of `len` bytes for the option.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    ensure!(rc == 0, "SO_PEERCRED: {}", std::io::Error::last_os_error());
-    Ok(cred.pid)
-}
-
 /// The parts of `status` a second controller must not change.
 fn registry(s: &serde_json::Value) -> (serde_json::Value, serde_json::Value) {
     (s["agents"].clone(), s["policies"].clone())
@@ -79,7 +58,7 @@ fn a_second_controller_refuses_before_touching_the_pins() -> Result<()> {
     let mut first = Daemon::prepare("lock-a")?;
     first.write_policy("p.yaml", &policy("p", &agent, &[a]))?;
     first.start()?;
-    let pid = server_pid(&first.socket)?;
+    let pid = unix_server_pid(&first.socket)?;
     cg.make("lock")?;
     let before = wait_registered(&first, &agent)?;
     let out = probe_in(&cg.path("lock"), &[format!("tcp:127.0.0.1:{b}")])?;
@@ -144,7 +123,7 @@ fn uninstall_refuses_while_a_controller_holds_the_lock() -> Result<()> {
     let mut d = Daemon::prepare("uninstall-lock")?;
     d.write_policy("p.yaml", &policy("p", &format!("{}/u", cg.base), &[1]))?;
     d.start()?;
-    let pid = server_pid(&d.socket)?;
+    let pid = unix_server_pid(&d.socket)?;
     // Known from the lock, not from the socket: it refuses with the socket gone too.
     std::fs::remove_file(&d.socket)?;
     let (ok, msg) = d.uninstall()?;
