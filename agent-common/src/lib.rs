@@ -75,6 +75,8 @@ pub mod reason {
     /// A cgroup below a selector's fixed parent that the controller has not registered yet
     /// (new, recreated, or the agent map was full): judged by the policy's `pending` fallback.
     pub const PENDING_IDENTITY: u32 = 10;
+    /// No rule allowed it but a live grant of the agent did; `Event::rule_id` is the grant id.
+    pub const GRANT: u32 = 11;
 }
 
 /// Bits of `Event::proc_flags`: what the kernel knew about the calling process.
@@ -122,9 +124,12 @@ pub mod names {
     pub const EXES_MAP: &str = "AW_EXES";
     /// Per-CPU room to build one `ExePath` (scratch space: never pinned).
     pub const EXE_SCRATCH_MAP: &str = "AW_EXE_SCRATCH";
+    /// Per-agent live grants (LPM tries keyed by `GrantKeyV4`/`GrantKeyV6`, values `GrantSet`).
+    pub const GRANTS_V4_MAP: &str = "AW_GRANTS_V4";
+    pub const GRANTS_V6_MAP: &str = "AW_GRANTS_V6";
 
     /// Every map that is pinned, so that enforcement outlives the controller.
-    pub const PINNED_MAPS: [&str; 9] = [
+    pub const PINNED_MAPS: [&str; 11] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -134,9 +139,11 @@ pub mod names {
         COUNTERS_MAP,
         HEARTBEAT_MAP,
         EXES_MAP,
+        GRANTS_V4_MAP,
+        GRANTS_V6_MAP,
     ];
     /// Every map the eBPF object defines.
-    pub const ALL_MAPS: [&str; 10] = [
+    pub const ALL_MAPS: [&str; 12] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -147,6 +154,8 @@ pub mod names {
         HEARTBEAT_MAP,
         EXES_MAP,
         EXE_SCRATCH_MAP,
+        GRANTS_V4_MAP,
+        GRANTS_V6_MAP,
     ];
 
     /// cgroup/connect4, connect6, sendmsg4, sendmsg6.
@@ -379,9 +388,64 @@ pub struct AgentEntry {
     pub deadman_mode: u32,
     /// `entry::*`: an agent, a watched parent or an exempt cgroup.
     pub kind: u32,
+    /// The agent's current task (`Event::task_slot`), 0 for none. The controller names slots.
+    pub task_slot: u32,
+    /// CLOCK_BOOTTIME (ns) at which the task ends by itself (0: no ttl); the kernel stops
+    /// stamping the slot after it, also while the controller is down.
+    pub task_deadline_ns: u64,
+}
+const _: () = assert!(size_of::<AgentEntry>() == 40);
+
+/// Capacity of each grant trie (all agents together).
+pub const MAX_GRANT_PREFIXES: u32 = 16_384;
+/// Grants one prefix of one agent can carry after merging every covering grant.
+pub const MAX_GRANTS_PER_PREFIX: usize = 8;
+/// Bits of a grant key taken by the agent's cgroup id.
+pub const GRANT_AGENT_BITS: u32 = 64;
+
+/// Data part of an IPv4 grant-trie key: the agent's cgroup id (big-endian, so the trie matches
+/// it bit for bit first), then the address. The prefix length counts the 64 agent bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantKeyV4 {
+    pub agent: [u8; 8],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<GrantKeyV4>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantKeyV6 {
+    pub agent: [u8; 8],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<GrantKeyV6>() == 24);
+
+/// One live grant: ports and protocols until a deadline the kernel checks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Grant {
+    /// CLOCK_BOOTTIME (ns) after which the grant allows nothing.
+    pub deadline_ns: u64,
+    /// The controller's grant id (`Event::rule_id` when reason is `GRANT`).
+    pub grant_id: u32,
+    /// `proto::*` bits.
+    pub protocols: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
     pub _reserved: u32,
 }
-const _: () = assert!(size_of::<AgentEntry>() == 32);
+const _: () = assert!(size_of::<Grant>() == 24);
+
+/// Value of the grant tries: every grant of the agent that covers the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantSet {
+    pub count: u32,
+    pub _reserved: u32,
+    pub grants: [Grant; MAX_GRANTS_PER_PREFIX],
+}
+const _: () = assert!(size_of::<GrantSet>() == 8 + 24 * MAX_GRANTS_PER_PREFIX);
 
 /// Kinds of entry in the agent map (`AgentEntry::kind`).
 pub mod entry {
@@ -557,7 +621,9 @@ pub struct Event {
     pub sock_kind: u32,
     /// `action::*`
     pub action: u32,
-    pub _reserved: u32,
+    /// The agent's task slot at decision time (`AgentEntry::task_slot` while its deadline has
+    /// not passed), 0 for none. Layout v5; 0 in records of older layouts.
+    pub task_slot: u32,
     /// Parent process (`task->real_parent->tgid`) at decision time; valid with
     /// `proc::PPID_KNOWN`.
     pub ppid: u32,
@@ -628,6 +694,10 @@ mod pod {
     use super::*;
     // SAFETY: all are repr(C), made only of integers, with no padding (checked by the size asserts).
     unsafe impl aya::Pod for AgentEntry {}
+    unsafe impl aya::Pod for GrantKeyV4 {}
+    unsafe impl aya::Pod for GrantKeyV6 {}
+    unsafe impl aya::Pod for Grant {}
+    unsafe impl aya::Pod for GrantSet {}
     unsafe impl aya::Pod for PrefixV4 {}
     unsafe impl aya::Pod for PrefixV6 {}
     unsafe impl aya::Pod for PortRule {}

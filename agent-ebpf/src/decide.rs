@@ -17,13 +17,17 @@ use aya_ebpf::{
 
 use agent_common::{
     action, counter, deadman, entry, hook, mode, proto, reason, sock, verdict, AgentEntry, Event,
-    PrefixV4, PrefixV6, RuleSet, UnixEvent, UnixKey, MAX_CGROUP_LEVEL, MAX_PORT_RULES, NO_RULE,
+    GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4, PrefixV6, RuleSet, UnixEvent, UnixKey,
+    GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
     POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
     exec,
-    maps::{count, AGENTS, CONFIG, EVENTS, HEARTBEAT, RULES_V4, RULES_V6, UNIX_PATHS},
+    maps::{
+        count, AGENTS, CONFIG, EVENTS, GRANTS_V4, GRANTS_V6, HEARTBEAT, RULES_V4, RULES_V6,
+        UNIX_PATHS,
+    },
     ALLOW, DENY,
 };
 
@@ -67,7 +71,9 @@ const IPPROTO_MPTCP: u32 = 262;
 pub(crate) struct Caller {
     /// The entry's cgroup (`Event::agent_cgroup_id`).
     pub cgroup: u64,
-    pub entry: &'static AgentEntry,
+    /// A copy taken once: the controller updates entries in place (a policy switch, a task),
+    /// and a decision must not mix the fields of two versions.
+    pub entry: AgentEntry,
     /// Below a watched parent with no registration yet: judged by the fallback only.
     pub pending: bool,
 }
@@ -93,7 +99,8 @@ pub(crate) fn find_agent() -> Option<Caller> {
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
             if id != 0 {
                 if let Some(e) = unsafe { AGENTS.get(id) } {
-                    found = Some((id, e, level));
+                    // SAFETY: a valid map value; read once, as a whole.
+                    found = Some((id, unsafe { core::ptr::read_volatile(e) }, level));
                     break;
                 }
             }
@@ -139,6 +146,88 @@ fn match_ports(rules: &RuleSet, port: u16, protocol: u32) -> (u32, u32, u32) {
         i += 1;
     }
     (verdict::DENY, reason::NO_PORT_MATCH, NO_RULE)
+}
+
+/// What an agent's live grants say about a destination its policy denied: a grant whose ports
+/// and protocol match and whose deadline has not passed allows it (the kernel's clock decides,
+/// so grants end on time with no controller running).
+#[inline(always)]
+fn match_grants(set: &GrantSet, port: u16, protocol: u32) -> Option<u32> {
+    let bit = match protocol {
+        IPPROTO_TCP => proto::TCP,
+        IPPROTO_UDP => proto::UDP,
+        _ => 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let n = set.count as usize;
+    let mut i = 0;
+    while i < MAX_GRANTS_PER_PREFIX {
+        if i >= n {
+            break;
+        }
+        let g = &set.grants[i];
+        if g.deadline_ns > now && g.protocols & bit != 0 && port >= g.port_lo && port <= g.port_hi {
+            return Some(g.grant_id);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A denial stands unless a grant of the agent allows the destination.
+#[inline(always)]
+fn grant_v4(
+    agent: u64,
+    denied: (u32, u32, u32),
+    addr: [u8; 4],
+    port: u16,
+    protocol: u32,
+) -> (u32, u32, u32) {
+    if denied.0 == verdict::ALLOW {
+        return denied;
+    }
+    let key = Key::new(
+        GRANT_AGENT_BITS + 32,
+        GrantKeyV4 {
+            agent: agent.to_be_bytes(),
+            addr,
+        },
+    );
+    match GRANTS_V4
+        .get(&key)
+        .and_then(|set| match_grants(set, port, protocol))
+    {
+        Some(id) => (verdict::ALLOW, reason::GRANT, id),
+        None => denied,
+    }
+}
+
+#[inline(always)]
+fn grant_v6(
+    agent: u64,
+    denied: (u32, u32, u32),
+    addr: [u8; 16],
+    port: u16,
+    protocol: u32,
+) -> (u32, u32, u32) {
+    if denied.0 == verdict::ALLOW {
+        return denied;
+    }
+    let key = Key::new(
+        GRANT_AGENT_BITS + 128,
+        GrantKeyV6 {
+            agent: agent.to_be_bytes(),
+            addr,
+        },
+    );
+    match GRANTS_V6
+        .get(&key)
+        .and_then(|set| match_grants(set, port, protocol))
+    {
+        Some(id) => (verdict::ALLOW, reason::GRANT, id),
+        None => denied,
+    }
 }
 
 #[inline(always)]
@@ -214,7 +303,8 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
     let (v, r, rule) = if c.pending {
         PENDING
     } else {
-        lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol)
+        let policy = lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol);
+        grant_v4(c.cgroup, policy, ip, dest.port, dest.protocol)
     };
     Ok(finish(hook, &c, &dest, v, r, rule))
 }
@@ -252,7 +342,8 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
     let (v, r, rule) = if c.pending {
         PENDING
     } else if mapped {
-        lookup_v4(c.entry.policy_id, w[3], dest.port, dest.protocol)
+        let policy = lookup_v4(c.entry.policy_id, w[3], dest.port, dest.protocol);
+        grant_v4(c.cgroup, policy, w[3], dest.port, dest.protocol)
     } else {
         let key = Key::new(
             POLICY_PREFIX_BITS + 128,
@@ -261,10 +352,11 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
                 addr,
             },
         );
-        match RULES_V6.get(&key) {
+        let policy = match RULES_V6.get(&key) {
             Some(rules) => match_ports(rules, dest.port, dest.protocol),
             None => (verdict::DENY, reason::NO_ADDRESS_MATCH, NO_RULE),
-        }
+        };
+        grant_v6(c.cgroup, policy, addr, dest.port, dest.protocol)
     };
     Ok(finish(hook, &c, &dest, v, r, rule))
 }
@@ -366,7 +458,7 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) -> Result<(), Fai
         // The kernel's own refusal of an allowed kind: no decision of ours.
         return Ok(());
     }
-    let (ret, mut out) = settle(c.entry, v, r, NO_RULE);
+    let (ret, mut out) = settle(&c.entry, v, r, NO_RULE);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
     out.action = if !granted {
         // The kernel fails the call with EPERM.
@@ -394,7 +486,7 @@ const SIGKILL: u32 = 9;
 /// Applies the mode, counts, reports; returns what the hook returns.
 #[inline(always)]
 fn finish(hook: u32, c: &Caller, dest: &Dest, v: u32, r: u32, rule_id: u32) -> i32 {
-    let (ret, out) = settle(c.entry, v, r, rule_id);
+    let (ret, out) = settle(&c.entry, v, r, rule_id);
     emit(hook, c, dest, &out);
     ret
 }
@@ -536,8 +628,18 @@ unsafe fn fill(e: *mut Event, hook: u32, c: &Caller, dest: &Dest, out: &Outcome)
         (*e).sock_type = dest.sock_type;
         (*e).sock_kind = dest.sock_kind;
         (*e).action = out.action;
-        (*e)._reserved = 0;
+        (*e).task_slot = task_slot(&c.entry, (*e).boot_ns);
         exec::fill(e, (pid_tgid >> 32) as u32);
+    }
+}
+
+/// The agent's task slot while its task lasts (0: none, or its ttl has passed).
+#[inline(always)]
+fn task_slot(agent: &AgentEntry, now: u64) -> u32 {
+    if agent.task_deadline_ns == 0 || agent.task_deadline_ns > now {
+        agent.task_slot
+    } else {
+        0
     }
 }
 
@@ -633,7 +735,7 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Decision {
             None => (verdict::DENY, reason::NO_PATH_MATCH, NO_RULE),
         }
     };
-    let (ret, out) = settle(c.entry, v, r, rule);
+    let (ret, out) = settle(&c.entry, v, r, rule);
     emit_unix(hook, &c, &dest, &out, Some((&key.data.path, n as u32)));
     Ok(ret)
 }

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
-    EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4, PrefixV6,
+    RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_GRANT_PREFIXES,
+    MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 
 /// BPF_F_NO_PREALLOC: entries take memory only while a process lives.
@@ -47,6 +48,16 @@ pub static RULES_V6: LpmTrie<PrefixV6, RuleSet> = LpmTrie::with_max_entries(MAX_
 /// Per-policy Unix socket paths and abstract names (the key's first 32 bits are the policy id).
 #[map(name = "AW_UNIX")]
 pub static UNIX_PATHS: LpmTrie<UnixKey, UnixRule> = LpmTrie::with_max_entries(MAX_UNIX_PATHS, 0);
+
+/// Per-agent live grants (the key's first 64 bits are the agent's cgroup id), read only after
+/// the policy denied: an agent without grants pays one lookup on a deny, others nothing.
+#[map(name = "AW_GRANTS_V4")]
+pub static GRANTS_V4: LpmTrie<GrantKeyV4, GrantSet> =
+    LpmTrie::with_max_entries(MAX_GRANT_PREFIXES, 0);
+
+#[map(name = "AW_GRANTS_V6")]
+pub static GRANTS_V6: LpmTrie<GrantKeyV6, GrantSet> =
+    LpmTrie::with_max_entries(MAX_GRANT_PREFIXES, 0);
 
 /// One event per agent decision.
 #[map(name = "AW_EVENTS")]

@@ -57,6 +57,13 @@ pub struct Options {
     pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
     /// Agent map size override (tests of a full map); `MAX_AGENTS` when None.
     pub agent_map_entries: Option<u32>,
+    /// The agent socket (docs/agent-socket.md): where agents set their task and ask for access.
+    /// Every policy's Unix allowlist gets it unless the policy says `agent_socket: false`.
+    /// None: not served (`agentwall run` serves it at `api::agent::DEFAULT_AGENT_SOCKET`).
+    pub agent_socket: Option<PathBuf>,
+    /// Watch a policy directory (`PolicySource::Path`) and switch after each burst of changes
+    /// (on by default; `agentwall reload` and SIGHUP work either way).
+    pub watch_policy: bool,
 }
 
 impl Options {
@@ -77,6 +84,8 @@ impl Options {
             pin_dir: None,
             tap: None,
             agent_map_entries: None,
+            agent_socket: None,
+            watch_policy: true,
         }
     }
 }
@@ -125,6 +134,88 @@ impl Handle {
     /// What `agentwall status` shows.
     pub async fn status(&self) -> Result<serde_json::Value> {
         self.request(Request::Status).await
+    }
+
+    /// Sends a runtime-control command and waits for its typed reply.
+    async fn runtime<T>(
+        &self,
+        make: impl FnOnce(crate::control::RuntimeReply<T>) -> Command,
+    ) -> Result<T, crate::control::ControlError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || crate::control::ControlError::Internal("the controller stopped".into());
+        self.commands.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Sets an agent's current task (as root on the admin socket).
+    pub async fn task_start(
+        &self,
+        req: crate::control::TaskStart,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::TaskInfo, crate::control::ControlError> {
+        self.runtime(|reply| Command::TaskStart { req, by, reply })
+            .await
+    }
+
+    /// Ends an agent's task and revokes its grants.
+    pub async fn task_end(
+        &self,
+        agent: String,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::TaskEnded, crate::control::ControlError> {
+        self.runtime(|reply| Command::TaskEnd { agent, by, reply })
+            .await
+    }
+
+    /// Grants access until a deadline the kernel checks; the reply carries the grant id.
+    pub async fn grant(
+        &self,
+        req: crate::control::GrantRequest,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::GrantInfo, crate::control::ControlError> {
+        self.runtime(|reply| Command::Grant { req, by, reply })
+            .await
+    }
+
+    /// The live grants.
+    pub async fn grants(
+        &self,
+    ) -> Result<Vec<crate::control::GrantInfo>, crate::control::ControlError> {
+        self.runtime(|reply| Command::Grants { reply }).await
+    }
+
+    /// Ends a grant at once and destroys the connections it allowed.
+    pub async fn revoke(
+        &self,
+        id: u64,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::Revoked, crate::control::ControlError> {
+        self.runtime(|reply| Command::Revoke { id, by, reply })
+            .await
+    }
+
+    /// Reads and switches to the policy at `path` (a directory or one file), as `agentwall policy
+    /// apply` does; None re-reads the configured directory. On any error (file:line:column) the
+    /// running policy stays. The reply names the version now running.
+    pub async fn apply_policy(
+        &self,
+        path: Option<PathBuf>,
+        origin: crate::control::policy_watch::PolicyOrigin,
+    ) -> Result<crate::control::Reloaded> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::ApplyPolicy {
+                path,
+                origin,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the controller stopped"))?;
+        match answer.await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => bail!(e),
+            Err(_) => bail!("the controller stopped"),
+        }
     }
 
     /// Stops: detaches the programs, drains the last events, closes the socket.
@@ -199,6 +290,24 @@ pub async fn start(opts: Options) -> Result<Handle> {
         notice_tx,
         audit_health.clone(),
     )?;
+    // Bound before the policy is applied, whose Unix allowlists name it.
+    // Absolute: agents connect by this path, and the Unix guard matches it as written.
+    let agent_socket = opts
+        .agent_socket
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("agent socket path")?;
+    let agent_listener = match &agent_socket {
+        Some(path) => {
+            state.agent_socket = Some(path.display().to_string());
+            Some((
+                path.clone(),
+                api::agent::bind(path).context("agent socket")?,
+            ))
+        }
+        None => None,
+    };
     // Maps first, then attach: enforcement starts complete. When adopting, the previous
     // controller's entries keep enforcing until each is replaced, then the leftovers go.
     state.apply(set)?;
@@ -216,6 +325,14 @@ pub async fn start(opts: Options) -> Result<Handle> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let mut tasks: Vec<JoinHandle<Result<()>>> = Vec::new();
+    if let Some((path, listener)) = agent_listener {
+        let (tx, rx, names) = (cmd_tx.clone(), shutdown_rx.clone(), names.clone());
+        tasks.push(tokio::spawn(async move {
+            api::agent::serve(path, listener, tx, names, rx)
+                .await
+                .context("agent socket")
+        }));
+    }
     let mut enricher = Enricher::new(names, root.clone());
     // An upgrade across layout versions: the older layout's links now run this controller's
     // programs (switched in one step, pinned here too), so its own pins can go; its ring is
@@ -262,6 +379,16 @@ pub async fn start(opts: Options) -> Result<Handle> {
             tracing::error!("cgroup watcher stopped: {e}; only the periodic scan registers");
         }
     });
+    if let (true, PolicySource::Path(dir)) = (opts.watch_policy, &opts.policy) {
+        let (dir, tx, rx) = (dir.clone(), cmd_tx.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::control::policy_watch::run(dir, tx, rx).await {
+                tracing::error!(
+                    "policy directory watch stopped: {e:#}; reload or SIGHUP apply changes"
+                );
+            }
+        });
+    }
     let rescan = opts.rescan;
     tasks.push(tokio::spawn(async move {
         state.run(cmd_rx, change_rx, shutdown_rx, rescan).await

@@ -150,7 +150,8 @@ fn uninstall_refuses_while_a_controller_holds_the_lock() -> Result<()> {
 fn policy_check_accepts_exactly_what_run_accepts() -> Result<()> {
     let cg = TestCgroups::new()?;
     let cap = agent_common::MAX_UNIX_PATHS as usize;
-    // Two files that each fit, and together need one Unix entry more than the map holds.
+    // Two files that each fit, and together need one Unix entry more than the map holds (each
+    // policy also gets the agent socket's entry, as `run` serves it by default).
     let unix_policy = |name: &str, n: usize, from: usize| {
         let entries: Vec<String> = (from..from + n)
             .map(|i| format!("    - /run/t/{i}.sock\n"))
@@ -162,8 +163,8 @@ fn policy_check_accepts_exactly_what_run_accepts() -> Result<()> {
         )
     };
     let mut d = Daemon::prepare("check-cap")?;
-    d.write_policy("a.yaml", &unix_policy("a", cap / 2, 0))?;
-    d.write_policy("b.yaml", &unix_policy("b", cap / 2 + 1, cap))?;
+    d.write_policy("a.yaml", &unix_policy("a", cap / 2 - 1, 0))?;
+    d.write_policy("b.yaml", &unix_policy("b", cap / 2, cap))?;
     let dir = d.dir.join("policies").display().to_string();
     let check = |d: &Daemon| -> Result<(bool, String)> {
         let out = Command::new(&d.agentwall)
@@ -190,7 +191,7 @@ fn policy_check_accepts_exactly_what_run_accepts() -> Result<()> {
     );
 
     // One fewer: both accept.
-    d.write_policy("b.yaml", &unix_policy("b", cap / 2, cap))?;
+    d.write_policy("b.yaml", &unix_policy("b", cap / 2 - 1, cap))?;
     let (ok, msg) = check(&d)?;
     ensure!(ok, "policy check refused a set that fits: {msg}");
     d.start()?;

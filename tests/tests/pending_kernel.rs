@@ -92,7 +92,8 @@ fn kind(kind: u32, mode: u32, policy_id: u32) -> AgentEntry {
         deadman_secs: 0,
         deadman_mode: 0,
         kind,
-        _reserved: 0,
+        task_slot: 0,
+        task_deadline_ns: 0,
     }
 }
 

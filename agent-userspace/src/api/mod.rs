@@ -1,9 +1,18 @@
-//! The control socket: one JSON request per connection, one JSON reply. `agentwall exec` uses it
-//! to have an agent's cgroup registered BEFORE the agent runs, so no agent ever runs unenforced.
+//! The control API: HTTP/JSON (axum) on the admin Unix socket, root only (0600 and a peer-uid
+//! check). `agentwall exec` uses it to have an agent's cgroup registered BEFORE the agent runs,
+//! so no agent ever runs unenforced; the CLI's other commands are clients of it too. Routes are
+//! in [`routes`], wire types in [`wire`], the client in [`client`]; docs/api.md documents them.
+//!
+//! The accept loop keeps a connection limit of its own: a connection that has sent nothing yet
+//! can be evicted for a newer one, so an idle flood never starves a real request.
+
+pub mod agent;
+pub mod client;
+pub mod routes;
+pub mod wire;
 
 use std::{
     collections::VecDeque,
-    io::{BufRead, BufReader, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
     sync::{
@@ -13,21 +22,28 @@ use std::{
     time::Duration,
 };
 
+use hyper::Method;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::UnixListener,
     sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::control::Command;
+pub use client::ClientError;
+
+use crate::control::{Caller, Command};
 
 pub const DEFAULT_SOCKET: &str = "/run/agentwall/control.sock";
 
-/// Requests are capped so a client cannot make the controller buffer without bound.
-const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// Request bodies are capped so a client cannot make the controller buffer without bound.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// The controller's own calls (register, reload, status), for in-process callers
+/// ([`crate::daemon::Handle::request`]) and the CLI's [`request`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -39,6 +55,7 @@ pub enum Request {
     Status,
 }
 
+/// An in-process reply: a result, or the controller's error message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub struct Response {
@@ -66,41 +83,17 @@ impl Response {
     }
 }
 
-#[derive(Debug, Error)]
-pub enum ClientError {
-    /// The socket is root's (0600): nothing else is wrong, and nothing else is said.
-    #[error("permission denied: the agentwall control socket {0} is for root only")]
-    PermissionDenied(PathBuf),
-    #[error("cannot reach the agentwall controller at {0}: {1} (is `agentwall run` running?)")]
-    Connect(PathBuf, #[source] std::io::Error),
-    #[error("talking to the controller at {0}: {1}")]
-    Io(PathBuf, #[source] std::io::Error),
-    #[error("the controller's reply is not valid: {0}")]
-    Reply(#[from] serde_json::Error),
-    #[error("the controller refused: {0}")]
-    Refused(String),
-}
-
-/// Sends one request and waits for the reply (blocking; used by the CLI).
+/// Sends one of the controller's own requests over the API (blocking; used by the CLI).
 pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.into()),
-        _ => ClientError::Connect(socket.into(), e),
-    })?;
-    let io = |e| ClientError::Io(socket.into(), e);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    let resp: Response = serde_json::from_str(&reply)?;
-    if resp.ok {
-        Ok(resp.result.unwrap_or(serde_json::Value::Null))
-    } else {
-        Err(ClientError::Refused(resp.error.unwrap_or_default()))
+    match req {
+        Request::Register { cgroup } => client::call(
+            socket,
+            Method::POST,
+            "/v1/agents",
+            Some(serde_json::json!({ "cgroup": cgroup })),
+        ),
+        Request::Reload => client::call(socket, Method::POST, "/v1/reload", None),
+        Request::Status => client::call(socket, Method::GET, "/v1/status", None),
     }
 }
 
@@ -109,11 +102,12 @@ pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, Client
 /// request: memory stays bounded and an idle flood cannot starve a real request.
 pub const MAX_CONNECTIONS: usize = 128;
 
-/// How long a client has to send its request line.
+/// How long a client has to start its request, then to send its headers, then its body.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long writing a reply may take (a client that does not read gives its slot back).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most one connection may take from its first byte to its reply written (a client that
+/// does not read its reply gives its slot back); the CLI waits as long.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed accept (EMFILE, ENFILE) leaves the connection queued: wait before trying again
 /// rather than spin on it.
@@ -163,6 +157,8 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let app = routes::router();
+    let refusing = routes::refusing();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // One sender per connection still waiting for its request, oldest first; a closed sender
     // is a connection past that point (or gone).
@@ -182,7 +178,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let root = peer_is_root(&stream);
+                // The socket is 0600; this holds if it is opened up by mistake.
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                let root = uid == Some(0);
                 if !root {
                     stats.count(&stats.not_root);
                 }
@@ -195,15 +193,18 @@ pub async fn serve(
                     waiting.retain(|tx| !tx.is_closed());
                 }
                 waiting.push_back(evict_tx);
-                let (commands, stats) = (commands.clone(), stats.clone());
+                let app = if root {
+                    app.clone().with_state(routes::Ctx {
+                        commands: commands.clone(),
+                        caller: Caller::Admin { uid: uid.unwrap_or_default() },
+                    })
+                } else {
+                    refusing.clone()
+                };
+                let stats = stats.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let served = if root {
-                        handle(stream, commands, evict_rx).await
-                    } else {
-                        refuse(stream, evict_rx, NOT_ROOT).await
-                    };
-                    match served {
+                    match connection(stream, app, evict_rx).await {
                         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                             stats.count(&stats.timed_out)
                         }
@@ -218,28 +219,6 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
-}
-
-/// The reply to a peer that is not root (the socket is 0600; this holds if it is opened up).
-const NOT_ROOT: &str = "permission denied: the control socket serves root only";
-
-/// Reads the request (so the client's write does not fail) and answers `error`.
-async fn refuse(
-    stream: tokio::net::UnixStream,
-    evict: oneshot::Receiver<()>,
-    error: &str,
-) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
-    read_request(rd, evict).await?;
-    let mut out = serde_json::to_string(&Response::err(error)).map_err(std::io::Error::other)?;
-    out.push('\n');
-    tokio::time::timeout(REPLY_TIMEOUT, wr.write_all(out.as_bytes()))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "writing the reply"))?
-}
-
-fn peer_is_root(stream: &tokio::net::UnixStream) -> bool {
-    stream.peer_cred().is_ok_and(|c| c.uid() == 0)
 }
 
 /// A free slot, or the slot of the oldest connection still waiting for its request.
@@ -310,57 +289,64 @@ impl Stats {
     }
 }
 
-async fn handle(
+/// Serves one connection: waits for its first byte (evictable until then, at most
+/// [`REQUEST_TIMEOUT`]), then one HTTP/1 exchange, no keep-alive, within [`CONNECTION_TIMEOUT`].
+async fn connection(
     stream: tokio::net::UnixStream,
-    commands: mpsc::Sender<Command>,
+    app: axum::Router,
     evict: oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
-    let line = read_request(rd, evict).await?;
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::err(format!("bad request: {e}")),
-        Ok(req) => dispatch(&commands, req).await,
-    };
-    let mut out = serde_json::to_string(&resp).map_err(std::io::Error::other)?;
-    out.push('\n');
-    tokio::time::timeout(REPLY_TIMEOUT, wr.write_all(out.as_bytes()))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "writing the reply"))?
-}
-
-/// One request line: at most [`MAX_REQUEST_BYTES`], within [`REQUEST_TIMEOUT`], unless the
-/// connection is evicted first. Past this point it can no longer be evicted.
-async fn read_request(
-    rd: tokio::net::unix::OwnedReadHalf,
-    evict: oneshot::Receiver<()>,
-) -> std::io::Result<String> {
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(rd.take(MAX_REQUEST_BYTES));
+    let timed_out = |what| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
     tokio::select! {
-        r = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)) => {
-            r.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
+        r = tokio::time::timeout(REQUEST_TIMEOUT, first_byte(&stream)) => {
+            r.map_err(|_| timed_out("no request in time"))??;
         }
         _ = evict => {
             return Err(std::io::Error::other("closed for a newer connection (limit reached)"));
         }
     }
-    Ok(line)
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES.max(8192))
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    tokio::time::timeout(CONNECTION_TIMEOUT, conn)
+        .await
+        .map_err(|_| timed_out("the exchange took too long"))?
+        .map_err(std::io::Error::other)
+}
+
+/// Returns once the peer has sent something (or closed). `readable()` alone may report a
+/// socket ready that has nothing to read, which would take an idle connection out of reach of
+/// eviction; a peek tells.
+async fn first_byte(stream: &tokio::net::UnixStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut b = 0u8;
+            // SAFETY: a one-byte peek into a local on our own socket.
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    (&mut b as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_use_a_tagged_json_form() {
-        let r: Request =
-            serde_json::from_str(r#"{"op":"register","cgroup":"/sys/fs/cgroup/a"}"#).unwrap();
-        assert_eq!(
-            r,
-            Request::Register {
-                cgroup: "/sys/fs/cgroup/a".into()
-            }
-        );
-        assert!(serde_json::from_str::<Request>(r#"{"op":"nuke"}"#).is_err());
-    }
-}
+mod tests;

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
 use crate::{
+    control::{Caller, GrantRequest, TaskStart},
     daemon::{self, Options, PolicySource},
     events::AuditRecord,
     policy::{self, PolicySet},
@@ -29,6 +30,8 @@ pub const DEMO_POLICY: &str = include_str!("../../../policies/demo.yaml");
 const TARGETS: &[(&str, &str)] = &[
     ("tcp", "127.0.0.1:8080"),
     ("tcp", "127.0.0.1:9005"),
+    ("tcp", "127.0.0.1:9100"),
+    // Outside every rule, but granted just in time for the agent's task (below).
     ("tcp", "127.0.0.1:9999"),
     ("tcp", "127.0.0.2:8080"),
     ("tcp", "[::1]:8080"),
@@ -73,6 +76,42 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     println!(
         "agentwall demo: policy `demo` enforces on cgroup {selector}; targets are loopback only\n"
     );
+    // Just in time: a task for the agent, and a grant tied to it that the kernel ends at its
+    // deadline (registered first, so the grant exists before the agent runs).
+    let agent_path = root.join(&selector);
+    crate::identity::cgroup::create(&agent_path)?;
+    handle.register(&agent_path).await?;
+    let admin = Caller::Admin { uid: 0 };
+    let task = handle
+        .task_start(
+            TaskStart {
+                agent: name.into(),
+                id: "demo-1".into(),
+                intent: "fetch the tool index".into(),
+                ttl_secs: Some(120),
+            },
+            admin.clone(),
+        )
+        .await?;
+    let grant = handle
+        .grant(
+            GrantRequest {
+                agent: name.into(),
+                to: "127.0.0.1".into(),
+                ports: Some("9999".into()),
+                protocol: Some("tcp".into()),
+                ttl_secs: 60,
+                task: Some(task.id.clone()),
+                reason: "the index lives on port 9999".into(),
+            },
+            admin.clone(),
+        )
+        .await?;
+    println!(
+        "task {:?} ({}) started; grant #{}: tcp 127.0.0.1:9999 for 60 s, ended by the kernel at \
+         its deadline\n",
+        task.id, task.intent, grant.id
+    );
     let exe = std::env::current_exe()?;
     let status = tokio::process::Command::new(&exe)
         .args([
@@ -99,6 +138,12 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
             "FAILED"
         }
     );
+    let revoked = handle.revoke(grant.id, admin.clone()).await?;
+    println!(
+        "revoked grant #{}: {} live connections destroyed",
+        revoked.id, revoked.sockets_destroyed
+    );
+    handle.task_end(name.into(), admin).await?;
     // What the kernel enforces, read back from it (as `agentwall status` shows it).
     let status_reply = handle.status().await?;
     let kernel = &status_reply["kernel"];
@@ -123,7 +168,7 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     println!("\naudit records (full JSON in {}):", audit_log.display());
     let mut n = 0;
     while let Ok(rec) = records.try_recv() {
-        n += 1;
+        n += usize::from(rec.decision.is_some());
         print_record(&rec);
     }
     if !status.success() || outside.is_err() || n != TARGETS.len() {
@@ -143,7 +188,7 @@ fn print_record(rec: &AuditRecord) {
     };
     match &rec.decision {
         Some(d) => println!(
-            "  #{:<3} {:<8} {} {} agent={} pid={} exe={} parent={} ({}) reason={}{}",
+            "  #{:<3} {:<8} {} {} agent={} pid={} exe={} parent={} ({}) reason={}{}{}",
             rec.seq,
             d.action,
             if d.family == "unix" || d.hook == "socket" {
@@ -169,6 +214,10 @@ fn print_record(rec: &AuditRecord) {
             d.rule_name
                 .as_deref()
                 .map(|r| format!(" rule={r}"))
+                .unwrap_or_default(),
+            d.task
+                .as_deref()
+                .map(|t| format!(" task={t}"))
                 .unwrap_or_default()
         ),
         None if rec.kind == "lost" => {

@@ -16,6 +16,7 @@ use crate::{
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use hyper::Method;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -44,6 +45,23 @@ enum Cmd {
     Reload(SocketArg),
     /// Counters and registered agents of the running controller.
     Status(SocketArg),
+    /// An agent's current task: its records carry the task id and intent.
+    Task {
+        #[command(subcommand)]
+        cmd: TaskCmd,
+    },
+    /// Grant an agent access to a destination until a deadline the kernel checks; prints the
+    /// grant id.
+    Grant(GrantArgs),
+    /// The live grants.
+    Grants(SocketArg),
+    /// End a grant at once (its live connections are destroyed).
+    Revoke {
+        /// The grant id (`agentwall grants` lists them).
+        id: u64,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Remove everything agentwall pinned (programs detach, maps go). Nothing else does this.
     Uninstall(UninstallArgs),
     /// Set up a demo on loopback: demo policy, servers, controller, one agent process.
@@ -73,6 +91,17 @@ struct RunArgs {
     stdout: bool,
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     control_socket: PathBuf,
+    /// The agent socket, where agents set their own task and ask for access (0666; see
+    /// docs/agent-socket.md) [default: agent.sock beside the control socket,
+    /// /run/agentwall/agent.sock].
+    #[arg(long)]
+    agent_socket: Option<PathBuf>,
+    /// Serve no agent socket.
+    #[arg(long, conflicts_with = "agent_socket")]
+    no_agent_socket: bool,
+    /// Do not watch the policy directory (changes then apply on `reload` or SIGHUP only).
+    #[arg(long)]
+    no_watch_policy: bool,
     /// Where bpffs is (mounted when missing).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
@@ -105,9 +134,80 @@ struct UninstallArgs {
 }
 
 #[derive(Subcommand)]
+enum TaskCmd {
+    /// Set the agent's current task (replacing the one it has).
+    Start {
+        /// Agent name (its cgroup's last component) or cgroup path.
+        #[arg(long)]
+        agent: String,
+        /// The task id (a ticket, a run id).
+        #[arg(long)]
+        id: String,
+        /// What the agent is doing, for the records.
+        #[arg(long)]
+        intent: String,
+        /// The task ends by itself after this long ("90s", "5m"), revoking its grants.
+        #[arg(long, value_parser = parse_secs)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// End the agent's task and revoke its grants.
+    End {
+        #[arg(long)]
+        agent: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Args)]
+struct GrantArgs {
+    /// Agent name (its cgroup's last component) or cgroup path.
+    #[arg(long)]
+    agent: String,
+    /// A network or an address (as a policy rule's `cidr`).
+    #[arg(long)]
+    to: String,
+    /// "443", "8000-8099", comma-separated [default: all ports].
+    #[arg(long)]
+    ports: Option<String>,
+    /// tcp or udp [default: both].
+    #[arg(long, value_parser = ["tcp", "udp", "any"])]
+    protocol: Option<String>,
+    /// How long the grant lasts ("90s", "5m"); the kernel checks the deadline.
+    #[arg(long, value_parser = parse_secs)]
+    ttl: u64,
+    /// Tie the grant to this task of the agent: ending the task revokes it.
+    #[arg(long)]
+    task: Option<String>,
+    /// Why, for the records.
+    #[arg(long)]
+    reason: String,
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
+/// A duration ("90s", "5m", "1h 30m") in whole seconds, at least one.
+fn parse_secs(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+        return Err(format!("{s:?}: a whole number of seconds, at least 1s"));
+    }
+    Ok(d.as_secs())
+}
+
+#[derive(Subcommand)]
 enum PolicyCmd {
     /// Validate a policy file or directory (no root needed).
     Check { path: PathBuf },
+    /// Apply a policy file or directory now through the running controller (one step per
+    /// agent; an invalid one is refused with file:line:column and the running policy stays).
+    Apply {
+        path: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Args)]
@@ -130,11 +230,26 @@ pub fn main() -> ExitCode {
         Cmd::Policy {
             cmd: PolicyCmd::Check { path },
         } => policy_check(path),
+        Cmd::Policy {
+            cmd: PolicyCmd::Apply { path, socket },
+        } => policy_apply(&path, &socket.control_socket),
         Cmd::Exec(a) => exec::run(a),
         Cmd::DemoAgent => demo::agent(),
         Cmd::DemoTool { target } => demo::tool(&target),
         Cmd::Reload(s) => print_reply(&s.control_socket, Request::Reload),
         Cmd::Status(s) => print_reply(&s.control_socket, Request::Status),
+        Cmd::Task { cmd } => task(cmd),
+        Cmd::Grant(a) => grant(a),
+        Cmd::Grants(s) => {
+            call(&s.control_socket, Method::GET, "/v1/grants", None).and_then(|v| print_json(&v))
+        }
+        Cmd::Revoke { id, socket } => call(
+            &socket.control_socket,
+            Method::DELETE,
+            &format!("/v1/grants/{id}"),
+            None,
+        )
+        .and_then(|v| print_json(&v)),
         Cmd::Uninstall(a) => uninstall(a),
         Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
         Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
@@ -156,6 +271,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+/// Sends the absolute path: the controller (root) reads the files itself.
+fn policy_apply(path: &std::path::Path, socket: &std::path::Path) -> Result<()> {
+    let abs = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    let body = serde_json::json!({ "path": abs });
+    let v = call(socket, Method::POST, "/v1/policy/apply", Some(body))?;
+    print_json(&v)
+}
+
 /// Accepts exactly what `run` accepts: the same loader, compiler and map capacities.
 fn policy_check(path: PathBuf) -> Result<()> {
     let set = policy::load_dir(&path)?;
@@ -163,7 +286,11 @@ fn policy_check(path: PathBuf) -> Result<()> {
     let mut errors = Vec::new();
     for p in &set.policies {
         match policy::compile(p) {
-            Ok(c) => compiled.push(c),
+            Ok(mut c) => {
+                // As `run` serves it by default: one more Unix entry per policy.
+                policy::allow_agent_socket(p, &mut c, api::agent::DEFAULT_AGENT_SOCKET);
+                compiled.push(c);
+            }
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -194,8 +321,91 @@ fn policy_check(path: PathBuf) -> Result<()> {
 }
 
 fn print_reply(socket: &std::path::Path, req: Request) -> Result<()> {
-    let v = api::request(socket, &req)?;
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    print_json(&api::request(socket, &req)?)
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn call(
+    socket: &std::path::Path,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    Ok(api::client::call(socket, method, path, body)?)
+}
+
+fn task(cmd: TaskCmd) -> Result<()> {
+    let v = match cmd {
+        TaskCmd::Start {
+            agent,
+            id,
+            intent,
+            ttl,
+            socket,
+        } => {
+            let body = api::wire::TaskStartBody {
+                agent,
+                id,
+                intent,
+                ttl_secs: ttl,
+            };
+            call(
+                &socket.control_socket,
+                Method::POST,
+                "/v1/tasks",
+                Some(serde_json::to_value(body)?),
+            )?
+        }
+        TaskCmd::End { agent, socket } => {
+            // One path segment per cgroup component: a cgroup path names an agent too.
+            let path: Vec<String> = agent.split('/').map(percent_encode).collect();
+            call(
+                &socket.control_socket,
+                Method::DELETE,
+                &format!("/v1/tasks/{}", path.join("/")),
+                None,
+            )?
+        }
+    };
+    print_json(&v)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn grant(a: GrantArgs) -> Result<()> {
+    let body = api::wire::GrantBody {
+        agent: a.agent,
+        to: a.to,
+        ports: a.ports,
+        protocol: a.protocol,
+        ttl_secs: a.ttl,
+        task: a.task,
+        reason: a.reason,
+    };
+    let v = call(
+        &a.socket.control_socket,
+        Method::POST,
+        "/v1/grants",
+        Some(serde_json::to_value(body)?),
+    )?;
+    let id = v["id"]
+        .as_u64()
+        .with_context(|| format!("the controller's reply has no grant id: {v}"))?;
+    println!("{id}");
     Ok(())
 }
 
@@ -222,6 +432,13 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut opts = Options::new(PolicySource::Path(a.policy));
     opts.audit_log = Some(a.audit_log);
     opts.stdout = a.stdout;
+    opts.watch_policy = !a.no_watch_policy;
+    if !a.no_agent_socket {
+        opts.agent_socket = Some(
+            a.agent_socket
+                .unwrap_or_else(|| a.control_socket.with_file_name("agent.sock")),
+        );
+    }
     opts.control_socket = Some(a.control_socket);
     if !a.no_pin {
         opts.pin_dir = Some(a.pin_dir.unwrap_or_else(|| pin::default_dir(&a.bpffs)));

@@ -16,6 +16,8 @@ use crate::{
 pub struct Prepared {
     pub(crate) set: PolicySet,
     pub(crate) compiled: Vec<CompiledPolicy>,
+    /// `policy_watch::digest` of `set`.
+    pub(crate) digest: u64,
 }
 
 /// Reads and compiles the policy directory: blocking, CPU-heavy, run with `spawn_blocking`.
@@ -29,7 +31,12 @@ pub fn prepare(set: PolicySet) -> Result<Prepared> {
     for p in &set.policies {
         compiled.push(policy::compile(p).with_context(|| format!("policy {}", p.name))?);
     }
-    Ok(Prepared { set, compiled })
+    let digest = super::policy_watch::digest(&set);
+    Ok(Prepared {
+        set,
+        compiled,
+        digest,
+    })
 }
 
 impl<D: Datapath> State<D> {
@@ -44,12 +51,28 @@ impl<D: Datapath> State<D> {
     /// go. If anything fails before the switch, what was added is removed and the running
     /// state stays.
     pub(crate) fn switch(&mut self, prepared: Prepared) -> Result<()> {
-        let Prepared { set, compiled } = prepared;
+        let Prepared {
+            set,
+            mut compiled,
+            digest,
+        } = prepared;
+        // The agent socket joins each policy's Unix allowlist (before the capacity check).
+        let mut agent_socket = vec![false; set.policies.len()];
+        if let Some(path) = &self.agent_socket {
+            for ((p, c), added) in set
+                .policies
+                .iter()
+                .zip(&mut compiled)
+                .zip(&mut agent_socket)
+            {
+                *added = policy::allow_agent_socket(p, c, path);
+            }
+        }
         self.check_capacity(&set, &compiled)?;
         let generation = self.generation + 1;
         let mut fresh: BTreeMap<String, Installed> = BTreeMap::new();
         let mut metas = Vec::new();
-        for (p, c) in set.policies.iter().zip(compiled) {
+        for ((p, c), with_agent_socket) in set.policies.iter().zip(compiled).zip(agent_socket) {
             let id = self.next_policy_id;
             self.next_policy_id = self
                 .next_policy_id
@@ -69,7 +92,12 @@ impl<D: Datapath> State<D> {
                     name: p.name.clone(),
                     version: generation,
                     rules: p.rules.iter().map(|r| r.name.clone()).collect(),
-                    unix: p.unix.iter().map(|u| u.to_string()).collect(),
+                    unix: p
+                        .unix
+                        .iter()
+                        .map(|u| u.to_string())
+                        .chain(self.agent_socket.clone().filter(|_| with_agent_socket))
+                        .collect(),
                 },
             ));
             fresh.insert(
@@ -95,6 +123,12 @@ impl<D: Datapath> State<D> {
         // new set no longer covers go.
         self.install_watches();
         self.rescan();
+        self.policy_digest = Some(digest);
+        // A program that read an entry before its switch may still look up that entry's old
+        // policy id: the old rules go only once every program run started before is over.
+        if !old.is_empty() {
+            wait_for_running_programs();
+        }
         for inst in old.values() {
             if let Err(e) = self.enforcer.remove_rules(inst.id, &inst.keys) {
                 tracing::warn!(policy_id = inst.id, "removing old rules: {e}");
@@ -150,5 +184,19 @@ impl<D: Datapath> State<D> {
                  agentwall/{selector}"
             );
         }
+    }
+}
+
+/// Returns once every BPF program run that started before the call has finished. cgroup
+/// programs run inside an RCU read-side section; `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for
+/// an RCU grace period (a few milliseconds). Where it is refused (nohz_full kernels), a pause
+/// far longer than any program run does the same in practice.
+fn wait_for_running_programs() {
+    // linux/membarrier.h
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

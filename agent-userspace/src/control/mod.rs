@@ -31,11 +31,21 @@ use crate::{
 };
 
 pub mod apply;
+pub mod grants;
+pub mod policy_watch;
 pub mod registry;
+pub mod revoke;
+pub mod runtime;
+#[cfg(test)]
+mod runtime_tests;
+mod tasks;
 #[cfg(test)]
 mod tests;
 
 use registry::{Class, Entry};
+pub use runtime::{
+    Caller, ControlError, GrantInfo, GrantRequest, Revoked, TaskEnded, TaskInfo, TaskStart,
+};
 
 /// Policy id given to a cgroup that two policies select: it has no rules, so the agent is denied
 /// everything until the conflict is fixed (fail closed, never unenforced). Watch and exempt
@@ -56,10 +66,48 @@ pub enum Command {
         reply: Reply<Registration>,
     },
     /// Re-read the policy directory; on any error the running policy stays.
-    Reload { reply: Reply<Reloaded> },
+    Reload {
+        reply: Reply<Reloaded>,
+    },
+    /// Read and switch to the policy at `path` (a directory or one file; None: the configured
+    /// directory, as `Reload`). On any error the running policy stays.
+    ApplyPolicy {
+        path: Option<PathBuf>,
+        origin: policy_watch::PolicyOrigin,
+        reply: Reply<Reloaded>,
+    },
     /// What `agentwall status` shows.
-    Status { reply: Reply<serde_json::Value> },
+    Status {
+        reply: Reply<serde_json::Value>,
+    },
+    /// Runtime control (tasks, grants): typed errors the API maps to HTTP statuses.
+    TaskStart {
+        req: TaskStart,
+        by: Caller,
+        reply: RuntimeReply<TaskInfo>,
+    },
+    TaskEnd {
+        agent: String,
+        by: Caller,
+        reply: RuntimeReply<TaskEnded>,
+    },
+    Grant {
+        req: GrantRequest,
+        by: Caller,
+        reply: RuntimeReply<GrantInfo>,
+    },
+    Grants {
+        reply: RuntimeReply<Vec<GrantInfo>>,
+    },
+    Revoke {
+        id: u64,
+        by: Caller,
+        reply: RuntimeReply<Revoked>,
+    },
 }
+
+/// The reply channel of a runtime-control command.
+pub type RuntimeReply<T> = oneshot::Sender<Result<T, ControlError>>;
 
 /// A registered agent, as `exec` needs it.
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +153,8 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) map_full: bool,
     pub(crate) next_policy_id: u32,
     pub(crate) generation: u32,
+    /// The digest of the running set (`policy_watch::digest`): a push of the same set is a no-op.
+    pub(crate) policy_digest: Option<u64>,
     pub(crate) names: Arc<RwLock<Names>>,
     /// The kernel's lost count recorded as reported (LOST_REPORTED): its records are written.
     pub(crate) last_lost: u64,
@@ -118,14 +168,11 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) adopted_levels: u32,
     /// The directories the cgroup watcher watches (the existing watched parents).
     pub(crate) watch_paths: watch::Sender<Vec<Root>>,
-}
-
-/// Reloads waiting for a result: those of the one running, and those that came in after it
-/// started (they need a fresh read of the directory).
-#[derive(Default)]
-struct Reloads {
-    running: Option<Vec<Reply<Reloaded>>>,
-    queued: Vec<Reply<Reloaded>>,
+    /// Tasks and grants (control/tasks.rs).
+    pub(crate) runtime: tasks::RuntimeState,
+    /// The agent socket's path: every policy's Unix allowlist gets it unless the policy says
+    /// `agent_socket: false` (set by the daemon before the first apply).
+    pub(crate) agent_socket: Option<String>,
 }
 
 impl<D: Datapath> State<D> {
@@ -161,6 +208,7 @@ impl<D: Datapath> State<D> {
             map_full: false,
             next_policy_id,
             generation: 0,
+            policy_digest: None,
             names,
             last_lost,
             lost_tx,
@@ -168,6 +216,12 @@ impl<D: Datapath> State<D> {
             audit,
             adopted_levels,
             watch_paths: watch::channel(Vec::new()).0,
+            runtime: Default::default(),
+            agent_socket: None,
+        })
+        .map(|mut s: Self| {
+            s.restore_runtime();
+            s
         })
     }
 
@@ -185,6 +239,8 @@ impl<D: Datapath> State<D> {
     ) -> Result<()> {
         let mut scan = tokio::time::interval(rescan);
         let mut counters = tokio::time::interval(Duration::from_millis(200));
+        // Grants and tasks past their deadline (the kernel already ignores them) are removed.
+        let mut expiry = tokio::time::interval(Duration::from_millis(100));
         // Liveness from a task of its own when the datapath gives it a handle: a long command
         // in this loop then never silences the dead-man switches.
         let beat_task = self.enforcer.take_heartbeat().map(|mut beat| {
@@ -200,47 +256,29 @@ impl<D: Datapath> State<D> {
         });
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         let (prepared_tx, mut prepared) = mpsc::unbounded_channel();
-        let mut reloads = Reloads::default();
+        let mut pushes = policy_watch::Pending::default();
         loop {
             tokio::select! {
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Register { cgroup, reply } => {
                         let _ = reply.send(self.register_path(&cgroup).map_err(|e| format!("{e:#}")));
                     }
-                    Command::Reload { reply } => match &self.source {
-                        None => {
-                            let _ = reply.send(Err("this controller runs a fixed policy set: \
-                                there is nothing to re-read".into()));
-                        }
-                        Some(_) if reloads.running.is_some() => reloads.queued.push(reply),
-                        Some(dir) => {
-                            reloads.running = Some(vec![reply]);
-                            start_reload(dir.clone(), prepared_tx.clone());
-                        }
-                    },
+                    Command::Reload { reply } => self.push_policy(
+                        &mut pushes, None, policy_watch::PolicyOrigin::Reload, reply, &prepared_tx),
+                    Command::ApplyPolicy { path, origin, reply } => self.push_policy(
+                        &mut pushes, path, origin, reply, &prepared_tx),
                     Command::Status { reply } => { let _ = reply.send(Ok(self.status())); }
+                    Command::TaskStart { req, by, reply } => { let _ = reply.send(self.task_start(req, by)); }
+                    Command::TaskEnd { agent, by, reply } => { let _ = reply.send(self.task_end(&agent, by)); }
+                    Command::Grant { req, by, reply } => { let _ = reply.send(self.grant(req, by)); }
+                    Command::Grants { reply } => { let _ = reply.send(Ok(self.grants())); }
+                    Command::Revoke { id, by, reply } => { let _ = reply.send(self.revoke(id, by)); }
                 },
                 Some(change) = changes.recv() => self.on_change(change),
-                Some(result) = prepared.recv() => {
-                    let outcome = result
-                        .and_then(|p| self.switch(p))
-                        .map(|()| Reloaded { generation: self.generation })
-                        .map_err(|e| {
-                            tracing::error!("reload rejected, running policy kept: {e:#}");
-                            format!("{e:#}")
-                        });
-                    for reply in reloads.running.take().unwrap_or_default() {
-                        let _ = reply.send(outcome.clone());
-                    }
-                    if !reloads.queued.is_empty() {
-                        reloads.running = Some(std::mem::take(&mut reloads.queued));
-                        if let Some(dir) = &self.source {
-                            start_reload(dir.clone(), prepared_tx.clone());
-                        }
-                    }
-                }
+                Some(result) = prepared.recv() => pushes.finish(&mut self, result, &prepared_tx),
                 _ = scan.tick() => self.rescan(),
                 _ = counters.tick() => self.report_lost(),
+                _ = expiry.tick() => self.expire(),
                 _ = heartbeat.tick(), if beat_task.is_none() => {
                     if let Err(e) = self.enforcer.heartbeat() {
                         tracing::error!("heartbeat: {e}");
@@ -358,7 +396,8 @@ impl<D: Datapath> State<D> {
             deadman_secs: 0,
             deadman_mode: 0,
             kind: entry::AGENT,
-            _reserved: 0,
+            task_slot: 0,
+            task_deadline_ns: 0,
         };
         match class {
             Class::None => None,
@@ -404,6 +443,7 @@ impl<D: Datapath> State<D> {
         let Some(wanted) = self
             .entry_for(&class, rel)
             .filter(|_| (1..=MAX_CGROUP_LEVEL).contains(&level))
+            .map(|w| self.with_task(id, w))
         else {
             if self.entries.contains_key(&id) {
                 self.forget(id);
@@ -483,16 +523,16 @@ impl<D: Datapath> State<D> {
             "AGENT MAP FULL: new cgroups cannot be registered; they are judged by their watched \
              parent's pending fallback until entries are freed"
         );
-        let _ = self.notices.send(Notice {
-            kind: "agent-map-full",
-            detail: json!({
+        let _ = self.notices.send(Notice::new(
+            "agent-map-full",
+            json!({
                 "cgroup": rel,
                 "capacity": capacity,
                 "used": used,
                 "watched_parent": watch.as_ref().map(|(p, _)| p.clone()),
                 "fallback": watch.map(|(_, m)| registry::pending_name(m)),
             }),
-        });
+        ));
     }
 
     /// The watched parent above `rel` and its pending mode.
@@ -758,15 +798,4 @@ impl<D: Datapath> State<D> {
             },
         })
     }
-}
-
-/// Reads and compiles the policy directory on a blocking thread; the result comes back to the
-/// actor, which only switches the maps.
-fn start_reload(dir: PathBuf, done: mpsc::UnboundedSender<Result<apply::Prepared>>) {
-    tokio::spawn(async move {
-        let result = tokio::task::spawn_blocking(move || apply::prepare_dir(&dir))
-            .await
-            .unwrap_or_else(|e| Err(anyhow::anyhow!("reading the policy directory: {e}")));
-        let _ = done.send(result);
-    });
 }

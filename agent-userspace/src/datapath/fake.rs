@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent_common::{names, AgentEntry};
+use agent_common::{names, AgentEntry, GrantSet};
 
 use super::{
     kernel_state::{KernelState, LinkState},
-    Beat, Counters, Datapath, LoaderError, PrefixKeys,
+    Beat, Counters, Datapath, GrantPrefix, LoaderError, PrefixKeys,
 };
 use crate::policy::CompiledPolicy;
 
@@ -23,6 +23,9 @@ pub struct Fake {
     pub heartbeats: u64,
     /// Links the fake kernel reports as attached.
     pub attached: bool,
+    /// The grant tries: (agent, prefix) -> grants.
+    pub grants: BTreeMap<(u64, GrantPrefix), GrantSet>,
+    pub grant_capacity: usize,
 }
 
 impl Fake {
@@ -36,6 +39,8 @@ impl Fake {
             lost_reported: 0,
             heartbeats: 0,
             attached: true,
+            grants: BTreeMap::new(),
+            grant_capacity: agent_common::MAX_GRANT_PREFIXES as usize,
         }
     }
 
@@ -111,6 +116,29 @@ impl Datapath for Fake {
     }
     fn pinned(&self) -> bool {
         false
+    }
+    fn set_grants(
+        &mut self,
+        agent: u64,
+        prefix: GrantPrefix,
+        set: &GrantSet,
+    ) -> Result<(), LoaderError> {
+        let key = (agent, prefix);
+        if !self.grants.contains_key(&key) && self.grants.len() >= self.grant_capacity {
+            return Err(LoaderError::Full(names::GRANTS_V4_MAP));
+        }
+        self.grants.insert(key, *set);
+        Ok(())
+    }
+    fn remove_grants(&mut self, agent: u64, prefix: GrantPrefix) -> Result<(), LoaderError> {
+        self.grants.remove(&(agent, prefix));
+        Ok(())
+    }
+    fn grant_entries(&self) -> Vec<(u64, GrantPrefix, GrantSet)> {
+        self.grants.iter().map(|((a, p), s)| (*a, *p, *s)).collect()
+    }
+    fn pin_dir(&self) -> Option<std::path::PathBuf> {
+        None
     }
     fn kernel_state(&self) -> KernelState {
         KernelState {

@@ -23,8 +23,8 @@ use aya::{
 use thiserror::Error;
 
 use agent_common::{
-    counter, names, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
-    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
+    counter, names, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4,
+    PrefixV6, RuleSet, UnixKey, UnixRule, GRANT_AGENT_BITS, POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::policy::CompiledPolicy;
@@ -119,6 +119,13 @@ impl PrefixKeys {
     }
 }
 
+/// A prefix of one agent's grant trie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GrantPrefix {
+    V4(u8, [u8; 4]),
+    V6(u8, [u8; 16]),
+}
+
 /// How to load.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -146,6 +153,8 @@ pub struct Enforcer {
     rules_v4: LpmTrie<MapData, PrefixV4, RuleSet>,
     rules_v6: LpmTrie<MapData, PrefixV6, RuleSet>,
     unix_paths: LpmTrie<MapData, UnixKey, UnixRule>,
+    grants_v4: LpmTrie<MapData, GrantKeyV4, GrantSet>,
+    grants_v6: LpmTrie<MapData, GrantKeyV6, GrantSet>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     /// The Unix-socket programs (empty on a kernel without those hooks).
@@ -321,6 +330,8 @@ impl Enforcer {
         let rules_v4 = take_map!(ebpf, names::RULES_V4_MAP);
         let rules_v6 = take_map!(ebpf, names::RULES_V6_MAP);
         let unix_paths = take_map!(ebpf, names::UNIX_MAP);
+        let grants_v4 = take_map!(ebpf, names::GRANTS_V4_MAP);
+        let grants_v6 = take_map!(ebpf, names::GRANTS_V6_MAP);
         let counters = take_map!(ebpf, names::COUNTERS_MAP);
         let events = Some(take_map!(ebpf, names::EVENTS_MAP));
         let exes = take_map!(ebpf, names::EXES_MAP);
@@ -342,6 +353,8 @@ impl Enforcer {
             rules_v4,
             rules_v6,
             unix_paths,
+            grants_v4,
+            grants_v6,
             counters,
             events,
             unix_programs,
@@ -706,6 +719,69 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Writes the grants of `agent` covering `prefix` (the union the controller computed).
+    pub fn set_grants(
+        &mut self,
+        agent: u64,
+        prefix: GrantPrefix,
+        set: &GrantSet,
+    ) -> Result<(), LoaderError> {
+        let full = |name: &'static str| {
+            move |e: MapError| match &e {
+                MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                    LoaderError::Full(name)
+                }
+                _ => LoaderError::Map(name, e),
+            }
+        };
+        match prefix {
+            GrantPrefix::V4(len, addr) => self
+                .grants_v4
+                .insert(&grant_key_v4(agent, len, addr), set, 0)
+                .map_err(full(names::GRANTS_V4_MAP)),
+            GrantPrefix::V6(len, addr) => self
+                .grants_v6
+                .insert(&grant_key_v6(agent, len, addr), set, 0)
+                .map_err(full(names::GRANTS_V6_MAP)),
+        }
+    }
+
+    /// Removes one prefix of `agent`'s grants (gone already is fine).
+    pub fn remove_grants(&mut self, agent: u64, prefix: GrantPrefix) -> Result<(), LoaderError> {
+        match prefix {
+            GrantPrefix::V4(len, addr) => remove_key(
+                &mut self.grants_v4,
+                &grant_key_v4(agent, len, addr),
+                names::GRANTS_V4_MAP,
+            ),
+            GrantPrefix::V6(len, addr) => remove_key(
+                &mut self.grants_v6,
+                &grant_key_v6(agent, len, addr),
+                names::GRANTS_V6_MAP,
+            ),
+        }
+    }
+
+    /// Every grant-trie entry: (agent, prefix, grants), as an adopted map holds them.
+    pub fn grant_entries(&self) -> Vec<(u64, GrantPrefix, GrantSet)> {
+        let mut out = Vec::new();
+        for k in self.grants_v4.keys().filter_map(Result::ok) {
+            if let Ok(v) = self.grants_v4.get(&k, 0) {
+                let len = (k.prefix_len() - GRANT_AGENT_BITS) as u8;
+                let d = k.data();
+                out.push((u64::from_be_bytes(d.agent), GrantPrefix::V4(len, d.addr), v));
+            }
+        }
+        for k in self.grants_v6.keys().filter_map(Result::ok) {
+            if let Ok(v) = self.grants_v6.get(&k, 0) {
+                let len = (k.prefix_len() - GRANT_AGENT_BITS) as u8;
+                let d = k.data();
+                out.push((u64::from_be_bytes(d.agent), GrantPrefix::V6(len, d.addr), v));
+            }
+        }
+        out
+    }
+
     pub fn counters(&self) -> Result<Counters, LoaderError> {
         let sum = |i: u32| -> Result<u64, LoaderError> {
             let v = self
@@ -756,6 +832,17 @@ pub trait Datapath: Send + 'static {
     fn take_heartbeat(&mut self) -> Option<Box<dyn Beat>>;
     fn pinned(&self) -> bool;
     fn kernel_state(&self) -> kernel_state::KernelState;
+    /// The grant tries (see `Enforcer::set_grants`).
+    fn set_grants(
+        &mut self,
+        agent: u64,
+        prefix: GrantPrefix,
+        set: &GrantSet,
+    ) -> Result<(), LoaderError>;
+    fn remove_grants(&mut self, agent: u64, prefix: GrantPrefix) -> Result<(), LoaderError>;
+    fn grant_entries(&self) -> Vec<(u64, GrantPrefix, GrantSet)>;
+    /// The pin directory, where the controller keeps its runtime state beside the maps.
+    fn pin_dir(&self) -> Option<PathBuf>;
 }
 
 impl Datapath for Enforcer {
@@ -811,11 +898,29 @@ impl Datapath for Enforcer {
     fn kernel_state(&self) -> kernel_state::KernelState {
         Enforcer::kernel_state(self)
     }
+    fn set_grants(
+        &mut self,
+        agent: u64,
+        prefix: GrantPrefix,
+        set: &GrantSet,
+    ) -> Result<(), LoaderError> {
+        Enforcer::set_grants(self, agent, prefix, set)
+    }
+    fn remove_grants(&mut self, agent: u64, prefix: GrantPrefix) -> Result<(), LoaderError> {
+        Enforcer::remove_grants(self, agent, prefix)
+    }
+    fn grant_entries(&self) -> Vec<(u64, GrantPrefix, GrantSet)> {
+        Enforcer::grant_entries(self)
+    }
+    fn pin_dir(&self) -> Option<PathBuf> {
+        self.pin_dir.clone()
+    }
 }
 
 /// What an older pinned layout leaves once its links are unpinned: its event ring, still to be
 /// read, and the events it lost that its controller never reported. The counters' slots are the
-/// same in every layout so far; the ring's records of v2 and v3 are shorter prefixes of v4's,
+/// same in every layout so far; the ring's records of v2 and v3 are shorter prefixes of v4's
+/// (v4's and v5's are the same size: v5 names the former reserved word `task_slot`, 0 in v4),
 /// which decoding widens (agent_common::Event::from_bytes).
 pub struct Retired {
     pub dir: PathBuf,
@@ -984,6 +1089,26 @@ fn key_v6(policy_id: u32, len: u8, addr: [u8; 16]) -> Key<PrefixV6> {
         POLICY_PREFIX_BITS + len as u32,
         PrefixV6 {
             policy: policy_id.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+fn grant_key_v4(agent: u64, len: u8, addr: [u8; 4]) -> Key<GrantKeyV4> {
+    Key::new(
+        GRANT_AGENT_BITS + len as u32,
+        GrantKeyV4 {
+            agent: agent.to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+fn grant_key_v6(agent: u64, len: u8, addr: [u8; 16]) -> Key<GrantKeyV6> {
+    Key::new(
+        GRANT_AGENT_BITS + len as u32,
+        GrantKeyV6 {
+            agent: agent.to_be_bytes(),
             addr,
         },
     )

@@ -3,12 +3,15 @@
 //! pinned link in one step, and removing it all.
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
-//! layout, changes): `<bpffs>/agentwall/v4/maps/<MAP>` and `<bpffs>/agentwall/v4/links/<PROGRAM>`.
+//! layout, changes): `<bpffs>/agentwall/v5/maps/<MAP>` and `<bpffs>/agentwall/v5/links/<PROGRAM>`.
 //! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no packet-socket guard
 //! (`net_raw_use`) and 8 bytes less per event (no `action`); v3 had no exec tracker
 //! (`exec_track`, `fork_track`, `exit_track`, map AW_EXES), kept the dead-man heartbeat in
 //! AW_CONFIG (AW_HEARTBEAT now), had 24-byte agent entries (no `kind`: 32 bytes now) and events
-//! without the process fields (128 bytes, 648 now) in a 16 MiB ring.
+//! without the process fields (128 bytes, 648 now) in a 16 MiB ring; v4 had no grant tries
+//! (AW_GRANTS_V4/V6) and 32-byte agent entries (no task slot: 40 bytes now). A v5 controller
+//! migrates a v4 one like any older layout: its own maps, agents re-registered, then each link
+//! switched in one step and the old ring drained.
 
 use std::{
     io,
@@ -18,8 +21,9 @@ use std::{
 };
 
 use agent_common::{
-    counter, names, AgentEntry, Config, ExePath, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule,
-    EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, names, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4,
+    PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES,
+    MAX_GRANT_PREFIXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 use aya::maps::{MapInfo, MapType};
 use thiserror::Error;
@@ -27,7 +31,7 @@ use thiserror::Error;
 use super::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -110,6 +114,20 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; names::PINNED_MAPS.le
             key_size: 4,
             value_size: s(size_of::<ExePath>()),
             max_entries: MAX_EXES,
+        },
+        MapSpec {
+            name: names::GRANTS_V4_MAP,
+            map_type: MapType::LpmTrie,
+            key_size: s(4 + size_of::<GrantKeyV4>()),
+            value_size: s(size_of::<GrantSet>()),
+            max_entries: MAX_GRANT_PREFIXES,
+        },
+        MapSpec {
+            name: names::GRANTS_V6_MAP,
+            map_type: MapType::LpmTrie,
+            key_size: s(4 + size_of::<GrantKeyV6>()),
+            value_size: s(size_of::<GrantSet>()),
+            max_entries: MAX_GRANT_PREFIXES,
         },
     ]
 }
@@ -327,7 +345,7 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v4")
+            PathBuf::from("/sys/fs/bpf/agentwall/v5")
         );
     }
 
@@ -365,7 +383,17 @@ mod tests {
         let unix = maps.iter().find(|m| m.name == names::UNIX_MAP).unwrap();
         assert_eq!((unix.key_size, unix.value_size), (116, 4));
         let agents = maps.iter().find(|m| m.name == names::AGENTS_MAP).unwrap();
-        assert_eq!(agents.value_size, 32);
+        assert_eq!(agents.value_size, 40);
+        let g4 = maps
+            .iter()
+            .find(|m| m.name == names::GRANTS_V4_MAP)
+            .unwrap();
+        assert_eq!((g4.key_size, g4.value_size), (16, 200));
+        let g6 = maps
+            .iter()
+            .find(|m| m.name == names::GRANTS_V6_MAP)
+            .unwrap();
+        assert_eq!(g6.key_size, 28);
         let exes = maps.iter().find(|m| m.name == names::EXES_MAP).unwrap();
         assert_eq!((exes.key_size, exes.value_size), (4, 264));
         let ring = |m: &[MapSpec]| {

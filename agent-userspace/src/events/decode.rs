@@ -43,6 +43,8 @@ pub struct Decision {
     pub ppid: Option<u32>,
     pub parent_exe: Option<String>,
     pub parent_exe_truncated: bool,
+    /// The agent's task slot stamped by the kernel (None: no task).
+    pub task_slot: Option<u32>,
 }
 
 /// A NUL-terminated path the kernel copied, when `known`.
@@ -149,6 +151,7 @@ impl Decision {
                 reason::NO_PATH_MATCH => "default-deny:no-path-match",
                 reason::PATH_DOTDOT => "deny:path-dotdot",
                 reason::PENDING_IDENTITY => "pending-identity",
+                reason::GRANT => "grant",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),
@@ -172,6 +175,7 @@ impl Decision {
             ppid: (e.proc_flags & proc::PPID_KNOWN != 0).then_some(e.ppid),
             parent_exe: kernel_path(&e.parent_exe, e.proc_flags & proc::PARENT_EXE_KNOWN != 0),
             parent_exe_truncated: e.proc_flags & proc::PARENT_EXE_TRUNCATED != 0,
+            task_slot: (e.task_slot != 0).then_some(e.task_slot),
         }
     }
 }
@@ -208,7 +212,7 @@ mod tests {
             sock_type: 0,
             sock_kind: 0,
             action: action::BLOCKED,
-            _reserved: 0,
+            task_slot: 0,
             ppid: 7,
             proc_flags: proc::PPID_KNOWN | proc::EXE_KNOWN,
             exe: path(b"/usr/bin/curl"),

@@ -130,6 +130,7 @@ impl Enricher {
             None => None,
         };
         let (exe, exe_source) = Self::exe(d);
+        let task = d.task_slot.and_then(|s| names.tasks.get(&s));
         let rec = DecisionRecord {
             agent: agent.map(|a| a.name.clone()),
             agent_cgroup: agent.map(|a| a.cgroup.clone()),
@@ -165,6 +166,7 @@ impl Enricher {
             rule: d.rule_id,
             rule_name: d
                 .rule_id
+                .filter(|_| d.reason != "grant")
                 .and_then(|r| match d.unix_path {
                     Some(_) => names.unix_entry(d.policy_id, r),
                     None => names.rule_name(d.policy_id, r),
@@ -172,6 +174,12 @@ impl Enricher {
                 .map(str::to_string),
             policy: policy.map(|p| p.name.clone()),
             policy_version: d.policy_version,
+            task: task.map(|t| t.id.clone()),
+            intent: task.map(|t| t.intent.clone()),
+            grant: (d.reason == "grant")
+                .then_some(d.rule_id)
+                .flatten()
+                .map(u64::from),
         };
         drop(names);
         AuditRecord {

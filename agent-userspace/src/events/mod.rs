@@ -30,6 +30,19 @@ use crate::sinks::{AuditError, Health, Sink};
 pub struct Notice {
     pub kind: &'static str,
     pub detail: serde_json::Value,
+    /// CLOCK_BOOTTIME (ns) when it happened: the reader writes it between the kernel's
+    /// decisions by this stamp, so the file keeps the order things happened in.
+    pub at_ns: u64,
+}
+
+impl Notice {
+    pub fn new(kind: &'static str, detail: serde_json::Value) -> Self {
+        Self {
+            kind,
+            detail,
+            at_ns: crate::datapath::boottime_ns(),
+        }
+    }
 }
 
 /// How often the reader drains without a wake-up.
@@ -185,11 +198,13 @@ impl Reader {
             }
         }
         self.write_loss(None)?;
+        // Decisions first: notices older than one are written before it (in drain), the rest
+        // are newer than everything in the ring.
+        self.drain(ring)?;
         while let Some(n) = self.notices.pop_front() {
             let rec = self.enricher.notice(&n);
             self.emit(Pending::Notice, rec)?;
         }
-        self.drain(ring)?;
         if self.undecodable > 0 {
             tracing::error!(
                 records = self.undecodable,
@@ -238,7 +253,19 @@ impl Reader {
                 other => {
                     self.pending = other;
                     match Decision::from_record(&item) {
-                        Some(d) => self.enricher.decision(&d),
+                        Some(d) => {
+                            // What the controller did before this decision was taken goes first.
+                            while self.notices.front().is_some_and(|n| n.at_ns <= d.boot_ns) {
+                                let n = self.notices.pop_front().expect("a front notice");
+                                let rec = self.enricher.notice(&n);
+                                if let Err(e) = self.emit(Pending::Notice, rec) {
+                                    // The decision stays in the ring, read again on the retry.
+                                    std::mem::forget(item);
+                                    return Err(e);
+                                }
+                            }
+                            self.enricher.decision(&d)
+                        }
                         None => {
                             self.undecodable += 1;
                             continue;

@@ -33,6 +33,16 @@ pub struct PolicyMeta {
 pub struct Names {
     pub agents: HashMap<u64, AgentMeta>,
     pub policies: HashMap<u32, PolicyMeta>,
+    /// Task slots the kernel stamps into events -> the task (kept after the task ends, for
+    /// events still in flight; slots are never reused).
+    pub tasks: HashMap<u32, TaskMeta>,
+}
+
+/// A task as records name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskMeta {
+    pub id: String,
+    pub intent: String,
 }
 
 impl Names {

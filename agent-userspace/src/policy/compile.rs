@@ -26,7 +26,7 @@ use agent_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::{Policy, Rule};
+use super::{Policy, Rule, UnixTarget};
 
 /// A policy as the kernel's tries hold it: one entry per distinct prefix, sorted by (address,
 /// prefix length). Prefix lengths count the address only (the loader adds the 32 policy-id
@@ -276,6 +276,28 @@ pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     Ok(CompiledPolicy { v4, v6, unix })
 }
 
+/// Adds the controller's agent socket at `path` to a compiled policy's Unix allowlist, unless the
+/// policy says `agent_socket: false`. Its rule id is one past the `unix` list (records name it).
+/// Returns whether it was added.
+pub fn allow_agent_socket(policy: &Policy, compiled: &mut CompiledPolicy, path: &str) -> bool {
+    if !policy.agent_socket {
+        return false;
+    }
+    let Ok(target @ UnixTarget::Path(_)) = UnixTarget::parse(path) else {
+        tracing::error!(path, "the agent socket path is not a valid Unix path entry");
+        return false;
+    };
+    let (bits, key) = target.key();
+    if !compiled
+        .unix
+        .iter()
+        .any(|(b, k, _)| *b == bits && *k == key)
+    {
+        compiled.unix.push((bits, key, policy.unix.len() as u32));
+    }
+    true
+}
+
 #[derive(Clone, Copy)]
 enum Family {
     V4,
@@ -430,6 +452,35 @@ mod tests {
     use crate::policy::raw::parse_net;
     use crate::policy::{parse_policy, CgroupSelector, Mode};
 
+    #[test]
+    fn the_agent_socket_joins_the_unix_list_unless_turned_off() {
+        let yaml = "name: a\nagents:\n  cgroups: [x/a]\negress: []\nunix: [/run/x.sock]\n";
+        let on = parse_policy(Path::new("a.yaml"), yaml).unwrap();
+        let mut c = compile(&on).unwrap();
+        assert!(allow_agent_socket(&on, &mut c, "/run/agentwall/agent.sock"));
+        let (bits, key) = UnixTarget::Path("/run/agentwall/agent.sock".into()).key();
+        // Named in records by the index after the policy's own entries.
+        assert_eq!(c.unix.len(), 2);
+        assert_eq!(c.unix[1], (bits, key, 1));
+        // Listed already: one entry.
+        let mut again = c.clone();
+        allow_agent_socket(&on, &mut again, "/run/agentwall/agent.sock");
+        assert_eq!(again.unix, c.unix);
+
+        let off =
+            parse_policy(Path::new("b.yaml"), &format!("{yaml}agent_socket: false\n")).unwrap();
+        let mut c = compile(&off).unwrap();
+        assert!(!allow_agent_socket(
+            &off,
+            &mut c,
+            "/run/agentwall/agent.sock"
+        ));
+        assert_eq!(c.unix.len(), 1);
+        assert!(
+            parse_policy(Path::new("c.yaml"), &format!("{yaml}agent_socket: maybe\n")).is_err()
+        );
+    }
+
     fn pr(port_lo: u16, port_hi: u16, protocols: u32, rule_id: u32) -> PortRule {
         PortRule {
             port_lo,
@@ -450,7 +501,9 @@ mod tests {
             sockets: 0,
             deadman: None,
             unix: Vec::new(),
+            agent_socket: true,
             pending: Default::default(),
+            grants: Default::default(),
             capabilities: Vec::new(),
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules

@@ -26,7 +26,7 @@ mod raw;
 mod tests;
 
 pub use capacity::{check_capacity, CapacityError, Family, Usage};
-pub use compile::{compile, CompileError, CompiledPolicy};
+pub use compile::{allow_agent_socket, compile, CompileError, CompiledPolicy};
 
 /// Largest policy file accepted, in bytes. A policy with 100,000 rules is about 5 MiB.
 pub const MAX_POLICY_FILE_BYTES: u64 = 32 << 20;
@@ -261,12 +261,59 @@ pub struct Policy {
     pub deadman: Option<Deadman>,
     /// Unix sockets the agents may connect or send to (default: none).
     pub unix: Vec<UnixTarget>,
+    /// Whether the agents may reach the controller's agent socket (default: yes).
+    pub agent_socket: bool,
     /// How cgroups its selectors could match are judged until they are registered.
     pub pending: Pending,
     /// Capabilities `agentwall exec` lets the agents keep (names from [`CAPABILITIES`]).
     pub capabilities: Vec<&'static str>,
+    /// What may be granted at run time, for how long, and how agents' own requests are approved.
+    pub grants: GrantScope,
     /// The file it was read from.
     pub source: PathBuf,
+}
+
+/// A network or address as a rule's `cidr` takes it (no host bits set).
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    raw::parse_net(s)
+}
+
+/// Ports as a rule's `ports` takes them, comma-separated: "443", "8000-8099,9000".
+pub fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    s.split(',')
+        .map(|p| raw::parse_port_range(p.trim()))
+        .collect()
+}
+
+/// `tcp`, `udp` or `any` as `agent_common::proto` bits.
+pub fn parse_protocol(s: &str) -> Result<u32, String> {
+    match s {
+        "tcp" => Ok(agent_common::proto::TCP),
+        "udp" => Ok(agent_common::proto::UDP),
+        "any" => Ok(agent_common::proto::ALL),
+        _ => Err(format!(
+            "unknown protocol {}: expected \"tcp\", \"udp\" or \"any\"",
+            raw::quoted(s)
+        )),
+    }
+}
+
+/// A policy's `grantable`, `max_grant_ttl` and `approve`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrantScope {
+    /// A grant must lie inside one of these (same shape as `egress` rules); empty: no grants.
+    pub grantable: Vec<Rule>,
+    /// The longest grant in seconds (0 when `grantable` is empty).
+    pub max_ttl_secs: u64,
+    pub approve: Approve,
+}
+
+/// Whether an agent's own request inside `grantable` is granted at once or waits for a person.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Approve {
+    Auto,
+    #[default]
+    Manual,
 }
 
 /// One entry of `unix`; its index in the list is the `rule_id` the kernel reports.

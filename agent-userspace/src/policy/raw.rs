@@ -275,13 +275,71 @@ struct RawPolicy {
     /// Unix sockets the agents may reach (default: none).
     #[serde(default)]
     unix: Bounded<UnixEntry, UnixLimit>,
+    /// Whether the agents may reach the agent socket (default: true).
+    #[serde(default)]
+    agent_socket: Option<bool>,
     /// Capabilities `exec` lets the agents keep (default: none).
     #[serde(default)]
     capabilities: Bounded<CapabilityName, CapabilitiesLimit>,
     /// Fallback for selectable cgroups not registered yet (default: deny).
     #[serde(default)]
     pending: PendingFallback,
+    /// What may be granted at run time: rules of the same shape as `egress` (default: nothing).
+    grantable: Option<Bounded<Spanned<RawRule>, GrantableLimit>>,
+    /// The longest grant ("1h", "90s"); required with `grantable`.
+    max_grant_ttl: Option<Spanned<GrantTtl>>,
+    /// Whether an agent's own request inside `grantable` is granted at once (default: manual).
+    #[serde(default)]
+    approve: ApproveMode,
 }
+
+/// `max_grant_ttl`: a humantime duration of 1 s to 30 days.
+struct GrantTtl(u64);
+
+impl<'de> Deserialize<'de> for GrantTtl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| {
+            let d = humantime::parse_duration(s)
+                .map_err(|e| format!("max_grant_ttl {}: {e}", quoted(s)))?;
+            let secs = d.as_secs();
+            if (1..=30 * 86_400).contains(&secs) {
+                Ok(GrantTtl(secs))
+            } else {
+                Err(format!(
+                    "max_grant_ttl {} out of range: 1s to 30d",
+                    quoted(s)
+                ))
+            }
+        })
+    }
+}
+
+/// `approve: auto | manual`.
+#[derive(Default)]
+struct ApproveMode(super::Approve);
+
+impl<'de> Deserialize<'de> for ApproveMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| match s {
+            "auto" => Ok(ApproveMode(super::Approve::Auto)),
+            "manual" => Ok(ApproveMode(super::Approve::Manual)),
+            _ => Err(format!(
+                "unknown approve mode {}: expected \"auto\" or \"manual\"",
+                quoted(s)
+            )),
+        })
+    }
+}
+
+struct GrantableLimit;
+impl Limit for GrantableLimit {
+    const MAX: usize = MAX_GRANTABLE_RULES;
+    const LIST: &'static str = "grantable";
+    const ITEMS: &'static str = "rules";
+}
+
+/// Rules a `grantable` list may hold (each grant is checked against every one).
+pub(super) const MAX_GRANTABLE_RULES: usize = 256;
 
 /// `pending: deny | audit`.
 #[derive(Default)]
@@ -444,74 +502,18 @@ impl RawPolicy {
             agents.push(selector);
         }
 
-        let mut rules = Vec::with_capacity(egress.0.len());
-        let mut rule_names: HashMap<String, Loc> = HashMap::new();
-        for (index, raw) in egress.0.into_iter().enumerate() {
-            let rule_at = Loc::of(&raw);
-            let raw = raw.value;
-            let id = u32::try_from(index)
-                .map_err(|_| invalid(source, rule_at, "too many rules (at most 2^32)".into()))?;
-            let name = match raw.name {
-                Some(name) => {
-                    let at = Loc::of(&name);
-                    let name = name.value.0;
-                    if let Some(first) = rule_names.insert(name.clone(), at) {
-                        return Err(invalid(
-                            source,
-                            at,
-                            format!(
-                                "rule name {name:?} is used twice (first at {}:{})",
-                                first.line, first.column
-                            ),
-                        ));
-                    }
-                    Some(name)
-                }
-                None => None,
-            };
-            let nets = match (raw.cidr, raw.cidrs) {
-                (Some(net), None) => vec![net.value.0],
-                (None, Some(nets)) if nets.value.0.is_empty() => {
-                    return Err(invalid(
-                        source,
-                        Loc::of(&nets),
-                        "cidrs is empty; list at least one network".into(),
-                    ))
-                }
-                (None, Some(nets)) => nets.value.0.into_iter().map(|n| n.0).collect(),
-                (Some(_), Some(nets)) => {
-                    return Err(invalid(
-                        source,
-                        Loc::of(&nets),
-                        "a rule has either `cidr` or `cidrs`, not both".into(),
-                    ))
-                }
-                (None, None) => {
-                    return Err(invalid(
-                        source,
-                        rule_at,
-                        "rule has no destination: add `cidr: <network>` or `cidrs: [...]`".into(),
-                    ))
-                }
-            };
-            let ports = match raw.ports {
-                None => vec![(0, u16::MAX)],
-                Some(ports) if ports.value.0.is_empty() => {
-                    return Err(invalid(
-                        source,
-                        Loc::of(&ports),
-                        "ports is empty; omit `ports` to allow all ports".into(),
-                    ))
-                }
-                Some(ports) => ports.value.0,
-            };
-            rules.push(Rule {
-                id,
-                name,
-                nets,
-                ports,
-                protocols: raw.protocol.0,
-            });
+        let rules = rules_of(source, egress.0)?;
+        let grantable = match self.grantable {
+            Some(list) => rules_of(source, list.0)?,
+            None => Vec::new(),
+        };
+        let max_grant_ttl = self.max_grant_ttl.map(|t| t.value.0);
+        if !grantable.is_empty() && max_grant_ttl.is_none() {
+            return Err(invalid(
+                source,
+                at,
+                "the policy has `grantable` but no `max_grant_ttl` (e.g. max_grant_ttl: 1h)".into(),
+            ));
         }
 
         let policy = Policy {
@@ -525,6 +527,7 @@ impl RawPolicy {
                 fallback: d.fallback.0,
             }),
             unix: self.unix.0.into_iter().map(|e| e.0).collect(),
+            agent_socket: self.agent_socket.unwrap_or(true),
             capabilities: self.capabilities.0.iter().fold(Vec::new(), |mut kept, c| {
                 if !kept.contains(&c.0) {
                     kept.push(c.0);
@@ -532,10 +535,90 @@ impl RawPolicy {
                 kept
             }),
             pending: self.pending.0,
+            grants: super::GrantScope {
+                grantable,
+                max_ttl_secs: max_grant_ttl.unwrap_or(0),
+                approve: self.approve.0,
+            },
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
     }
+}
+
+/// The rules of an `egress` or `grantable` list; a rule's id is its index in the list.
+fn rules_of(source: &Path, list: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, PolicyError> {
+    let mut rules = Vec::with_capacity(list.len());
+    let mut rule_names: HashMap<String, Loc> = HashMap::new();
+    for (index, raw) in list.into_iter().enumerate() {
+        let rule_at = Loc::of(&raw);
+        let raw = raw.value;
+        let id = u32::try_from(index)
+            .map_err(|_| invalid(source, rule_at, "too many rules (at most 2^32)".into()))?;
+        let name = match raw.name {
+            Some(name) => {
+                let at = Loc::of(&name);
+                let name = name.value.0;
+                if let Some(first) = rule_names.insert(name.clone(), at) {
+                    return Err(invalid(
+                        source,
+                        at,
+                        format!(
+                            "rule name {name:?} is used twice (first at {}:{})",
+                            first.line, first.column
+                        ),
+                    ));
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        let nets = match (raw.cidr, raw.cidrs) {
+            (Some(net), None) => vec![net.value.0],
+            (None, Some(nets)) if nets.value.0.is_empty() => {
+                return Err(invalid(
+                    source,
+                    Loc::of(&nets),
+                    "cidrs is empty; list at least one network".into(),
+                ))
+            }
+            (None, Some(nets)) => nets.value.0.into_iter().map(|n| n.0).collect(),
+            (Some(_), Some(nets)) => {
+                return Err(invalid(
+                    source,
+                    Loc::of(&nets),
+                    "a rule has either `cidr` or `cidrs`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    source,
+                    rule_at,
+                    "rule has no destination: add `cidr: <network>` or `cidrs: [...]`".into(),
+                ))
+            }
+        };
+        let ports = match raw.ports {
+            None => vec![(0, u16::MAX)],
+            Some(ports) if ports.value.0.is_empty() => {
+                return Err(invalid(
+                    source,
+                    Loc::of(&ports),
+                    "ports is empty; omit `ports` to allow all ports".into(),
+                ))
+            }
+            Some(ports) => ports.value.0,
+        };
+        rules.push(Rule {
+            id,
+            name,
+            nets,
+            ports,
+            protocols: raw.protocol.0,
+        });
+    }
+
+    Ok(rules)
 }
 
 /// The most items a list may have, and how to name it in the error.
@@ -931,5 +1014,45 @@ impl<'de> Visitor<'de> for PortsVisitor {
 impl<'de> Deserialize<'de> for Ports {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(PortsVisitor).map(Ports)
+    }
+}
+
+#[cfg(test)]
+mod grant_scope_tests {
+    use super::super::{parse_policy, Approve};
+    use std::path::Path;
+
+    const BASE: &str = "name: p\nagents:\n  cgroups: [a]\negress: []\n";
+
+    fn parse(extra: &str) -> Result<super::Policy, String> {
+        parse_policy(Path::new("p.yaml"), &format!("{BASE}{extra}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn grantable_max_grant_ttl_and_approve_are_read() {
+        let p = parse(
+            "grantable:\n  - cidr: 10.0.0.0/8\n    ports: \"443\"\n    protocol: tcp\n\
+             max_grant_ttl: 1h\napprove: auto\n",
+        )
+        .unwrap();
+        assert_eq!(p.grants.grantable.len(), 1);
+        assert_eq!(p.grants.grantable[0].ports, [(443, 443)]);
+        assert_eq!(p.grants.max_ttl_secs, 3600);
+        assert_eq!(p.grants.approve, Approve::Auto);
+        let none = parse("").unwrap();
+        assert!(none.grants.grantable.is_empty());
+        assert_eq!(none.grants.approve, Approve::Manual);
+    }
+
+    #[test]
+    fn bad_grant_settings_are_located_errors() {
+        let e = parse("grantable:\n  - cidr: 10.0.0.0/8\n").unwrap_err();
+        assert!(e.contains("max_grant_ttl"), "{e}");
+        let e = parse("max_grant_ttl: 40d\n").unwrap_err();
+        assert!(e.contains("out of range") && e.contains(":5:"), "{e}");
+        let e = parse("approve: sometimes\n").unwrap_err();
+        assert!(e.contains("unknown approve mode"), "{e}");
+        let e = parse("grantable:\n  - cidr: 10.0.0.1/8\nmax_grant_ttl: 1m\n").unwrap_err();
+        assert!(e.contains("host bits"), "{e}");
     }
 }

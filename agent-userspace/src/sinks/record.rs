@@ -77,4 +77,12 @@ pub struct DecisionRecord {
     pub rule_name: Option<String>,
     pub policy: Option<String>,
     pub policy_version: u32,
+    /// The agent's task at decision time (stamped by the kernel) and its intent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    /// Reason `grant`: the grant that allowed it (also in `rule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<u64>,
 }

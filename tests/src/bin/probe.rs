@@ -24,6 +24,8 @@
 //!   unix:NAME[,N]        Unix stream socket, connect to NAME: a path, or @name for an
 //!                        abstract socket; N cuts the address to N bytes of sun_path
 //!   unixdg:NAME          Unix datagram socket, sendto NAME (unconnected)
+//!   http:PATH,METHOD,ROUTE[,BODY]   one HTTP/1.1 request over the Unix socket at PATH (BODY is
+//!                        the rest, commas included); value: the status, detail: the reply body
 //!   uring-connect:ADDR   TCP connect through io_uring
 //!   uring-sendmsg:ADDR   unconnected UDP sendmsg through io_uring
 //!   uring-packet[:async] AF_PACKET socket made by io_uring (IORING_OP_SOCKET); `async` makes
@@ -201,6 +203,7 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             s.connect(&unix_addr(name, cut)?)?;
             Ok(0)
         }
+        "http" => http(arg),
         "unixdg" => {
             let s = Socket::new(Domain::UNIX, Type::DGRAM, None)?;
             Ok(s.send_to(b"unix", &unix_addr(arg, None)?)? as i64)
@@ -713,6 +716,38 @@ fn fork(arg: &str) -> io::Result<i64> {
     }
 }
 
+/// What a step that succeeded has to say (the `http` step's reply body).
+static DETAIL: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// `http:PATH,METHOD,ROUTE[,BODY]`: one request, `Connection: close`, the reply read to the end.
+fn http(arg: &str) -> io::Result<i64> {
+    use std::io::{Read, Write};
+    let mut parts = arg.splitn(4, ',');
+    let (Some(path), Some(method), Some(route)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(io::Error::other("http:PATH,METHOD,ROUTE[,BODY]"));
+    };
+    let body = parts.next().unwrap_or("");
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {route} HTTP/1.1\r\nHost: agentwall\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let status = reply
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP reply: {reply:?}")))?;
+    *DETAIL.lock().expect("detail") = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok(status)
+}
+
 fn main() {
     let mut held = Held(None);
     for spec in std::env::args().skip(1) {
@@ -722,7 +757,7 @@ fn main() {
                 ok: true,
                 errno: 0,
                 value,
-                detail: String::new(),
+                detail: std::mem::take(&mut *DETAIL.lock().expect("detail")),
             },
             Err(e) => Outcome {
                 step: spec,

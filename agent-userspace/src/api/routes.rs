@@ -1,0 +1,324 @@
+//! The routes of the control API (v1) and the OpenAPI document generated from them. Each
+//! handler validates its input, sends one typed command to the control actor and maps the
+//! typed reply; a request refused here reaches the controller not at all.
+
+use axum::{
+    extract::{FromRequest, Path, Request, State},
+    http::StatusCode,
+    routing::{delete, get, post},
+    Json, Router,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+use utoipa::OpenApi;
+
+use super::{
+    wire::{
+        ApiError, ApplyBody, Caller, GrantBody, GrantInfo, RegisterBody, Registered, Reloaded,
+        Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
+    },
+    MAX_REQUEST_BYTES, REQUEST_TIMEOUT,
+};
+use crate::control::{self, Command, ControlError};
+
+/// What a handler needs: the control actor, and who is calling (from the peer credentials).
+#[derive(Clone)]
+pub struct Ctx {
+    pub commands: mpsc::Sender<Command>,
+    pub caller: control::Caller,
+}
+
+/// The v1 routes; every unknown path or method answers the one JSON error shape.
+pub fn router() -> Router<Ctx> {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/reload", post(reload))
+        .route("/v1/policy/apply", post(apply_policy))
+        .route("/v1/agents", post(register))
+        .route("/v1/tasks", post(task_start))
+        .route("/v1/tasks/{*agent}", delete(task_end))
+        .route("/v1/grants", post(grant).get(grants))
+        .route("/v1/grants/{id}", delete(revoke))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// What a caller that is not root gets, whatever it asks.
+pub fn refusing() -> Router {
+    Router::new().fallback(|| async { ApiError::permission_denied() })
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such route (see docs/api.md)",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this route does not take that method (see docs/api.md)",
+    )
+}
+
+/// A JSON body read within [`REQUEST_TIMEOUT`] and [`MAX_REQUEST_BYTES`], decoded with the
+/// path of the field at fault in the error.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let read = axum::body::to_bytes(req.into_body(), MAX_REQUEST_BYTES);
+        let bytes = match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the request body did not arrive in time",
+                ))
+            }
+            Ok(Err(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too-large",
+                    format!("the request body is over {MAX_REQUEST_BYTES} bytes"),
+                ))
+            }
+            Ok(Ok(b)) => b,
+        };
+        decode(&bytes).map(Body)
+    }
+}
+
+/// Decodes a JSON body; the error names the field and the reason.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        // A missing field is named in serde's message; the path is its parent.
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let field = match (missing, path.as_str()) {
+            (Some(name), "." | "") => name.to_string(),
+            (Some(name), parent) => format!("{parent}.{name}"),
+            (None, "." | "") => "body".to_string(),
+            (None, p) => p.to_string(),
+        };
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::invalid("body", format!("not valid JSON: {msg}"));
+        }
+        ApiError::invalid(field, msg)
+    })
+}
+
+/// Sends one command and waits for its reply; a stopped controller is 503.
+async fn call<T, E>(
+    ctx: &Ctx,
+    make: impl FnOnce(oneshot::Sender<Result<T, E>>) -> Command,
+) -> Result<T, Result<E, ApiError>> {
+    let (tx, rx) = oneshot::channel();
+    ctx.commands
+        .send(make(tx))
+        .await
+        .map_err(|_| Err(ApiError::unavailable()))?;
+    match rx.await {
+        Ok(r) => r.map_err(Ok),
+        Err(_) => Err(Err(ApiError::unavailable())),
+    }
+}
+
+/// A runtime command: typed errors map to their statuses.
+async fn runtime<T>(
+    ctx: &Ctx,
+    make: impl FnOnce(control::RuntimeReply<T>) -> Command,
+) -> Result<T, ApiError> {
+    call(ctx, make)
+        .await
+        .map_err(|e| e.map_or_else(|e| e, |e: ControlError| e.into()))
+}
+
+/// Counters, policies, agents and kernel state.
+#[utoipa::path(get, path = "/v1/status", tag = "controller",
+    responses((status = 200, body = Status), (status = "4XX", body = ApiError), (status = "5XX", body = ApiError)))]
+async fn status(State(ctx): State<Ctx>) -> Result<Json<Status>, ApiError> {
+    call(&ctx, |reply| Command::Status { reply })
+        .await
+        .map(|v| Json(Status(v)))
+        .map_err(|e| {
+            e.map_or_else(
+                |e| e,
+                |m: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+            )
+        })
+}
+
+/// Re-reads the policy directory; on any error the running policy stays (400, field `policy`,
+/// the message names file:line:column).
+#[utoipa::path(post, path = "/v1/reload", tag = "controller",
+    responses((status = 200, body = Reloaded), (status = 400, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn reload(State(ctx): State<Ctx>) -> Result<Json<Reloaded>, ApiError> {
+    call(&ctx, |reply| Command::Reload { reply })
+        .await
+        .map(|r| {
+            Json(Reloaded {
+                generation: r.generation,
+            })
+        })
+        .map_err(|e| e.map_or_else(|e| e, |m: String| ApiError::invalid("policy", m)))
+}
+
+/// Applies a policy file or directory now, in one step per agent (as a reload does); an invalid
+/// one is refused (400, field `policy`, the message names file:line:column) and the running
+/// policy stays. The configured directory stays the one watched and re-read.
+#[utoipa::path(post, path = "/v1/policy/apply", tag = "controller", request_body = ApplyBody,
+    responses((status = 200, body = Reloaded), (status = 400, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn apply_policy(
+    State(ctx): State<Ctx>,
+    Body(body): Body<ApplyBody>,
+) -> Result<Json<Reloaded>, ApiError> {
+    body.validate()?;
+    let origin = control::policy_watch::PolicyOrigin::Apply {
+        caller: ctx.caller.clone(),
+    };
+    call(&ctx, |reply| Command::ApplyPolicy {
+        path: Some(body.path),
+        origin,
+        reply,
+    })
+    .await
+    .map(|r| {
+        Json(Reloaded {
+            generation: r.generation,
+        })
+    })
+    .map_err(|e| e.map_or_else(|e| e, |m: String| ApiError::invalid("policy", m)))
+}
+
+/// Registers a cgroup as an agent (its policy found by selector), as `agentwall exec` does
+/// before it runs the agent.
+#[utoipa::path(post, path = "/v1/agents", tag = "controller", request_body = RegisterBody,
+    responses((status = 200, body = Registered), (status = 400, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn register(
+    State(ctx): State<Ctx>,
+    Body(body): Body<RegisterBody>,
+) -> Result<Json<Registered>, ApiError> {
+    body.validate()?;
+    call(&ctx, |reply| Command::Register {
+        cgroup: body.cgroup,
+        reply,
+    })
+    .await
+    .map(|r| Json(r.into()))
+    .map_err(|e| e.map_or_else(|e| e, |m: String| ApiError::invalid("cgroup", m)))
+}
+
+/// Sets an agent's current task: its records carry the task id and intent until it ends.
+#[utoipa::path(post, path = "/v1/tasks", tag = "runtime", request_body = TaskStartBody,
+    responses((status = 200, body = TaskInfo), (status = 400, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn task_start(
+    State(ctx): State<Ctx>,
+    Body(body): Body<TaskStartBody>,
+) -> Result<Json<TaskInfo>, ApiError> {
+    body.validate()?;
+    let by = ctx.caller.clone();
+    let req = body.into();
+    runtime(&ctx, |reply| Command::TaskStart { req, by, reply })
+        .await
+        .map(|t| Json(t.into()))
+}
+
+/// Ends an agent's task and revokes its grants.
+#[utoipa::path(delete, path = "/v1/tasks/{agent}", tag = "runtime",
+    params(("agent" = String, Path, description = "Agent name or cgroup path")),
+    responses((status = 200, body = TaskEnded), (status = 400, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn task_end(
+    State(ctx): State<Ctx>,
+    Path(agent): Path<String>,
+) -> Result<Json<TaskEnded>, ApiError> {
+    if agent.trim_matches('/').is_empty() {
+        return Err(ApiError::invalid("agent", "must not be empty"));
+    }
+    let by = ctx.caller.clone();
+    runtime(&ctx, |reply| Command::TaskEnd { agent, by, reply })
+        .await
+        .map(|t| Json(t.into()))
+}
+
+/// Grants an agent access to a destination until a deadline the kernel checks.
+#[utoipa::path(post, path = "/v1/grants", tag = "runtime", request_body = GrantBody,
+    responses((status = 200, body = GrantInfo), (status = 400, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn grant(
+    State(ctx): State<Ctx>,
+    Body(body): Body<GrantBody>,
+) -> Result<Json<GrantInfo>, ApiError> {
+    body.validate()?;
+    let by = ctx.caller.clone();
+    let req = body.into();
+    runtime(&ctx, |reply| Command::Grant { req, by, reply })
+        .await
+        .map(|g| Json(g.into()))
+}
+
+/// The live grants.
+#[utoipa::path(get, path = "/v1/grants", tag = "runtime",
+    responses((status = 200, body = Vec<GrantInfo>), (status = "5XX", body = ApiError)))]
+async fn grants(State(ctx): State<Ctx>) -> Result<Json<Vec<GrantInfo>>, ApiError> {
+    runtime(&ctx, |reply| Command::Grants { reply })
+        .await
+        .map(|g| Json(g.into_iter().map(Into::into).collect()))
+}
+
+/// Ends a grant at once and destroys the live connections it allowed.
+#[utoipa::path(delete, path = "/v1/grants/{id}", tag = "runtime",
+    params(("id" = u64, Path, description = "The grant id")),
+    responses((status = 200, body = Revoked), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = "5XX", body = ApiError)))]
+async fn revoke(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Json<Revoked>, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a grant id (a number)")))?;
+    let by = ctx.caller.clone();
+    runtime(&ctx, |reply| Command::Revoke { id, by, reply })
+        .await
+        .map(|r| Json(r.into()))
+}
+
+/// The OpenAPI document of this API (docs/openapi.json is this, checked by a test).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "agentwall control API",
+        description = "HTTP/JSON on the admin Unix socket (root only, /run/agentwall/control.sock). \
+            Every error has the ApiError shape.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(status, reload, apply_policy, register, task_start, task_end, grant, grants, revoke),
+    components(schemas(ApiError, Caller)),
+    tags(
+        (name = "controller", description = "Registration, policy reload, status"),
+        (name = "runtime", description = "Tasks and just-in-time grants")
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as checked in: pretty JSON with a final newline.
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    // The crate version would make the document change with every release.
+    doc.info.version = "v1".into();
+    let mut s = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    s.push('\n');
+    s
+}

@@ -1,0 +1,421 @@
+//! The runtime-control model: live tasks and grants, what the grant tries must hold for them,
+//! the policy scope a grant must lie in, and the state file that carries them across a
+//! controller restart. Pure logic: the actor (control/tasks.rs) writes the kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{proto, Grant, GrantSet, MAX_GRANTS_PER_PREFIX};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::runtime::{Caller, ControlError, GrantInfo, TaskInfo};
+use crate::{datapath::GrantPrefix, policy::GrantScope};
+
+/// Ended tasks kept to name records still in flight or written while the controller was down.
+const ENDED_TASKS_KEPT: usize = 1024;
+
+/// A task set on an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub agent_id: u64,
+    pub agent: String,
+    pub id: String,
+    pub intent: String,
+    /// RFC 3339.
+    pub started: String,
+    pub expires: Option<String>,
+    /// CLOCK_BOOTTIME deadline the kernel checks (0: none).
+    pub deadline_ns: u64,
+    pub slot: u32,
+    pub by: Caller,
+}
+
+impl Task {
+    pub fn info(&self) -> TaskInfo {
+        TaskInfo {
+            agent: self.agent.clone(),
+            id: self.id.clone(),
+            intent: self.intent.clone(),
+            started: self.started.clone(),
+            expires: self.expires.clone(),
+            slot: self.slot,
+            by: self.by.clone(),
+        }
+    }
+}
+
+/// A live grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveGrant {
+    pub id: u64,
+    pub agent_id: u64,
+    pub agent: String,
+    /// As given, normalized (`IpNet` text).
+    pub to: String,
+    pub ports: Vec<(u16, u16)>,
+    pub protocols: u32,
+    pub deadline_ns: u64,
+    /// RFC 3339.
+    pub expires: String,
+    pub task: Option<String>,
+    pub reason: String,
+    pub by: Caller,
+}
+
+impl LiveGrant {
+    pub fn net(&self) -> IpNet {
+        self.to
+            .parse()
+            .expect("a grant's network was parsed when it was made")
+    }
+
+    pub fn info(&self) -> GrantInfo {
+        GrantInfo {
+            id: self.id,
+            agent: self.agent.clone(),
+            to: self.to.clone(),
+            ports: ports_text(&self.ports),
+            protocol: crate::policy::protocols_name(self.protocols).to_string(),
+            expires: self.expires.clone(),
+            task: self.task.clone(),
+            reason: self.reason.clone(),
+            by: self.by.clone(),
+        }
+    }
+
+    /// Whether a connection to `addr:port` over `protocol` (`proto::*` bit) is one it allowed.
+    pub fn covers(&self, addr: IpAddr, port: u16, protocol: u32) -> bool {
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            a => a,
+        };
+        self.net().contains(&addr)
+            && self.protocols & protocol != 0
+            && self
+                .ports
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&port))
+    }
+}
+
+/// "443,8000-8099" (or "all").
+pub fn ports_text(ports: &[(u16, u16)]) -> String {
+    if ports == [(0, u16::MAX)] {
+        return "all".into();
+    }
+    ports
+        .iter()
+        .map(|(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the controller holds, and persists, about tasks and grants.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Runtime {
+    /// Agent cgroup id -> its current task.
+    pub tasks: BTreeMap<u64, Task>,
+    pub grants: BTreeMap<u64, LiveGrant>,
+    /// Ended tasks by slot, for naming late records (bounded).
+    pub ended: BTreeMap<u32, (String, String)>,
+    pub last_grant_id: u64,
+    pub last_slot: u32,
+}
+
+impl Runtime {
+    pub fn next_grant_id(&mut self) -> u64 {
+        self.last_grant_id += 1;
+        self.last_grant_id
+    }
+
+    /// Slots are never reused (a record of an ended task keeps naming it).
+    pub fn next_slot(&mut self) -> u32 {
+        self.last_slot = self.last_slot.checked_add(1).unwrap_or(1);
+        self.last_slot
+    }
+
+    pub fn remember_ended(&mut self, t: &Task) {
+        self.ended.insert(t.slot, (t.id.clone(), t.intent.clone()));
+        while self.ended.len() > ENDED_TASKS_KEPT {
+            self.ended.pop_first();
+        }
+    }
+
+    /// What the grant tries must hold for `agent`: every prefix one of its grants names, with
+    /// the union of every grant covering it (the kernel finds only the longest prefix).
+    pub fn trie_for(
+        &self,
+        agent: u64,
+        extra: Option<&LiveGrant>,
+    ) -> Result<BTreeMap<GrantPrefix, GrantSet>, ControlError> {
+        let grants: Vec<&LiveGrant> = self
+            .grants
+            .values()
+            .filter(|g| g.agent_id == agent)
+            .chain(extra)
+            .collect();
+        let mut out = BTreeMap::new();
+        for g in &grants {
+            let net = g.net();
+            let mut set = GrantSet {
+                count: 0,
+                _reserved: 0,
+                grants: [Grant::default(); MAX_GRANTS_PER_PREFIX],
+            };
+            for c in grants.iter().filter(|c| covers(&c.net(), &net)) {
+                for (lo, hi) in &c.ports {
+                    if set.count as usize == MAX_GRANTS_PER_PREFIX {
+                        return Err(ControlError::Refused(format!(
+                            "{net} would carry more than {MAX_GRANTS_PER_PREFIX} grant port \
+                             ranges of agent {}; revoke one first",
+                            g.agent
+                        )));
+                    }
+                    set.grants[set.count as usize] = Grant {
+                        deadline_ns: c.deadline_ns,
+                        grant_id: c.id as u32,
+                        protocols: c.protocols,
+                        port_lo: *lo,
+                        port_hi: *hi,
+                        _reserved: 0,
+                    };
+                    set.count += 1;
+                }
+            }
+            out.insert(prefix_of(&net), set);
+        }
+        Ok(out)
+    }
+
+    /// Every agent with a grant.
+    pub fn granted_agents(&self) -> BTreeSet<u64> {
+        self.grants.values().map(|g| g.agent_id).collect()
+    }
+}
+
+/// Whether `outer` contains `inner` (same family).
+fn covers(outer: &IpNet, inner: &IpNet) -> bool {
+    match (outer, inner) {
+        (IpNet::V4(o), IpNet::V4(i)) => o.contains(i),
+        (IpNet::V6(o), IpNet::V6(i)) => o.contains(i),
+        _ => false,
+    }
+}
+
+/// The trie prefix of a network; an IPv4-mapped IPv6 network goes to the IPv4 trie (the kernel
+/// judges `::ffff:a.b.c.d` by the IPv4 lookup).
+pub fn prefix_of(net: &IpNet) -> GrantPrefix {
+    match net {
+        IpNet::V4(n) => GrantPrefix::V4(n.prefix_len(), n.network().octets()),
+        IpNet::V6(n) => GrantPrefix::V6(n.prefix_len(), n.network().octets()),
+    }
+}
+
+/// A network as grants are kept: IPv4-mapped IPv6 as IPv4.
+pub fn normalize(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), n.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// Checks a grant against the agent's policy scope: inside one `grantable` rule (network,
+/// every port range, every protocol) and no longer than `max_grant_ttl`.
+pub fn check_scope(
+    policy: &str,
+    scope: &GrantScope,
+    net: &IpNet,
+    ports: &[(u16, u16)],
+    protocols: u32,
+    ttl_secs: u64,
+) -> Result<(), ControlError> {
+    if scope.grantable.is_empty() {
+        return Err(ControlError::Refused(format!(
+            "policy {policy:?} allows no grants (it has no `grantable`)"
+        )));
+    }
+    if ttl_secs > scope.max_ttl_secs {
+        return Err(ControlError::Refused(format!(
+            "ttl {ttl_secs}s is above policy {policy:?}'s max_grant_ttl ({}s)",
+            scope.max_ttl_secs
+        )));
+    }
+    let inside = scope.grantable.iter().any(|r| {
+        r.nets
+            .iter()
+            .any(|n| covers(&normalize(*n), net) || covers(n, net))
+            && protocols & !r.protocols & proto::ALL == 0
+            && ports
+                .iter()
+                .all(|(lo, hi)| r.ports.iter().any(|(rl, rh)| rl <= lo && hi <= rh))
+    });
+    if !inside {
+        return Err(ControlError::Refused(format!(
+            "{net} ports {} ({}) is outside policy {policy:?}'s `grantable`",
+            ports_text(ports),
+            crate::policy::protocols_name(protocols)
+        )));
+    }
+    Ok(())
+}
+
+/// Where the runtime state of the controller pinned at `pin_dir` is kept (bpffs holds pins
+/// only): /run/agentwall/state/<pin dir with '/' as '_'>.json.
+pub fn state_path(pin_dir: &Path) -> PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from("/run/agentwall/state").join(format!("{name}.json"))
+}
+
+/// Reads the state file; none yet is an empty state.
+pub fn load(path: &Path) -> Result<Runtime, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a runtime state file: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Runtime::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes the state file atomically (a temporary file renamed over it).
+pub fn save(path: &Path, rt: &Runtime) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(rt).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Approve, Rule};
+
+    fn grant(id: u64, to: &str, ports: &[(u16, u16)]) -> LiveGrant {
+        LiveGrant {
+            id,
+            agent_id: 7,
+            agent: "a".into(),
+            to: to.into(),
+            ports: ports.to_vec(),
+            protocols: proto::TCP,
+            deadline_ns: 100,
+            expires: String::new(),
+            task: None,
+            reason: "r".into(),
+            by: Caller::Admin { uid: 0 },
+        }
+    }
+
+    #[test]
+    fn a_narrower_prefix_carries_every_covering_grant() {
+        let mut rt = Runtime::default();
+        rt.grants.insert(1, grant(1, "10.0.0.0/8", &[(443, 443)]));
+        rt.grants.insert(2, grant(2, "10.1.2.3/32", &[(80, 80)]));
+        let t = rt.trie_for(7, None).unwrap();
+        let narrow = t[&GrantPrefix::V4(32, [10, 1, 2, 3])];
+        assert_eq!(narrow.count, 2);
+        let ids: BTreeSet<u32> = narrow.grants[..2].iter().map(|g| g.grant_id).collect();
+        assert_eq!(ids, BTreeSet::from([1, 2]));
+        assert_eq!(t[&GrantPrefix::V4(8, [10, 0, 0, 0])].count, 1);
+        assert!(rt.trie_for(8, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn too_many_grants_on_one_prefix_are_refused() {
+        let mut rt = Runtime::default();
+        let ports: Vec<(u16, u16)> = (1..=MAX_GRANTS_PER_PREFIX as u16).map(|p| (p, p)).collect();
+        rt.grants.insert(1, grant(1, "10.0.0.1/32", &ports));
+        let extra = grant(2, "10.0.0.1/32", &[(9, 9)]);
+        let e = rt.trie_for(7, Some(&extra)).unwrap_err();
+        assert!(
+            matches!(e, ControlError::Refused(ref m) if m.contains("more than")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn scope_checks_network_ports_protocol_and_ttl() {
+        let scope = GrantScope {
+            grantable: vec![Rule {
+                id: 0,
+                name: None,
+                nets: vec!["127.0.0.0/8".parse().unwrap()],
+                ports: vec![(1000, 2000)],
+                protocols: proto::TCP,
+            }],
+            max_ttl_secs: 60,
+            approve: Approve::Manual,
+        };
+        let net: IpNet = "127.0.0.5/32".parse().unwrap();
+        assert!(check_scope("p", &scope, &net, &[(1500, 1500)], proto::TCP, 60).is_ok());
+        let refused = |r: Result<(), ControlError>, want: &str| match r {
+            Err(ControlError::Refused(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("{other:?}"),
+        };
+        refused(
+            check_scope("p", &scope, &net, &[(1500, 1500)], proto::TCP, 61),
+            "max_grant_ttl",
+        );
+        refused(
+            check_scope("p", &scope, &net, &[(1500, 2001)], proto::TCP, 1),
+            "outside",
+        );
+        refused(
+            check_scope("p", &scope, &net, &[(1500, 1500)], proto::ALL, 1),
+            "outside",
+        );
+        let far: IpNet = "10.0.0.1/32".parse().unwrap();
+        refused(
+            check_scope("p", &scope, &far, &[(1500, 1500)], proto::TCP, 1),
+            "outside",
+        );
+        refused(
+            check_scope("p", &GrantScope::default(), &net, &[(1, 1)], proto::TCP, 1),
+            "no grants",
+        );
+    }
+
+    #[test]
+    fn mapped_networks_are_kept_as_ipv4() {
+        let n = normalize("::ffff:127.0.0.0/104".parse().unwrap());
+        assert_eq!(n, "127.0.0.0/8".parse::<IpNet>().unwrap());
+        let g = grant(1, "127.0.0.1/32", &[(80, 80)]);
+        assert!(g.covers("::ffff:127.0.0.1".parse().unwrap(), 80, proto::TCP));
+        assert!(!g.covers("127.0.0.1".parse().unwrap(), 81, proto::TCP));
+    }
+
+    #[test]
+    fn the_state_path_names_the_pin_dir() {
+        assert_eq!(
+            state_path(Path::new("/sys/fs/bpf/agentwall/v5")),
+            PathBuf::from("/run/agentwall/state/sys_fs_bpf_agentwall_v5.json")
+        );
+    }
+}
