@@ -5,6 +5,8 @@
 
 use core::mem::size_of;
 
+pub mod decide;
+
 /// Deepest cgroup level the kernel programs walk when looking for an agent ancestor.
 /// Levels are counted from the cgroup2 root (level 0); the registered-levels mask is a u32.
 pub const MAX_CGROUP_LEVEL: u32 = 31;

@@ -16,10 +16,11 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    action, counter, deadman, entry, hook, mode, proto, reason, sock, verdict, AgentEntry, Event,
-    GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4, PrefixV6, RuleSet, UnixEvent, UnixKey,
-    GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
-    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
+    action, counter, deadman,
+    decide::{match_grants, match_ports, with_grant, NO_ADDRESS},
+    entry, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4, GrantKeyV6, PrefixV4,
+    PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, NO_RULE, POLICY_PREFIX_BITS,
+    UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -125,56 +126,6 @@ pub(crate) fn find_agent() -> Option<Caller> {
 /// What the fallback says about a task that is not registered yet.
 const PENDING: (u32, u32, u32) = (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE);
 
-/// What a rule set says about one port and protocol.
-#[inline(always)]
-fn match_ports(rules: &RuleSet, port: u16, protocol: u32) -> (u32, u32, u32) {
-    let bit = match protocol {
-        IPPROTO_TCP => proto::TCP,
-        IPPROTO_UDP => proto::UDP,
-        _ => 0,
-    };
-    let n = rules.count as usize;
-    let mut i = 0;
-    while i < MAX_PORT_RULES {
-        if i >= n {
-            break;
-        }
-        let r = &rules.rules[i];
-        if r.protocols & bit != 0 && port >= r.port_lo && port <= r.port_hi {
-            return (verdict::ALLOW, reason::RULE, r.rule_id);
-        }
-        i += 1;
-    }
-    (verdict::DENY, reason::NO_PORT_MATCH, NO_RULE)
-}
-
-/// What an agent's live grants say about a destination its policy denied: a grant whose ports
-/// and protocol match and whose deadline has not passed allows it (the kernel's clock decides,
-/// so grants end on time with no controller running).
-#[inline(always)]
-fn match_grants(set: &GrantSet, port: u16, protocol: u32) -> Option<u32> {
-    let bit = match protocol {
-        IPPROTO_TCP => proto::TCP,
-        IPPROTO_UDP => proto::UDP,
-        _ => 0,
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let n = set.count as usize;
-    let mut i = 0;
-    while i < MAX_GRANTS_PER_PREFIX {
-        if i >= n {
-            break;
-        }
-        let g = &set.grants[i];
-        if g.deadline_ns > now && g.protocols & bit != 0 && port >= g.port_lo && port <= g.port_hi {
-            return Some(g.grant_id);
-        }
-        i += 1;
-    }
-    None
-}
-
 /// A denial stands unless a grant of the agent allows the destination.
 #[inline(always)]
 fn grant_v4(
@@ -194,13 +145,13 @@ fn grant_v4(
             addr,
         },
     );
-    match GRANTS_V4
+    // SAFETY: plain helper call. The kernel's clock decides, so grants end on time with no
+    // controller running.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let grant = GRANTS_V4
         .get(&key)
-        .and_then(|set| match_grants(set, port, protocol))
-    {
-        Some(id) => (verdict::ALLOW, reason::GRANT, id),
-        None => denied,
-    }
+        .and_then(|set| match_grants(set, port, protocol, now));
+    with_grant(denied, grant)
 }
 
 #[inline(always)]
@@ -221,13 +172,13 @@ fn grant_v6(
             addr,
         },
     );
-    match GRANTS_V6
+    // SAFETY: plain helper call. The kernel's clock decides, so grants end on time with no
+    // controller running.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let grant = GRANTS_V6
         .get(&key)
-        .and_then(|set| match_grants(set, port, protocol))
-    {
-        Some(id) => (verdict::ALLOW, reason::GRANT, id),
-        None => denied,
-    }
+        .and_then(|set| match_grants(set, port, protocol, now));
+    with_grant(denied, grant)
 }
 
 #[inline(always)]
@@ -241,7 +192,7 @@ fn lookup_v4(policy_id: u32, addr: [u8; 4], port: u16, protocol: u32) -> (u32, u
     );
     match RULES_V4.get(&key) {
         Some(rules) => match_ports(rules, port, protocol),
-        None => (verdict::DENY, reason::NO_ADDRESS_MATCH, NO_RULE),
+        None => NO_ADDRESS,
     }
 }
 
@@ -354,7 +305,7 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
         );
         let policy = match RULES_V6.get(&key) {
             Some(rules) => match_ports(rules, dest.port, dest.protocol),
-            None => (verdict::DENY, reason::NO_ADDRESS_MATCH, NO_RULE),
+            None => NO_ADDRESS,
         };
         grant_v6(c.cgroup, policy, addr, dest.port, dest.protocol)
     };

@@ -194,6 +194,15 @@ impl Handle {
             .await
     }
 
+    /// What the kernel would decide now for an agent and a destination, and why (nothing is
+    /// connected).
+    pub async fn explain(
+        &self,
+        req: crate::control::explain::ExplainRequest,
+    ) -> Result<crate::control::explain::Explanation, crate::control::ControlError> {
+        self.runtime(|reply| Command::Explain { req, reply }).await
+    }
+
     /// Reads and switches to the policy at `path` (a directory or one file), as `agentwall policy
     /// apply` does; None re-reads the configured directory. On any error (file:line:column) the
     /// running policy stays. The reply names the version now running.

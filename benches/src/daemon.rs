@@ -44,6 +44,8 @@ use crate::{
 pub enum Mode {
     Load,
     Daemon,
+    /// Runtime control: grants and revokes against the kernel (runtime.rs).
+    Runtime,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -71,6 +73,15 @@ pub struct DaemonArgs {
     /// CPU for the verdict checks' processes.
     #[arg(long, default_value_t = 0)]
     pub cpu: usize,
+    /// Runtime mode: grant/revoke cycles, revoke-to-reset samples, live grants, TCP connects.
+    #[arg(long, default_value_t = 0)]
+    pub cycles: usize,
+    #[arg(long, default_value_t = 0)]
+    pub resets: usize,
+    #[arg(long, default_value_t = 0)]
+    pub grants: usize,
+    #[arg(long, default_value_t = 0)]
+    pub tcp_ops: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,8 +143,9 @@ pub struct RegFigures {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum Reply {
+pub(crate) enum Reply {
     Load(LoadFigures),
+    Runtime(crate::runtime::RuntimeFigures),
     Ready(DaemonFigures),
     Updates(UpdateFigures),
     Registrations(RegFigures),
@@ -158,6 +170,7 @@ pub fn child_main(args: DaemonArgs) -> Result<()> {
         match args.mode {
             Mode::Load => load_mode(&args).await,
             Mode::Daemon => daemon_mode(&args).await,
+            Mode::Runtime => runtime_mode(&args).await,
         }
     })
 }
@@ -209,6 +222,42 @@ fn options(
         opts.wakeup_bytes = w;
     }
     opts
+}
+
+/// A controller with the runtime policy (a file), the agent registered, then runtime.rs's
+/// measurements.
+async fn runtime_mode(args: &DaemonArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.policy)
+        .with_context(|| format!("reading {}", args.policy.display()))?;
+    let p = policy::parse_policy(&args.policy, &text)?;
+    let opts = options(
+        PolicySource::Fixed(PolicySet { policies: vec![p] }),
+        &args.audit_log,
+        args.wakeup_bytes,
+    );
+    let handle = daemon::start(opts).await?;
+    let result = async {
+        handle
+            .request(Request::Register {
+                cgroup: args.agent.clone(),
+            })
+            .await?;
+        let params = crate::runtime::Params {
+            exe: std::env::current_exe()?,
+            agent: args.agent.clone(),
+            agent_rel: crate::runtime::agent_rel(&args.agent)?,
+            server: args.server.context("--server")?,
+            cpu: args.cpu,
+            cycles: args.cycles,
+            resets: args.resets,
+            grants: args.grants,
+            tcp_ops: args.tcp_ops,
+        };
+        crate::runtime::measure(&handle, &params).await
+    }
+    .await;
+    handle.shutdown().await?;
+    say(&Reply::Runtime(result?))
 }
 
 async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
@@ -611,14 +660,20 @@ pub struct ControlRep {
     pub events: EventCheck,
 }
 
-struct DaemonChild {
+pub(crate) struct DaemonChild {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl DaemonChild {
-    fn spawn(ctx: &configs::Ctx, mode: &str, policy: &Path, log: &Path) -> Result<Self> {
+    pub(crate) fn spawn(
+        ctx: &configs::Ctx,
+        mode: &str,
+        policy: &Path,
+        log: &Path,
+        extra: &[String],
+    ) -> Result<Self> {
         if cleanup::aborting() {
             bail!("interrupted");
         }
@@ -639,7 +694,8 @@ impl DaemonChild {
             .arg("--canary")
             .arg(ctx.canary.to_string())
             .arg("--cpu")
-            .arg(ctx.client_cpu.to_string());
+            .arg(ctx.client_cpu.to_string())
+            .args(extra);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -656,7 +712,7 @@ impl DaemonChild {
         })
     }
 
-    fn reply(&mut self) -> Result<Reply> {
+    pub(crate) fn reply(&mut self) -> Result<Reply> {
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {
             let status = self.child.wait()?;
@@ -672,7 +728,7 @@ impl DaemonChild {
         Ok(())
     }
 
-    fn wait(mut self) -> Result<()> {
+    pub(crate) fn wait(mut self) -> Result<()> {
         drop(self.stdin);
         let status = self.child.wait()?;
         cleanup::forget_child(self.child.id());
@@ -690,7 +746,7 @@ pub fn control_rep(
     plan: &Plan,
 ) -> Result<ControlRep> {
     let log = ctx.dir.join(format!("audit-control-r{round}.jsonl"));
-    let mut loader = DaemonChild::spawn(ctx, "load", &files.policy_file, &log)?;
+    let mut loader = DaemonChild::spawn(ctx, "load", &files.policy_file, &log, &[])?;
     let load = match loader.reply()? {
         Reply::Load(l) => l,
         r => bail!("unexpected reply {r:?}"),
@@ -698,7 +754,7 @@ pub fn control_rep(
     loader.wait()?;
     let _ = std::fs::remove_file(&log);
 
-    let mut d = DaemonChild::spawn(ctx, "daemon", &files.policy_dir, &log)?;
+    let mut d = DaemonChild::spawn(ctx, "daemon", &files.policy_dir, &log, &[])?;
     let daemon = match d.reply()? {
         Reply::Ready(f) => f,
         r => bail!("unexpected reply {r:?}"),

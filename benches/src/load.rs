@@ -41,6 +41,20 @@ pub enum Kind {
     /// One attempt to reach the target (directly, or through `--proxy`); prints whether it
     /// was allowed instead of timing anything.
     Check,
+    /// TCP connects in a tight loop until SIGUSR1; prints a [`Flip`] line each time the
+    /// kernel's answer changes (allowed, or refused with EPERM): what a grant or revoke does,
+    /// seen from the agent.
+    Flip,
+    /// One TCP connection, held open until SIGUSR1 (the revoke-to-reset test).
+    Hold,
+}
+
+/// What `--kind flip` prints when the kernel's answer changes: `ok` allowed, else EPERM;
+/// `ns` CLOCK_MONOTONIC when that answer came back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Flip {
+    pub ok: bool,
+    pub ns: u64,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -303,6 +317,60 @@ fn timed(args: &LoadArgs, mut op: impl FnMut() -> Result<()>) -> Result<LoadResu
     })
 }
 
+/// Seconds `flip` and `hold` run at most without SIGUSR1.
+fn signal_limit(args: &LoadArgs) -> (u64, f64) {
+    let s = args.until_signal.unwrap_or(60.0);
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t) };
+    ((s * 1e9) as u64, s)
+}
+
+fn flip(args: &LoadArgs, target: &libc::sockaddr_in) -> Result<()> {
+    let (limit, s) = signal_limit(args);
+    let mut out = io::stdout().lock();
+    writeln!(out, "{{\"started\":true}}")?;
+    out.flush()?;
+    let start = sys::mono_ns();
+    let mut last = None;
+    while !STOP.load(Ordering::Relaxed) {
+        let ok = match tcp_once(target) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => false,
+            // A revoke destroyed this socket mid-connect: not a decision of the hook.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => return Err(explain(&format!("TCP connect to {}", args.target), e)),
+        };
+        let ns = sys::mono_ns();
+        if last != Some(ok) {
+            writeln!(out, "{}", serde_json::to_string(&Flip { ok, ns })?)?;
+            out.flush()?;
+            last = Some(ok);
+        }
+        if ns - start > limit {
+            bail!("no SIGUSR1 within {s} s");
+        }
+    }
+    Ok(())
+}
+
+fn hold(args: &LoadArgs, target: &libc::sockaddr_in) -> Result<()> {
+    let (limit, s) = signal_limit(args);
+    let fd = tcp_socket().context("TCP socket")?;
+    connect(fd, target).map_err(|e| explain(&format!("TCP connect to {}", args.target), e))?;
+    println!("{{\"started\":true}}");
+    io::stdout().flush()?;
+    let start = sys::mono_ns();
+    while !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        if sys::mono_ns() - start > limit {
+            close(fd);
+            bail!("no SIGUSR1 within {s} s");
+        }
+    }
+    close(fd);
+    Ok(())
+}
+
 /// `__load`: the child's main.
 pub fn main(args: LoadArgs) -> Result<()> {
     if let Some(cg) = &args.cgroup {
@@ -394,6 +462,8 @@ pub fn main(args: LoadArgs) -> Result<()> {
                 Ok(())
             })?
         }
+        Kind::Flip => return flip(&args, &target),
+        Kind::Hold => return hold(&args, &target),
         Kind::Check => {
             let res = match args.proxy {
                 None => match tcp_once(&target) {

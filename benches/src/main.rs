@@ -11,7 +11,9 @@
 //! Figures are medians over the rounds with min and max; comparisons are ratios to the floor of
 //! the same round. Each round ends with the control-plane measurements in separate processes
 //! (`daemon`): loading, memory, single trie updates, and how soon new cgroups that a policy
-//! selects are registered.
+//! selects are registered; then runtime control (`runtime`): grant and revoke latency as the
+//! kernel decides, revoke to reset of a live connection, and the connect rate with 1,000 live
+//! grants.
 
 mod cleanup;
 mod configs;
@@ -19,6 +21,7 @@ mod daemon;
 mod load;
 mod report;
 mod rules;
+mod runtime;
 mod servers;
 mod stats;
 mod sys;
@@ -238,6 +241,9 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             reg_batch: 100,
             small_rules: 1_000,
             large_rules: 100_000,
+            grant_cycles: 50,
+            reset_samples: 20,
+            live_grants: 1_000,
         }
     } else {
         Plan {
@@ -257,6 +263,9 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
             reg_batch: 100,
             small_rules: 1_000,
             large_rules: 100_000,
+            grant_cycles: 200,
+            reset_samples: 50,
+            live_grants: 1_000,
         }
     })
 }
@@ -477,6 +486,7 @@ async fn bench(
     let mut setups = Vec::new();
     let mut events = Vec::new();
     let mut control = Vec::new();
+    let mut runtime_reps = Vec::new();
     let mut rounds = Vec::new();
     let quiesce = Duration::from_millis(plan.quiesce_ms);
     for round in 0..plan.rounds {
@@ -522,6 +532,12 @@ async fn bench(
             .await?
             .context("control-plane measurements")?;
         control.push(rep);
+        let c = ctx.clone();
+        let p = plan.clone();
+        let rep = tokio::task::spawn_blocking(move || runtime::runtime_rep(&c, round, &p))
+            .await?
+            .context("runtime-control measurements")?;
+        runtime_reps.push(rep);
         let wall_s = rt.elapsed().as_secs_f64();
         let foreign_cpu_s = (sys::foreign_cpu_s() - foreign0).max(0.0);
         eprintln!(
@@ -557,6 +573,7 @@ async fn bench(
         setups,
         events,
         control,
+        runtime: runtime_reps,
         rounds,
         started_unix,
         duration_s: t0.elapsed().as_secs_f64(),

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     configs::{Config, EventCheck, Kind, SetupInfo},
     daemon::ControlRep,
+    runtime::RuntimeRep,
     stats::{self, Spread},
     sys::Machine,
     Workload,
@@ -17,6 +18,10 @@ use crate::{
 const REG_SINGLE_P99_MS: f64 = 50.0;
 /// Goal: each of 100 cgroups made at once is registered within this (p99).
 const REG_BATCH_P99_MS: f64 = 100.0;
+/// Goal: a grant or revoke is in force in the kernel within this of the call returning (p99).
+const GRANT_P99_US: f64 = 1000.0;
+/// Goal: the agent's TCP connect rate with 1,000 live grants, against the floor.
+const GRANTS_TCP_VS_FLOOR: f64 = 0.97;
 
 /// One timed workload run.
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +85,11 @@ pub struct Plan {
     pub reg_batch: usize,
     pub small_rules: usize,
     pub large_rules: usize,
+    /// Runtime control, per round: grant/revoke cycles, revoke-to-reset samples, and the
+    /// agent's live grants during its TCP loop.
+    pub grant_cycles: usize,
+    pub reset_samples: usize,
+    pub live_grants: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +111,7 @@ pub struct Raw {
     pub setups: Vec<SetupRecord>,
     pub events: Vec<EventRecord>,
     pub control: Vec<ControlRep>,
+    pub runtime: Vec<RuntimeRep>,
     pub rounds: Vec<RoundInfo>,
     pub started_unix: u64,
     pub duration_s: f64,
@@ -152,6 +163,21 @@ pub struct ControlSummary {
     pub reps: Vec<ControlRep>,
 }
 
+/// Runtime control, pooled over the rounds (µs), and the connect rate per round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuntimeSummary {
+    pub grant_us: Pct,
+    pub revoke_us: Pct,
+    pub reset_us: Pct,
+    pub resets_rst: usize,
+    pub resets_eof: usize,
+    pub live_grants: usize,
+    /// The agent's TCP loop with that many live grants: µs per connection, and floor / it.
+    pub tcp_with_grants_us: Spread,
+    pub tcp_with_grants_vs_floor: Spread,
+    pub reps: Vec<RuntimeRep>,
+}
+
 /// Percentiles of a pooled sample (nearest rank).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Pct {
@@ -195,6 +221,7 @@ pub struct Report {
     pub plan: Plan,
     pub rows: Vec<Row>,
     pub control: ControlSummary,
+    pub runtime: RuntimeSummary,
     pub events: Vec<EventRecord>,
     pub lost_events_total: u64,
     /// Per agentwall configuration: the in-process controller's CPU time per decision, over
@@ -342,6 +369,27 @@ impl Raw {
             reps: reps.clone(),
         };
 
+        let rt = &self.runtime;
+        let rt_pool = |f: fn(&RuntimeRep) -> &Vec<f64>| -> Vec<f64> {
+            rt.iter().flat_map(|r| f(r).iter().copied()).collect()
+        };
+        let runtime = RuntimeSummary {
+            grant_us: Pct::of(&rt_pool(|r| &r.figures.grant_us)),
+            revoke_us: Pct::of(&rt_pool(|r| &r.figures.revoke_us)),
+            reset_us: Pct::of(&rt_pool(|r| &r.figures.reset_us)),
+            resets_rst: rt.iter().map(|r| r.figures.resets_rst).sum(),
+            resets_eof: rt.iter().map(|r| r.figures.resets_eof).sum(),
+            live_grants: rt.iter().map(|r| r.figures.live_grants).min().unwrap_or(0),
+            tcp_with_grants_us: spread_of(
+                rt.iter().map(|r| r.figures.tcp_with_grants_ns_per_op / 1e3),
+            ),
+            tcp_with_grants_vs_floor: spread_of(rt.iter().filter_map(|rep| {
+                let f = floor_tcp.iter().find(|(r, _)| *r == rep.round)?.1;
+                Some(f / rep.figures.tcp_with_grants_ns_per_op)
+            })),
+            reps: rt.clone(),
+        };
+
         let mut events = self.events.clone();
         for rep in reps {
             events.push(EventRecord {
@@ -434,6 +482,33 @@ impl Raw {
             measured: format!("{:.2} ms", reg.batch_ms.p99),
             pass: reg.batch_ms.n > 0 && reg.batch_ms.p99 < REG_BATCH_P99_MS,
         });
+        let us_goal = |what: &str, p: &Pct| Goal {
+            goal: format!(
+                "{what}, p99 of {} (a connect loop of the agent running)",
+                p.n
+            ),
+            target: format!("< {GRANT_P99_US:.0} µs"),
+            measured: format!("{:.0} µs (p50 {:.0} µs)", p.p99, p.p50),
+            pass: p.n > 0 && p.p99 < GRANT_P99_US,
+        };
+        goals.push(us_goal(
+            "grant returned to the kernel allowing the agent",
+            &runtime.grant_us,
+        ));
+        goals.push(us_goal(
+            "revoke returned to the kernel refusing the agent",
+            &runtime.revoke_us,
+        ));
+        let g = &runtime.tcp_with_grants_vs_floor;
+        goals.push(Goal {
+            goal: format!(
+                "TCP connect rate of an agent with {} live grants (allowed by one) / floor",
+                runtime.live_grants
+            ),
+            target: format!(">= {GRANTS_TCP_VS_FLOOR:.2}"),
+            measured: format!("{:.3} [{:.3}-{:.3}]", g.median, g.min, g.max),
+            pass: g.n > 0 && g.median >= GRANTS_TCP_VS_FLOOR,
+        });
         let decisions: u64 = events.iter().map(|e| e.check.decisions).sum();
         goals.push(Goal {
             goal: format!(
@@ -481,6 +556,7 @@ impl Raw {
             plan: self.plan,
             rows,
             control,
+            runtime,
             events,
             lost_events_total: lost_total,
             controller_cpu_per_decision_us: cpu_per_decision,
@@ -643,6 +719,54 @@ impl Report {
                 r.removal_ms.n
             ),
             pct(&r.removal_ms),
+        );
+        let rt = &self.runtime;
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| runtime control (its own controller; pooled over {} rounds) | figure |",
+            rt.reps.len()
+        );
+        let _ = writeln!(o, "|---|---|");
+        let us = |p: &Pct| format!("{:.0} / {:.0} / {:.0} µs", p.p50, p.p99, p.max);
+        let mut line = |what: &str, v: String| {
+            let _ = writeln!(o, "| {what} | {v} |");
+        };
+        line(
+            &format!(
+                "grant returned to the agent's first connect allowed, its connect loop \
+                 running ({}): p50 / p99 / max",
+                rt.grant_us.n
+            ),
+            us(&rt.grant_us),
+        );
+        line(
+            &format!(
+                "revoke returned to the agent's first connect refused (EPERM) ({}): p50 / \
+                 p99 / max",
+                rt.revoke_us.n
+            ),
+            us(&rt.revoke_us),
+        );
+        line(
+            &format!(
+                "revoke called to the server seeing the agent's live connection end ({}; \
+                 {} RST, {} EOF): p50 / p99 / max",
+                rt.reset_us.n, rt.resets_rst, rt.resets_eof
+            ),
+            us(&rt.reset_us),
+        );
+        line(
+            &format!(
+                "the agent's TCP connect+close with {} live grants, allowed by one: µs per op",
+                rt.live_grants
+            ),
+            sp(&rt.tcp_with_grants_us, 2),
+        );
+        line("that rate vs floor", sp(&rt.tcp_with_grants_vs_floor, 3));
+        line(
+            "connect rate with a rate limit configured",
+            "not measured: rate limits are not built".into(),
         );
         let _ = writeln!(o);
         let _ = writeln!(

@@ -14,8 +14,8 @@ use utoipa::OpenApi;
 
 use super::{
     wire::{
-        ApiError, ApplyBody, Caller, GrantBody, GrantInfo, RegisterBody, Registered, Reloaded,
-        Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
+        ApiError, ApplyBody, Caller, ExplainBody, Explanation, GrantBody, GrantInfo, RegisterBody,
+        Registered, Reloaded, Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
     },
     MAX_REQUEST_BYTES, REQUEST_TIMEOUT,
 };
@@ -39,6 +39,7 @@ pub fn router() -> Router<Ctx> {
         .route("/v1/tasks/{*agent}", delete(task_end))
         .route("/v1/grants", post(grant).get(grants))
         .route("/v1/grants/{id}", delete(revoke))
+        .route("/v1/explain", post(explain))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
@@ -293,6 +294,21 @@ async fn revoke(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Json<R
         .map(|r| Json(r.into()))
 }
 
+/// What the kernel would decide now for an agent and a destination, and why: read from the live
+/// maps with the kernel's own lookups; nothing is connected.
+#[utoipa::path(post, path = "/v1/explain", tag = "runtime", request_body = ExplainBody,
+    responses((status = 200, body = Explanation), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = "5XX", body = ApiError)))]
+async fn explain(
+    State(ctx): State<Ctx>,
+    Body(body): Body<ExplainBody>,
+) -> Result<Json<Explanation>, ApiError> {
+    let req = body.request()?;
+    runtime(&ctx, |reply| Command::Explain { req, reply })
+        .await
+        .map(|e| Json(e.into()))
+}
+
 /// The OpenAPI document of this API (docs/openapi.json is this, checked by a test).
 #[derive(OpenApi)]
 #[openapi(
@@ -302,7 +318,10 @@ async fn revoke(State(ctx): State<Ctx>, Path(id): Path<String>) -> Result<Json<R
             Every error has the ApiError shape.",
         license(name = "MIT OR Apache-2.0")
     ),
-    paths(status, reload, apply_policy, register, task_start, task_end, grant, grants, revoke),
+    paths(
+        status, reload, apply_policy, register, task_start, task_end, grant, grants, revoke,
+        explain
+    ),
     components(schemas(ApiError, Caller)),
     tags(
         (name = "controller", description = "Registration, policy reload, status"),

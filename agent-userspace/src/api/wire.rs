@@ -408,3 +408,96 @@ impl From<control::Revoked> for Revoked {
         }
     }
 }
+
+/// `POST /v1/explain`: what the kernel would decide now, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainBody {
+    /// Agent name or cgroup path.
+    #[schema(example = "coder")]
+    pub agent: String,
+    /// ADDR:PORT (`[v6]:port` for IPv6).
+    #[schema(example = "127.0.0.1:443")]
+    pub to: String,
+    /// `tcp` (the default) or `udp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+impl ExplainBody {
+    /// The controller's request, or a 400 naming the field.
+    pub fn request(&self) -> Result<control::explain::ExplainRequest, ApiError> {
+        required("agent", &self.agent)?;
+        let to = self.to.trim().parse().map_err(|_| {
+            ApiError::invalid(
+                "to",
+                format!("{:?} is not ADDR:PORT (a.b.c.d:port or [v6]:port)", self.to),
+            )
+        })?;
+        let protocol = control::explain::parse_protocol(self.protocol.as_deref())
+            .map_err(|e| ApiError::invalid("protocol", e))?;
+        Ok(control::explain::ExplainRequest {
+            agent: self.agent.clone(),
+            to,
+            protocol,
+        })
+    }
+}
+
+/// The decision and its grounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Explanation {
+    pub agent: String,
+    /// Cgroup path relative to the cgroup2 root.
+    pub cgroup: String,
+    pub policy: String,
+    /// The version the agent's kernel entry carries (null for a dry run).
+    pub policy_version: Option<u32>,
+    pub to: String,
+    pub protocol: String,
+    /// The address the rules judge (the IPv4 one of ::ffff:a.b.c.d).
+    pub judged_as: String,
+    /// `allow` or `deny`, before the mode.
+    pub decision: String,
+    /// As records name it: `rule`, `grant`, `default-deny:no-address-match`,
+    /// `default-deny:no-port-match`, `deadman:deny-all`, `pending-identity`.
+    pub reason: String,
+    pub rule_id: Option<u32>,
+    pub rule_name: Option<String>,
+    /// The grant that allows it.
+    pub grant: Option<GrantInfo>,
+    /// The task the agent's records carry now.
+    pub task: Option<TaskInfo>,
+    /// `enforce` or `audit` (a dead-man audit-all fallback makes it audit).
+    pub mode: String,
+    /// `off`, `armed` or `fallen-back` (the dead-man fallback decides now).
+    pub deadman: String,
+    /// What the call gets: `allowed` or `blocked` (EPERM).
+    pub action: String,
+    /// `kernel` (the live maps) or `policy` (a dry run).
+    pub source: String,
+}
+
+impl From<control::explain::Explanation> for Explanation {
+    fn from(e: control::explain::Explanation) -> Self {
+        Self {
+            agent: e.agent,
+            cgroup: e.cgroup,
+            policy: e.policy,
+            policy_version: e.policy_version,
+            to: e.to,
+            protocol: e.protocol,
+            judged_as: e.judged_as,
+            decision: e.decision,
+            reason: e.reason,
+            rule_id: e.rule_id,
+            rule_name: e.rule_name,
+            grant: e.grant.map(Into::into),
+            task: e.task.map(Into::into),
+            mode: e.mode,
+            deadman: e.deadman,
+            action: e.action,
+            source: e.source,
+        }
+    }
+}

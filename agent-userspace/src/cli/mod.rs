@@ -62,6 +62,9 @@ enum Cmd {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// What the kernel would decide now for an agent and a destination, and why (rule, grant,
+    /// task, default deny, dead-man), read from the live maps; nothing is connected.
+    Explain(ExplainArgs),
     /// Remove everything agentwall pinned (programs detach, maps go). Nothing else does this.
     Uninstall(UninstallArgs),
     /// Set up a demo on loopback: demo policy, servers, controller, one agent process.
@@ -76,6 +79,24 @@ enum Cmd {
 struct SocketArg {
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     control_socket: PathBuf,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// Agent name or cgroup path (with --policy: its cgroup path under the cgroup2 root).
+    #[arg(long)]
+    agent: String,
+    /// ADDR:PORT ([v6]:port for IPv6).
+    #[arg(long)]
+    to: String,
+    /// tcp or udp.
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// Dry run: judge by this policy directory (or file) instead of the running controller.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 #[derive(Args)]
@@ -250,6 +271,7 @@ pub fn main() -> ExitCode {
             None,
         )
         .and_then(|v| print_json(&v)),
+        Cmd::Explain(a) => explain(a),
         Cmd::Uninstall(a) => uninstall(a),
         Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
         Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
@@ -407,6 +429,38 @@ fn grant(a: GrantArgs) -> Result<()> {
         .with_context(|| format!("the controller's reply has no grant id: {v}"))?;
     println!("{id}");
     Ok(())
+}
+
+fn explain(a: ExplainArgs) -> Result<()> {
+    let Some(dir) = a.policy else {
+        let body = api::wire::ExplainBody {
+            agent: a.agent,
+            to: a.to,
+            protocol: Some(a.protocol),
+        };
+        let v = call(
+            &a.socket.control_socket,
+            Method::POST,
+            "/v1/explain",
+            Some(serde_json::to_value(body)?),
+        )?;
+        return print_json(&v);
+    };
+    let to: std::net::SocketAddr =
+        a.to.parse()
+            .with_context(|| format!("--to {:?}: expected ADDR:PORT", a.to))?;
+    let protocol = crate::control::explain::parse_protocol(Some(&a.protocol))
+        .map_err(|e| anyhow::anyhow!("--protocol: {e}"))?;
+    let set = if dir.is_dir() {
+        crate::policy::load_dir(&dir)?
+    } else {
+        crate::policy::PolicySet {
+            policies: vec![crate::policy::load_file(&dir)?],
+        }
+    };
+    let e = crate::control::explain::dry_run(&set, &a.agent, to, protocol)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    print_json(&serde_json::to_value(api::wire::Explanation::from(e))?)
 }
 
 /// The soft open-file limit raised to the hard one: the controller holds map, link and

@@ -31,6 +31,9 @@ use crate::{
 };
 
 pub mod apply;
+pub mod explain;
+#[cfg(test)]
+mod explain_tests;
 pub mod grants;
 pub mod policy_watch;
 pub mod registry;
@@ -103,6 +106,11 @@ pub enum Command {
         id: u64,
         by: Caller,
         reply: RuntimeReply<Revoked>,
+    },
+    /// What the kernel would decide now for an agent and a destination, and why.
+    Explain {
+        req: explain::ExplainRequest,
+        reply: RuntimeReply<explain::Explanation>,
     },
 }
 
@@ -273,6 +281,7 @@ impl<D: Datapath> State<D> {
                     Command::Grant { req, by, reply } => { let _ = reply.send(self.grant(req, by)); }
                     Command::Grants { reply } => { let _ = reply.send(Ok(self.grants())); }
                     Command::Revoke { id, by, reply } => { let _ = reply.send(self.revoke(id, by)); }
+                    Command::Explain { req, reply } => { let _ = reply.send(self.explain(req)); }
                 },
                 Some(change) = changes.recv() => self.on_change(change),
                 Some(result) = prepared.recv() => pushes.finish(&mut self, result, &prepared_tx),

@@ -156,7 +156,7 @@ impl<D: Datapath> State<D> {
     }
 
     /// The registered agent `name` names: its name or its cgroup path.
-    fn resolve(&self, name: &str) -> Result<(u64, String, String), ControlError> {
+    pub(crate) fn resolve(&self, name: &str) -> Result<(u64, String, String), ControlError> {
         if name.is_empty() {
             return Err(ControlError::invalid("agent", "empty"));
         }

@@ -1,9 +1,12 @@
 //! An in-memory datapath: the maps as Rust collections, with the agent map's capacity limit, so
 //! control logic is unit-tested without root or a kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use agent_common::{names, AgentEntry, GrantSet};
+use agent_common::{names, AgentEntry, GrantSet, RuleSet};
 
 use super::{
     kernel_state::{KernelState, LinkState},
@@ -26,6 +29,10 @@ pub struct Fake {
     /// The grant tries: (agent, prefix) -> grants.
     pub grants: BTreeMap<(u64, GrantPrefix), GrantSet>,
     pub grant_capacity: usize,
+    /// Policy id -> its rule sets, for the lookups `explain` makes.
+    pub rule_sets: BTreeMap<u32, CompiledPolicy>,
+    /// The dead-man stamp (CLOCK_BOOTTIME ns).
+    pub heartbeat_ns: u64,
 }
 
 impl Fake {
@@ -41,6 +48,8 @@ impl Fake {
             attached: true,
             grants: BTreeMap::new(),
             grant_capacity: agent_common::MAX_GRANT_PREFIXES as usize,
+            rule_sets: BTreeMap::new(),
+            heartbeat_ns: super::boottime_ns(),
         }
     }
 
@@ -83,15 +92,18 @@ impl Datapath for Fake {
         compiled: &CompiledPolicy,
     ) -> Result<(), LoaderError> {
         self.rules.insert(policy_id, PrefixKeys::of(compiled));
+        self.rule_sets.insert(policy_id, compiled.clone());
         Ok(())
     }
     fn remove_rules(&mut self, policy_id: u32, _keys: &PrefixKeys) -> Result<(), LoaderError> {
         self.rules.remove(&policy_id);
+        self.rule_sets.remove(&policy_id);
         Ok(())
     }
     fn remove_rules_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, LoaderError> {
         let before = self.rules.len();
         self.rules.retain(|id, _| keep.contains(id));
+        self.rule_sets.retain(|id, _| keep.contains(id));
         Ok(before - self.rules.len())
     }
     fn rule_policy_ids(&self) -> BTreeSet<u32> {
@@ -109,6 +121,7 @@ impl Datapath for Fake {
     }
     fn heartbeat(&mut self) -> Result<(), LoaderError> {
         self.heartbeats += 1;
+        self.heartbeat_ns = super::boottime_ns();
         Ok(())
     }
     fn take_heartbeat(&mut self) -> Option<Box<dyn Beat>> {
@@ -139,6 +152,25 @@ impl Datapath for Fake {
     }
     fn pin_dir(&self) -> Option<std::path::PathBuf> {
         None
+    }
+    fn lookup_rules(&self, policy_id: u32, addr: IpAddr) -> Result<Option<RuleSet>, LoaderError> {
+        Ok(self
+            .rule_sets
+            .get(&policy_id)
+            .and_then(|c| crate::control::explain::longest_rules(c, addr)))
+    }
+    fn lookup_grants(&self, agent: u64, addr: IpAddr) -> Result<Option<GrantSet>, LoaderError> {
+        let entries = self.grants.iter().filter(|((a, _), _)| *a == agent);
+        Ok(crate::control::explain::longest(
+            entries.map(|((_, p), s)| match *p {
+                GrantPrefix::V4(len, a) => (len, IpAddr::from(a), *s),
+                GrantPrefix::V6(len, a) => (len, IpAddr::from(a), *s),
+            }),
+            addr,
+        ))
+    }
+    fn last_heartbeat_ns(&self) -> Result<u64, LoaderError> {
+        Ok(self.heartbeat_ns)
     }
     fn kernel_state(&self) -> KernelState {
         KernelState {

@@ -6,6 +6,7 @@ use std::{
     ffi::CString,
     fs::File,
     io,
+    net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -843,9 +844,35 @@ pub trait Datapath: Send + 'static {
     fn grant_entries(&self) -> Vec<(u64, GrantPrefix, GrantSet)>;
     /// The pin directory, where the controller keeps its runtime state beside the maps.
     fn pin_dir(&self) -> Option<PathBuf>;
+    /// Read-only, for `explain`: the lookups the kernel programs make, with their keys (a
+    /// full-length key, so the trie answers with the longest prefix covering the address).
+    fn lookup_rules(&self, policy_id: u32, addr: IpAddr) -> Result<Option<RuleSet>, LoaderError>;
+    fn lookup_grants(&self, agent: u64, addr: IpAddr) -> Result<Option<GrantSet>, LoaderError>;
+    /// The dead-man stamp (CLOCK_BOOTTIME ns) the kernel compares its clock with.
+    fn last_heartbeat_ns(&self) -> Result<u64, LoaderError>;
 }
 
 impl Datapath for Enforcer {
+    fn lookup_rules(&self, policy_id: u32, addr: IpAddr) -> Result<Option<RuleSet>, LoaderError> {
+        let found = match addr {
+            IpAddr::V4(a) => self.rules_v4.get(&key_v4(policy_id, 32, a.octets()), 0),
+            IpAddr::V6(a) => self.rules_v6.get(&key_v6(policy_id, 128, a.octets()), 0),
+        };
+        absent_is_none(found, names::RULES_V4_MAP)
+    }
+    fn lookup_grants(&self, agent: u64, addr: IpAddr) -> Result<Option<GrantSet>, LoaderError> {
+        let found = match addr {
+            IpAddr::V4(a) => self.grants_v4.get(&grant_key_v4(agent, 32, a.octets()), 0),
+            IpAddr::V6(a) => self.grants_v6.get(&grant_key_v6(agent, 128, a.octets()), 0),
+        };
+        absent_is_none(found, names::GRANTS_V4_MAP)
+    }
+    fn last_heartbeat_ns(&self) -> Result<u64, LoaderError> {
+        self.heartbeat
+            .map
+            .get(&0, 0)
+            .map_err(|e| LoaderError::Map(names::HEARTBEAT_MAP, e))
+    }
     fn set_agent(&mut self, cgroup_id: u64, entry: AgentEntry) -> Result<(), LoaderError> {
         Enforcer::set_agent(self, cgroup_id, entry)
     }
@@ -1046,6 +1073,15 @@ fn policy_ids<K: PolicyKeyed, V: aya::Pod>(
 }
 
 /// Removes one key; a key already gone is fine.
+/// A lookup's value, `None` when no key covers it.
+fn absent_is_none<V>(r: Result<V, MapError>, name: &'static str) -> Result<Option<V>, LoaderError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(LoaderError::Map(name, e)),
+    }
+}
+
 fn remove_key<K: aya::Pod, V: aya::Pod>(
     trie: &mut LpmTrie<MapData, K, V>,
     key: &Key<K>,
