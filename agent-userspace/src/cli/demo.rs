@@ -13,11 +13,12 @@ use std::{
     time::Duration,
 };
 
+use agent_common::decide::IPPROTO_TCP;
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
 use crate::{
-    control::{Caller, GrantRequest, TaskStart},
+    control::{explain::ExplainRequest, Caller, GrantRequest, TaskStart},
     daemon::{self, Options, PolicySource},
     events::AuditRecord,
     policy::{self, PolicySet},
@@ -109,9 +110,26 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
         .await?;
     println!(
         "task {:?} ({}) started; grant #{}: tcp 127.0.0.1:9999 for 60 s, ended by the kernel at \
-         its deadline\n",
+         its deadline",
         task.id, task.intent, grant.id
     );
+    // Ask before the agent acts: the kernel's answer from the live maps, and why.
+    for to in ["127.0.0.1:9999", "127.0.0.2:8080"] {
+        let e = handle
+            .explain(ExplainRequest {
+                agent: name.into(),
+                to: to.parse()?,
+                protocol: IPPROTO_TCP,
+            })
+            .await?;
+        println!(
+            "explain tcp {to}: {} ({}{})",
+            e.action,
+            e.reason,
+            e.grant.map(|g| format!(" #{}", g.id)).unwrap_or_default()
+        );
+    }
+    println!();
     let exe = std::env::current_exe()?;
     let status = tokio::process::Command::new(&exe)
         .args([
