@@ -272,22 +272,10 @@ pub fn check_scope(
     Ok(())
 }
 
-/// Where the runtime state of the controller pinned at `pin_dir` is kept (bpffs holds pins
-/// only): /run/agentwall/state/<pin dir with '/' as '_'>.json.
+/// Where the runtime state of the controller pinned at `pin_dir` is kept (see
+/// `pin::state_file`, which `uninstall` removes with the pins).
 pub fn state_path(pin_dir: &Path) -> PathBuf {
-    let name: String = pin_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    PathBuf::from("/run/agentwall/state").join(format!("{name}.json"))
+    crate::datapath::pin::state_file(pin_dir)
 }
 
 /// Reads the state file; none yet is an empty state.

@@ -322,13 +322,33 @@ pub fn link_update(link: &Path, prog: impl AsFd) -> Result<(), PinError> {
     })
 }
 
-/// Removes everything pinned in `dir`: links first (that detaches the programs), then maps.
-/// Returns what was removed.
+/// Where the runtime state of the controller pinned at `pin_dir` is kept (bpffs holds pins
+/// only): /run/agentwall/state/<pin dir with '/' as '_'>.json.
+pub fn state_file(pin_dir: &Path) -> PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from("/run/agentwall/state").join(format!("{name}.json"))
+}
+
+/// Removes everything pinned in `dir`: links first (that detaches the programs), then maps, and
+/// the controller's state file. Returns the pins removed.
 pub fn uninstall(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         removed.extend(remove_pins(&dir.join(sub))?);
     }
+    // The controller's tasks and grants name what the pins enforced: gone with them.
+    let _ = std::fs::remove_file(state_file(dir));
     let _ = std::fs::remove_dir(dir);
     if let Some(parent) = dir.parent() {
         // The `agentwall` directory goes too when no other layout version is left in it.
