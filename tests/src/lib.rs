@@ -11,7 +11,6 @@ use std::{
 };
 
 use agentwall::{
-    api::Request,
     daemon::{self, Handle, Options, PolicySource},
     events::{AuditRecord, DecisionRecord},
     identity::cgroup,
@@ -22,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 pub mod audit;
+pub mod wait;
 
 pub const EPERM: i32 = libc::EPERM;
 
@@ -113,11 +113,7 @@ impl Harness {
         opts.tap = Some(tap);
         tune(&mut opts);
         let handle = daemon::start(opts).await?;
-        handle
-            .request(Request::Register {
-                cgroup: agent.clone(),
-            })
-            .await?;
+        handle.register(&agent).await?;
         Ok(Self {
             cgroups,
             agent,
@@ -452,23 +448,51 @@ impl Daemon {
             .spawn()
             .context("starting agentwall run")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                bail!("agentwall run exited at start: {status}: {}", self.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the control socket did not appear"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // The socket appears in `dir`, and so does anything the daemon says before it exits.
+        let dir = self.dir.clone();
+        wait::until(
+            "the control socket",
+            Duration::from_secs(20),
+            &[&dir],
+            || {
+                if self.socket.exists() {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    self.child = None;
+                    bail!("agentwall run exited at start: {status}: {}", self.log());
+                }
+                Ok(None)
+            },
+        )?;
         Ok(())
+    }
+
+    /// `agentwall <args> --control-socket <socket>` as uid/gid 65534 (nobody): it must fail;
+    /// returns its stderr.
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Result<String> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(&self.agentwall);
+        cmd.args(args).arg("--control-socket").arg(&self.socket);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output()?;
+        ensure!(!out.status.success(), "{args:?} ran as nobody");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// What the daemon wrote to stderr so far.

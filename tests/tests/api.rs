@@ -4,8 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    os::unix::{fs::PermissionsExt, process::CommandExt},
-    process::Command,
+    os::unix::fs::PermissionsExt,
     time::Duration,
 };
 
@@ -358,27 +357,6 @@ fn bad_input_on_every_route_is_a_4xx_naming_the_field_and_changes_nothing() -> R
     Ok(())
 }
 
-/// `agentwall <args>` as uid/gid 65534 (nobody): fails, returns stderr.
-fn as_nobody(d: &Daemon, args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new(&d.agentwall);
-    cmd.args(args).arg("--control-socket").arg(&d.socket);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output()?;
-    ensure!(!out.status.success(), "{args:?} ran as nobody");
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn a_caller_that_is_not_root_is_told_permission_denied_on_every_route() -> Result<()> {
     let (_cg, d) = started("api-nonroot")?;
@@ -405,7 +383,7 @@ fn a_caller_that_is_not_root_is_told_permission_denied_on_every_route() -> Resul
     ];
     // The socket is root's (0600): connect fails with EACCES.
     for args in commands {
-        let msg = as_nobody(&d, args)?;
+        let msg = d.cli_as_nobody(args)?;
         ensure!(msg.contains("permission denied"), "{args:?}: {msg}");
         ensure!(!msg.contains("os error"), "{args:?}: {msg}");
     }
@@ -413,7 +391,7 @@ fn a_caller_that_is_not_root_is_told_permission_denied_on_every_route() -> Resul
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666))?;
     for args in commands {
-        let msg = as_nobody(&d, args)?;
+        let msg = d.cli_as_nobody(args)?;
         ensure!(
             msg.contains("(403)") && msg.contains("permission denied"),
             "{args:?}: {msg}"

@@ -6,8 +6,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use agentwall_tests::{
-    audit::{assert_contiguous, read_log, tally, wait_for, wait_for_blocking, Tmpfs},
-    probe_in, tcp_server, Daemon, Harness, TestCgroups,
+    audit::{assert_contiguous, read_log, tally, Tmpfs},
+    probe_in, tcp_server,
+    wait::{dir_of, until, until_answer, until_async},
+    Daemon, Harness, TestCgroups,
 };
 use anyhow::{ensure, Context, Result};
 
@@ -48,9 +50,12 @@ async fn a_full_disk_pauses_the_reader_and_every_attempt_is_a_record_or_counted_
     .await?;
     let out = probe_in(&h.agent, &[format!("tcp:{tcp}")])?;
     assert!(out[0].ok, "{out:?}");
-    wait_for("the first record", Duration::from_secs(5), || {
-        Ok((tally(&read_log(&log)?).0 == 1).then_some(()))
-    })
+    until_async(
+        "the first record",
+        Duration::from_secs(5),
+        &[dir_of(&log)],
+        || Ok((tally(&read_log(&log)?).0 == 1).then_some(())),
+    )
     .await?;
 
     let filler = fs.fill("filler")?;
@@ -60,15 +65,11 @@ async fn a_full_disk_pauses_the_reader_and_every_attempt_is_a_record_or_counted_
 
     // Shown in status at once, retried, and nothing partial in the file meanwhile.
     let handle = h.handle.as_ref().context("running")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let failing = loop {
+    let failing = until_answer("the failure in status", Duration::from_secs(5), || async {
         let s = handle.status().await?["audit_log"].clone();
-        if s["ok"] == false && s["failed_attempts"].as_u64() >= Some(3) {
-            break s;
-        }
-        ensure!(std::time::Instant::now() < deadline, "status: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        Ok((s["ok"] == false && s["failed_attempts"].as_u64() >= Some(3)).then_some(s))
+    })
+    .await?;
     let error = failing["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("No space left on device") && error.contains("audit.jsonl"),
@@ -82,10 +83,15 @@ async fn a_full_disk_pauses_the_reader_and_every_attempt_is_a_record_or_counted_
 
     // Space again: the ring's records and a count of what did not fit.
     std::fs::remove_file(&filler)?;
-    let (decisions, lost) = wait_for("the paused records", Duration::from_secs(10), || {
-        let (d, l) = tally(&read_log(&log)?);
-        Ok((d + l >= attempts).then_some((d, l)))
-    })
+    let (decisions, lost) = until_async(
+        "the paused records",
+        Duration::from_secs(10),
+        &[dir_of(&log)],
+        || {
+            let (d, l) = tally(&read_log(&log)?);
+            Ok((d + l >= attempts).then_some((d, l)))
+        },
+    )
     .await?;
     assert_eq!(
         decisions + lost,
@@ -126,9 +132,12 @@ fn a_failing_audit_log_is_logged_once_per_episode() -> Result<()> {
     d.start()?;
     let (ok, out, err) = d.exec_probe(&cg.base, "agent", &[format!("tcp:{tcp}")])?;
     ensure!(ok && out[0].ok, "{out:?} {err}");
-    wait_for_blocking("the first record", Duration::from_secs(5), || {
-        Ok((tally(&read_log(&d.audit)?).0 == 1).then_some(()))
-    })?;
+    until(
+        "the first record",
+        Duration::from_secs(5),
+        &[dir_of(&d.audit)],
+        || Ok((tally(&read_log(&d.audit)?).0 == 1).then_some(())),
+    )?;
 
     let filler = fs.fill("filler")?;
     let (ok, out, err) = d.exec_probe(
@@ -138,25 +147,35 @@ fn a_failing_audit_log_is_logged_once_per_episode() -> Result<()> {
     )?;
     ensure!(ok, "{out:?} {err}");
     let attempts = 1 + out[0].value as u64;
-    wait_for_blocking("several failed attempts", Duration::from_secs(10), || {
-        let s = d.status()?["audit_log"].clone();
-        Ok((s["ok"] == false && s["failed_attempts"].as_u64() >= Some(4)).then_some(()))
-    })?;
+    until(
+        "several failed attempts",
+        Duration::from_secs(10),
+        &[],
+        || {
+            let s = d.status()?["audit_log"].clone();
+            Ok((s["ok"] == false && s["failed_attempts"].as_u64() >= Some(4)).then_some(()))
+        },
+    )?;
     let log = d.log();
     assert_eq!(lines_with(&log, "event reading paused"), 1, "{log}");
     assert!(lines_with(&log, "No space left on device") >= 1, "{log}");
 
     std::fs::remove_file(&filler)?;
-    wait_for_blocking("recovery", Duration::from_secs(10), || {
+    until("recovery", Duration::from_secs(10), &[], || {
         Ok((d.status()?["audit_log"]["ok"] == true).then_some(()))
     })?;
     let log = d.log();
     assert_eq!(lines_with(&log, "event reading paused"), 1, "{log}");
     assert_eq!(lines_with(&log, "audit log writable again"), 1, "{log}");
-    wait_for_blocking("every attempt", Duration::from_secs(10), || {
-        let (d, l) = tally(&read_log(&d.audit)?);
-        Ok((d + l >= attempts).then_some(()))
-    })?;
+    until(
+        "every attempt",
+        Duration::from_secs(10),
+        &[dir_of(&d.audit)],
+        || {
+            let (d, l) = tally(&read_log(&d.audit)?);
+            Ok((d + l >= attempts).then_some(()))
+        },
+    )?;
     let status = d.signal(libc::SIGTERM)?;
     assert!(status.success(), "{status}: {}", d.log());
     let (decisions, lost) = tally(&read_log(&d.audit)?);
@@ -176,17 +195,21 @@ fn a_renamed_log_is_reopened_and_no_record_is_lost_or_repeated() -> Result<()> {
         "agent",
         &[format!("loop:{tcp},{},2500", denied(tcp))],
     )?;
-    wait_for_blocking(
+    until(
         "records before the rotation",
         Duration::from_secs(5),
+        &[dir_of(&d.audit)],
         || Ok((tally(&read_log(&d.audit)?).0 >= 20).then_some(())),
     )?;
     // logrotate's `create` mode: rename, then (here: the controller) a new file at the path.
     let rotated = d.dir.join("audit.jsonl.1");
     std::fs::rename(&d.audit, &rotated)?;
-    wait_for_blocking("the reopened log", Duration::from_secs(5), || {
-        Ok((tally(&read_log(&d.audit)?).0 > 0).then_some(()))
-    })?;
+    until(
+        "the reopened log",
+        Duration::from_secs(5),
+        &[dir_of(&d.audit)],
+        || Ok((tally(&read_log(&d.audit)?).0 > 0).then_some(())),
+    )?;
     let out = Daemon::wait_probe(probe)?;
     let attempts = out[0].value as u64;
     let all = || -> Result<Vec<_>> {
@@ -194,10 +217,15 @@ fn a_renamed_log_is_reopened_and_no_record_is_lost_or_repeated() -> Result<()> {
         r.extend(read_log(&d.audit)?);
         Ok(r)
     };
-    wait_for_blocking("every attempt", Duration::from_secs(10), || {
-        let (d, l) = tally(&all()?);
-        Ok((d + l >= attempts).then_some(()))
-    })?;
+    until(
+        "every attempt",
+        Duration::from_secs(10),
+        &[dir_of(&d.audit)],
+        || {
+            let (d, l) = tally(&all()?);
+            Ok((d + l >= attempts).then_some(()))
+        },
+    )?;
     let records = all()?;
     assert_contiguous(&records)?;
     let (decisions, lost) = tally(&records);
@@ -225,21 +253,29 @@ fn sighup_reopens_the_log_and_still_reloads() -> Result<()> {
     };
     let before = generation(&d)?;
     d.hup()?;
-    wait_for_blocking("the reopen on SIGHUP", Duration::from_secs(5), || {
-        let log = d.log();
-        Ok(log
-            .lines()
-            .any(|l| l.contains("audit log reopened") && l.contains("SIGHUP"))
-            .then_some(()))
-    })?;
-    wait_for_blocking("the reload on SIGHUP", Duration::from_secs(5), || {
+    until(
+        "the reopen on SIGHUP",
+        Duration::from_secs(5),
+        &[&d.dir],
+        || {
+            let log = d.log();
+            Ok(log
+                .lines()
+                .any(|l| l.contains("audit log reopened") && l.contains("SIGHUP"))
+                .then_some(()))
+        },
+    )?;
+    until("the reload on SIGHUP", Duration::from_secs(5), &[], || {
         Ok((generation(&d)? > before).then_some(()))
     })?;
     let (ok, out, err) = d.exec_probe(&cg.base, "agent", &[format!("tcp:{tcp}")])?;
     ensure!(ok && out[0].ok, "{out:?} {err}");
-    wait_for_blocking("a record after the reopen", Duration::from_secs(5), || {
-        Ok((tally(&read_log(&d.audit)?).0 == 1).then_some(()))
-    })?;
+    until(
+        "a record after the reopen",
+        Duration::from_secs(5),
+        &[dir_of(&d.audit)],
+        || Ok((tally(&read_log(&d.audit)?).0 == 1).then_some(())),
+    )?;
     Ok(())
 }
 

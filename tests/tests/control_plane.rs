@@ -5,13 +5,15 @@
 //! non-root caller is told "permission denied".
 
 use std::{
-    os::unix::{fs::PermissionsExt, process::CommandExt},
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use agentwall_tests::{probe_in, tcp_server, unix_server_pid, Daemon, TestCgroups, EPERM};
+use agentwall_tests::{
+    probe_in, tcp_server, unix_server_pid, wait::until, Daemon, TestCgroups, EPERM,
+};
 use anyhow::{bail, ensure, Context, Result};
 
 fn policy(name: &str, cgroup: &str, ports: &[u16]) -> String {
@@ -28,20 +30,20 @@ fn status(d: &Daemon) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
-/// Waits until `status` lists an agent for the cgroup `rel`.
+/// Waits until `status` lists an agent for the cgroup `rel` (each check asks the controller).
 fn wait_registered(d: &Daemon, rel: &str) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(d)?;
-        let listed = s["agents"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|a| a["cgroup"] == rel));
-        if listed {
-            return Ok(s);
-        }
-        ensure!(Instant::now() < deadline, "{rel} not registered: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until(
+        &format!("{rel} registered"),
+        Duration::from_secs(10),
+        &[],
+        || {
+            let s = status(d)?;
+            let listed = s["agents"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["cgroup"] == rel));
+            Ok(listed.then_some(s))
+        },
+    )
 }
 
 /// The parts of `status` a second controller must not change.
@@ -418,27 +420,6 @@ fn twenty_thousand_idle_connections_do_not_stop_the_controller() -> Result<()> {
     Ok(())
 }
 
-/// `agentwall status` as uid/gid 65534 (nobody).
-fn status_as_nobody(d: &Daemon) -> Result<String> {
-    let mut cmd = Command::new(&d.agentwall);
-    cmd.args(["status", "--control-socket"]).arg(&d.socket);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output()?;
-    ensure!(!out.status.success(), "status ran as nobody");
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn a_non_root_caller_is_told_permission_denied() -> Result<()> {
     let cg = TestCgroups::new()?;
@@ -446,7 +427,7 @@ fn a_non_root_caller_is_told_permission_denied() -> Result<()> {
     d.write_policy("p.yaml", &policy("p", &format!("{}/n", cg.base), &[1]))?;
     d.start()?;
     // The socket is root's (0600): connect fails with EACCES.
-    let msg = status_as_nobody(&d)?;
+    let msg = d.cli_as_nobody(&["status"])?;
     assert!(msg.contains("permission denied"), "{msg}");
     assert!(!msg.contains("running?"), "misleading: {msg}");
     assert!(!msg.contains("os error"), "{msg}");
@@ -454,7 +435,7 @@ fn a_non_root_caller_is_told_permission_denied() -> Result<()> {
     // Opened up by mistake: the controller itself refuses a peer that is not root.
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666))?;
-    let msg = status_as_nobody(&d)?;
+    let msg = d.cli_as_nobody(&["status"])?;
     assert!(msg.contains("permission denied"), "{msg}");
     assert!(!msg.contains("\"generation\""), "{msg}");
     Ok(())

@@ -373,8 +373,8 @@ async fn events_carry_who_what_and_why() -> Result<()> {
     )))
     .await?;
     let probe_exe = std::fs::canonicalize(agentwall_tests::sibling_exe("probe")?)?;
-    // The probe stays alive a moment so procfs still has it when the record is enriched.
-    let out = probe_in(&h.agent, &[format!("tcp:{}", sa(tcp)), "sleep:500".into()])?;
+    // The probe exits at once: its executable is in the record from the kernel, not procfs.
+    let out = probe_in(&h.agent, &[format!("tcp:{}", sa(tcp))])?;
     assert!(out[0].ok);
     let d = h.decisions(1).await?;
     let r = &d[0];

@@ -4,10 +4,7 @@
 //! pending-identity); a task in the watched cgroup itself, or below an EXEMPT entry, is not an
 //! agent; an AGENT entry below the watch is judged by its policy.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use agent_common::{entry, mode, AgentEntry};
 use agentwall::{
@@ -56,23 +53,21 @@ impl Setup {
         Ok((path, id))
     }
 
-    /// Every decision in the ring until `until` holds for what was read (fails after 5 s).
-    fn decisions_until(&mut self, until: impl Fn(&[Decision]) -> bool) -> Result<Vec<Decision>> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    /// Every decision in the ring, which must satisfy `expect`. The probe has exited: a program
+    /// submits its record before the call returns, so all of them are in the ring already.
+    fn decisions_matching(
+        &mut self,
+        expect: impl Fn(&[Decision]) -> bool,
+    ) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
-        loop {
-            while let Some(item) = (self.next)() {
-                out.push(Decision::from_record(&item).context("an undecodable record")?);
-            }
-            if until(&out) {
-                return Ok(out);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the expected records did not arrive: {out:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        while let Some(item) = (self.next)() {
+            out.push(Decision::from_record(&item).context("an undecodable record")?);
         }
+        ensure!(
+            expect(&out),
+            "the expected records are not in the ring: {out:#?}"
+        );
+        Ok(out)
     }
 }
 
@@ -120,7 +115,7 @@ fn a_task_below_a_watched_parent_is_pending_and_denied() -> Result<()> {
     let out = probe_in(&new, &steps)?;
     let errnos: Vec<i32> = out.iter().map(|o| o.errno).collect();
     assert_eq!(errnos, vec![EPERM; steps.len()], "{out:#?}");
-    let d = s.decisions_until(|d| d.len() >= steps.len())?;
+    let d = s.decisions_matching(|d| d.len() >= steps.len())?;
     assert_eq!(d.len(), steps.len(), "one record per decision: {d:#?}");
     for r in &d {
         assert_eq!(
@@ -144,7 +139,7 @@ fn a_task_below_a_watched_parent_is_pending_and_denied() -> Result<()> {
     assert_eq!(out[0].errno, 0, "{out:#?}");
     let out = probe_in(&new, &[format!("tcp:{}", sa(addr))])?;
     assert_eq!(out[0].errno, EPERM);
-    let d = s.decisions_until(|d| !d.is_empty())?;
+    let d = s.decisions_matching(|d| !d.is_empty())?;
     assert_eq!(d.len(), 1, "{d:#?}");
     assert_eq!((d[0].cgroup_id, d[0].reason), (new_id, "pending-identity"));
     Ok(())
@@ -192,7 +187,7 @@ fn exempt_and_agent_entries_below_a_watch_decide() -> Result<()> {
         [0, EPERM],
         "{out:#?}"
     );
-    let d = s.decisions_until(|d| d.len() >= 2)?;
+    let d = s.decisions_matching(|d| d.len() >= 2)?;
     assert_eq!(d.len(), 2, "{d:#?}");
     assert_eq!((d[0].reason, d[0].rule_id), ("rule", Some(0)));
     assert_eq!(d[1].reason, "default-deny:no-address-match");
@@ -210,7 +205,7 @@ fn an_audit_watch_lets_a_pending_task_through_and_records_it() -> Result<()> {
     let new = s.cgroups.make("w/new")?;
     let out = probe_in(&new, &[format!("tcp:{}", sa(addr))])?;
     assert_eq!(out[0].errno, 0, "{out:#?}");
-    let d = s.decisions_until(|d| !d.is_empty())?;
+    let d = s.decisions_matching(|d| !d.is_empty())?;
     assert_eq!(d.len(), 1, "{d:#?}");
     assert_eq!(
         (d[0].reason, d[0].decision, d[0].mode, d[0].action),

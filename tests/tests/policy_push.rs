@@ -3,13 +3,9 @@
 //! the version its record names, never a mix. An invalid file is rejected with
 //! file:line:column (log and audit) and the running policy keeps enforcing.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use agentwall_tests::{tcp_server, Daemon, TestCgroups, EPERM};
+use agentwall_tests::{tcp_server, wait::until, Daemon, TestCgroups, EPERM};
 use anyhow::{bail, ensure, Context, Result};
 
 /// Switches made during the loop.
@@ -48,14 +44,13 @@ fn generation(d: &Daemon) -> Result<u64> {
     v["generation"].as_u64().context("status has no generation")
 }
 
-/// Polls until `cond` holds (fails with `what` after 10 s).
-fn wait_for(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+/// Waits until `cond` holds (fails with `what` after 10 s): re-checked whenever the daemon
+/// writes in its directory (the audit log, its own log), which every switch, rejection or
+/// decision does.
+fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    until(what, Duration::from_secs(10), &[&d.dir], || {
+        Ok(cond()?.then_some(()))
+    })
 }
 
 /// The pusher's connect decisions in the audit log: (policy version, port, decision).
@@ -86,7 +81,7 @@ fn every_decision_matches_the_version_it_names_while_the_directory_flips() -> Re
     let steps = [format!("loop:{a},{b},60000")];
     let mut agent = d.spawn_probe(&cg.base, "pusher", &steps)?;
     let result = (|| -> Result<()> {
-        wait_for("the loop's first decisions", || {
+        wait_for(&d, "the loop's first decisions", || {
             Ok(decisions(&d)?.iter().any(|x| x.0 == first as u32))
         })?;
         let mut gen = first;
@@ -98,15 +93,17 @@ fn every_decision_matches_the_version_it_names_while_the_directory_flips() -> Re
                 Which::A
             };
             write(&d, &policy(&cg.base, port(which)), i % 2 == 0)?;
-            wait_for(&format!("switch {} applied by the watch", i + 1), || {
-                Ok(generation(&d)? > gen)
-            })?;
+            wait_for(
+                &d,
+                &format!("switch {} applied by the watch", i + 1),
+                || Ok(generation(&d)? > gen),
+            )?;
             let now = generation(&d)?;
             ensure!(now == gen + 1, "one write made {} switches", now - gen);
             gen = now;
             versions.insert(gen as u32, which);
             // Decisions under the new version, both destinations, before the next flip.
-            wait_for(&format!("decisions under version {gen}"), || {
+            wait_for(&d, &format!("decisions under version {gen}"), || {
                 let got = decisions(&d)?;
                 let under = |p: u16| got.iter().any(|x| x.0 == gen as u32 && x.1 == p);
                 Ok(under(a.port()) && under(b.port()))
@@ -182,7 +179,7 @@ fn an_invalid_file_in_the_directory_is_rejected_and_the_running_policy_stays() -
         "broken.yaml",
         "name: broken\nagents:\n  cgroups: [x]\negress:\n  - cidr: 10.0.0.300/8\n",
     )?;
-    wait_for("the rejection in the audit log", || {
+    wait_for(&d, "the rejection in the audit log", || {
         Ok(d.records()?.iter().any(|r| r.kind == "policy-rejected"))
     })?;
     let rejected = d
@@ -206,14 +203,14 @@ fn an_invalid_file_in_the_directory_is_rejected_and_the_running_policy_stays() -
     // Fixed (the broken file removed, p.yaml now allows B): the watch applies it.
     std::fs::remove_file(d.dir.join("policies/broken.yaml"))?;
     d.write_policy("p.yaml", &policy(&cg.base, b.port()))?;
-    wait_for("the fixed set", || Ok(generation(&d)? == before + 1))?;
+    wait_for(&d, "the fixed set", || Ok(generation(&d)? == before + 1))?;
     assert_eq!(probe(&d, a, b)?, (EPERM, 0));
     // The same content written again: the watch reads it and switches nothing (an explicit
     // reload would: it re-judges every cgroup under a new version).
     let unchanged = |d: &Daemon| d.log().matches("policy unchanged").count();
     let seen = unchanged(&d);
     d.write_policy("p.yaml", &policy(&cg.base, b.port()))?;
-    wait_for("the watch's read of the unchanged file", || {
+    wait_for(&d, "the watch's read of the unchanged file", || {
         Ok(unchanged(&d) > seen)
     })?;
     assert_eq!(
@@ -255,7 +252,7 @@ fn a_configmap_symlink_swap_is_applied() -> Result<()> {
     symlink("..2026_02", dir.join("..data_tmp"))?;
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
     std::fs::remove_dir_all(dir.join("..2026_01"))?;
-    wait_for("the swapped ConfigMap applied", || {
+    wait_for(&d, "the swapped ConfigMap applied", || {
         Ok(generation(&d)? > before)
     })?;
     assert_eq!(generation(&d)?, before + 1, "{}", d.log());

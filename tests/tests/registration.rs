@@ -13,7 +13,9 @@ use agentwall::{
     events::AuditRecord,
     policy::{self, PolicySet},
 };
-use agentwall_tests::{probe_in, probe_status_in, tcp_server, TestCgroups, EPERM};
+use agentwall_tests::{
+    probe_in, probe_status_in, tcp_server, wait::until_answer, TestCgroups, EPERM,
+};
 use anyhow::{bail, ensure, Context, Result};
 use tokio::sync::mpsc;
 
@@ -39,21 +41,17 @@ fn policy_allowing(port: u16) -> String {
     )
 }
 
-/// Waits until `cond` holds on the controller's status.
+/// Waits until `cond` holds on the controller's status (each check asks the controller).
 async fn wait_status(
     h: &Handle,
     what: &str,
     cond: impl Fn(&serde_json::Value) -> bool,
 ) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    until_answer(what, Duration::from_secs(10), || async {
         let s = h.status().await?;
-        if cond(&s) {
-            return Ok(s);
-        }
-        ensure!(Instant::now() < deadline, "{what}: status {s:#}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        Ok(cond(&s).then_some(s))
+    })
+    .await
 }
 
 fn registered(s: &serde_json::Value, rel: &str) -> bool {
@@ -253,6 +251,8 @@ async fn an_invalid_huge_reload_denies_no_allowed_connect_under_a_deadman() -> R
     let agent = cg.make("agent-dm")?;
     let mut opts = Options::new(PolicySource::Path(dir.clone()));
     opts.control_socket = None;
+    let (tap, mut records) = mpsc::unbounded_channel();
+    opts.tap = Some(tap);
     let h = daemon::start(opts).await?;
     h.register(&agent).await?;
     // 262,144 rules and one broken at the end: read and parsed in full, then refused.
@@ -270,8 +270,11 @@ async fn an_invalid_huge_reload_denies_no_allowed_connect_under_a_deadman() -> R
         let step = format!("loop:{ok},{denied},{loop_ms}");
         std::thread::spawn(move || probe_status_in(&agent, &[step]))
     };
-    // The loop runs before, during and after the reload.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The loop runs before, during and after the reload: its first record is seen first.
+    tokio::time::timeout(Duration::from_secs(10), records.recv())
+        .await
+        .context("the loop's first record")?
+        .context("the controller stopped")?;
     let t0 = Instant::now();
     let err = h.reload().await.expect_err("the reload must be refused");
     let took = t0.elapsed();

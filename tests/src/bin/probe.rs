@@ -11,7 +11,6 @@
 //!   connect-held         connect the held socket
 //!   thread:STEP          run STEP on a new thread
 //!   fork:STEP            run STEP in a forked child; report the child's result
-//!   sleep:MS             wait (keeps the process alive while its events are enriched)
 //!   sock:FAMILY,TYPE,PROTO   socket(2) only, numbers as in the C API
 //!   raw:ADDR             SOCK_RAW (IPPROTO_UDP) socket, sendto
 //!   ping:ADDR            ICMP datagram ("ping") socket, sendto an echo request
@@ -222,13 +221,6 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             Ok(0)
         }
         "exec" => exec(arg),
-        "sleep" => {
-            let ms: u64 = arg
-                .parse()
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "sleep:MS"))?;
-            std::thread::sleep(Duration::from_millis(ms));
-            Ok(0)
-        }
         "write" => {
             let (path, text) = arg
                 .split_once(',')
