@@ -1,62 +1,18 @@
 //! `explain` over the in-memory datapath: the reasons, the grant, the task, mapped addresses,
 //! the dead-man state, and the dry run over a policy not yet applied.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+use super::{
+    explain::*,
+    tests::{one_policy, setup as setup_tree, T},
+    *,
 };
-
-use tokio::sync::mpsc;
-
-use super::{explain::*, *};
-use crate::{datapath::fake::Fake, policy::parse_policy};
 
 const POLICY: &str = "name: r\nagents:\n  cgroups: [\"aw/*\"]\negress:\n  - name: web\n    \
     cidr: 127.0.0.0/8\n    ports: 80\n    protocol: tcp\n  - cidr: 127.0.0.9/32\n    ports: 53\n    \
     protocol: udp\ngrantable:\n  - cidr: 127.0.0.0/8\nmax_grant_ttl: 1m\n";
 
-struct T {
-    state: State<Fake>,
-    root: PathBuf,
-}
-
-impl Drop for T {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
 fn setup(policy: &str) -> T {
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let root = std::env::temp_dir().join(format!(
-        "aw-explain-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    ));
-    let _ = fs::remove_dir_all(&root);
-    fs::create_dir_all(root.join("aw/a")).unwrap();
-    let (lost_tx, _losses) = crate::events::loss_link(0);
-    let (notice_tx, _notices) = mpsc::unbounded_channel();
-    let mut state = State::new(
-        Fake::new(64),
-        root.clone(),
-        None,
-        Arc::new(RwLock::new(Names::default())),
-        0,
-        lost_tx,
-        notice_tx,
-        crate::sinks::Health::new(),
-    )
-    .unwrap();
-    state.apply(set(policy)).unwrap();
-    T { state, root }
-}
-
-fn set(policy: &str) -> PolicySet {
-    PolicySet {
-        policies: vec![parse_policy(Path::new("t.yaml"), policy).unwrap()],
-    }
+    setup_tree(64, &["aw/a"], one_policy(policy))
 }
 
 fn ask(t: &T, to: &str, protocol: &str) -> Explanation {
@@ -196,7 +152,7 @@ fn an_unknown_agent_is_not_found() {
 #[test]
 fn a_dry_run_judges_the_compiled_policy_the_same_way() {
     let t = setup(POLICY);
-    let s = set(POLICY);
+    let s = one_policy(POLICY);
     for (to, proto) in [
         ("127.0.0.1:80", "tcp"),
         ("127.0.0.9:53", "udp"),

@@ -1,43 +1,23 @@
 //! Tasks, grants, revocation and expiry against the in-memory datapath.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    sync::{Arc, RwLock},
-};
-
 use agent_common::proto;
-use tokio::sync::mpsc;
 
-use super::*;
-use crate::{
-    datapath::{fake::Fake, GrantPrefix},
-    events::Notice,
-    policy::parse_policy,
+use super::{
+    tests::{one_policy, setup as setup_tree, T},
+    *,
 };
+use crate::datapath::GrantPrefix;
 
 const POLICY: &str = "name: r\nagents:\n  cgroups: [\"aw/*\"]\negress:\n  - cidr: 127.0.0.1/32\n\
     grantable:\n  - cidr: 127.0.0.0/8\n    ports: 1000-2000\n    protocol: tcp\n\
     max_grant_ttl: 1m\n";
-
-struct T {
-    state: State<Fake>,
-    root: PathBuf,
-    notices: mpsc::UnboundedReceiver<Notice>,
-}
-
-impl Drop for T {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
 
 #[test]
 fn an_agents_own_request_is_granted_at_once_only_under_approve_auto() {
     let mut t = setup_with(&format!("{POLICY}approve: auto\n"));
     t.kinds();
     let me = Caller::Agent {
-        cgroup_id: t.id(),
+        cgroup_id: t.id("aw/a"),
         pid: 1,
     };
     // Inside `grantable`: granted at once, recorded as the agent's.
@@ -53,7 +33,7 @@ fn an_agents_own_request_is_granted_at_once_only_under_approve_auto() {
     ));
     // For another agent: never.
     let other = Caller::Agent {
-        cgroup_id: t.id() + 1,
+        cgroup_id: t.id("aw/a") + 1,
         pid: 1,
     };
     assert!(matches!(
@@ -69,49 +49,7 @@ fn setup() -> T {
 }
 
 fn setup_with(policy: &str) -> T {
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let root = std::env::temp_dir().join(format!(
-        "aw-runtime-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    ));
-    let _ = fs::remove_dir_all(&root);
-    fs::create_dir_all(root.join("aw/a")).unwrap();
-    let (lost_tx, _losses) = crate::events::loss_link(0);
-    let (notice_tx, notices) = mpsc::unbounded_channel();
-    let mut state = State::new(
-        Fake::new(64),
-        root.clone(),
-        None,
-        Arc::new(RwLock::new(Names::default())),
-        0,
-        lost_tx,
-        notice_tx,
-        crate::sinks::Health::new(),
-    )
-    .unwrap();
-    let set = PolicySet {
-        policies: vec![parse_policy(Path::new("t.yaml"), policy).unwrap()],
-    };
-    state.apply(set).unwrap();
-    T {
-        state,
-        root,
-        notices,
-    }
-}
-
-impl T {
-    fn id(&self) -> u64 {
-        cgroup::cgroup_id(&self.root.join("aw/a")).unwrap()
-    }
-    fn kinds(&mut self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        while let Ok(n) = self.notices.try_recv() {
-            out.push(n.kind);
-        }
-        out
-    }
+    setup_tree(64, &["aw/a"], one_policy(policy))
 }
 
 const ADMIN: Caller = Caller::Admin { uid: 0 };
@@ -138,7 +76,7 @@ fn a_grant_is_written_listed_and_revoked() {
         .grant(req("127.0.0.0/24", "1000-1100", 30), ADMIN)
         .unwrap();
     assert!(g2.id > g.id, "ids increase");
-    let id = t.id();
+    let id = t.id("aw/a");
     let narrow = t.state.enforcer.grants[&(id, GrantPrefix::V4(32, [127, 0, 0, 5]))];
     // The /32 carries the covering /24's grant too.
     assert_eq!(narrow.count, 2);
@@ -183,7 +121,7 @@ fn grants_outside_the_scope_are_refused_and_change_nothing() {
         t.state.grant(
             req("127.0.0.1", "1500", 30),
             Caller::Agent {
-                cgroup_id: t.id(),
+                cgroup_id: t.id("aw/a"),
                 pid: 1,
             },
         ),
@@ -206,7 +144,7 @@ fn grants_outside_the_scope_are_refused_and_change_nothing() {
 fn a_task_is_stamped_kept_across_reregistration_and_ends_with_its_grants() {
     let mut t = setup();
     t.kinds();
-    let id = t.id();
+    let id = t.id("aw/a");
     let task = t
         .state
         .task_start(

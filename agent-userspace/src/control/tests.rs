@@ -13,10 +13,12 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::{datapath::fake::Fake, events::Notice, identity::watch::Change, policy::parse_policy};
 
-struct T {
-    state: State<Fake>,
-    root: PathBuf,
-    notices: mpsc::UnboundedReceiver<Notice>,
+/// A controller over the in-memory datapath on a temporary tree (shared with the runtime and
+/// explain tests).
+pub(super) struct T {
+    pub(super) state: State<Fake>,
+    pub(super) root: PathBuf,
+    pub(super) notices: mpsc::UnboundedReceiver<Notice>,
 }
 
 impl Drop for T {
@@ -25,7 +27,7 @@ impl Drop for T {
     }
 }
 
-fn policies(list: &[(&str, &str, &str)]) -> PolicySet {
+pub(super) fn policies(list: &[(&str, &str, &str)]) -> PolicySet {
     PolicySet {
         policies: list
             .iter()
@@ -40,7 +42,7 @@ fn policies(list: &[(&str, &str, &str)]) -> PolicySet {
     }
 }
 
-fn setup(capacity: u32, dirs: &[&str], set: PolicySet) -> T {
+pub(super) fn setup(capacity: u32, dirs: &[&str], set: PolicySet) -> T {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let root = std::env::temp_dir().join(format!(
         "aw-control-{}-{}",
@@ -73,10 +75,26 @@ fn setup(capacity: u32, dirs: &[&str], set: PolicySet) -> T {
     }
 }
 
+/// A set of one policy from its YAML.
+pub(super) fn one_policy(yaml: &str) -> PolicySet {
+    PolicySet {
+        policies: vec![parse_policy(Path::new("t.yaml"), yaml).unwrap()],
+    }
+}
+
 impl T {
-    fn id(&self, rel: &str) -> u64 {
+    pub(super) fn id(&self, rel: &str) -> u64 {
         cgroup::cgroup_id(&self.root.join(rel)).unwrap()
     }
+    /// The kinds of the notices sent since the last call.
+    pub(super) fn kinds(&mut self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        while let Ok(n) = self.notices.try_recv() {
+            out.push(n.kind);
+        }
+        out
+    }
+
     fn kind(&self, rel: &str) -> Option<u32> {
         self.state
             .enforcer
@@ -84,7 +102,7 @@ impl T {
             .get(&self.id(rel))
             .map(|e| e.kind)
     }
-    fn entry(&self, rel: &str) -> AgentEntry {
+    pub(super) fn entry(&self, rel: &str) -> AgentEntry {
         self.state.enforcer.agents[&self.id(rel)]
     }
 }
