@@ -11,16 +11,16 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
         generated::{bpf_probe_read_kernel as bpf_probe_read_kernel_raw, bpf_send_signal},
     },
-    maps::lpm_trie::Key,
+    maps::{lpm_trie::Key, LpmTrie},
     programs::{SockAddrContext, SockContext},
 };
 
 use agent_common::{
     action, counter, deadman,
     decide::{match_grants, match_ports, with_grant, NO_ADDRESS},
-    entry, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4, GrantKeyV6, PrefixV4,
-    PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, NO_RULE, POLICY_PREFIX_BITS,
-    UNIX_PATH_MAX,
+    entry, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4, GrantKeyV6, GrantSet,
+    PrefixV4, PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, NO_RULE,
+    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -126,59 +126,44 @@ pub(crate) fn find_agent() -> Option<Caller> {
 /// What the fallback says about a task that is not registered yet.
 const PENDING: (u32, u32, u32) = (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE);
 
-/// A denial stands unless a grant of the agent allows the destination.
+/// A denial stands unless a grant of the agent allows the destination: `key` is the agent's
+/// grant-trie key for the full address, in the trie of its family.
 #[inline(always)]
-fn grant_v4(
-    agent: u64,
+fn with_grants<K>(
+    trie: &LpmTrie<K, GrantSet>,
+    key: Key<K>,
     denied: (u32, u32, u32),
-    addr: [u8; 4],
     port: u16,
     protocol: u32,
 ) -> (u32, u32, u32) {
     if denied.0 == verdict::ALLOW {
         return denied;
     }
-    let key = Key::new(
-        GRANT_AGENT_BITS + 32,
-        GrantKeyV4 {
-            agent: agent.to_be_bytes(),
-            addr,
-        },
-    );
     // SAFETY: plain helper call. The kernel's clock decides, so grants end on time with no
     // controller running.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let grant = GRANTS_V4
+    let grant = trie
         .get(&key)
         .and_then(|set| match_grants(set, port, protocol, now));
     with_grant(denied, grant)
 }
 
 #[inline(always)]
-fn grant_v6(
-    agent: u64,
-    denied: (u32, u32, u32),
-    addr: [u8; 16],
-    port: u16,
-    protocol: u32,
-) -> (u32, u32, u32) {
-    if denied.0 == verdict::ALLOW {
-        return denied;
-    }
-    let key = Key::new(
-        GRANT_AGENT_BITS + 128,
-        GrantKeyV6 {
-            agent: agent.to_be_bytes(),
-            addr,
-        },
-    );
-    // SAFETY: plain helper call. The kernel's clock decides, so grants end on time with no
-    // controller running.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let grant = GRANTS_V6
-        .get(&key)
-        .and_then(|set| match_grants(set, port, protocol, now));
-    with_grant(denied, grant)
+fn grant_key_v4(agent: u64, addr: [u8; 4]) -> Key<GrantKeyV4> {
+    let data = GrantKeyV4 {
+        agent: agent.to_be_bytes(),
+        addr,
+    };
+    Key::new(GRANT_AGENT_BITS + 32, data)
+}
+
+#[inline(always)]
+fn grant_key_v6(agent: u64, addr: [u8; 16]) -> Key<GrantKeyV6> {
+    let data = GrantKeyV6 {
+        agent: agent.to_be_bytes(),
+        addr,
+    };
+    Key::new(GRANT_AGENT_BITS + 128, data)
 }
 
 #[inline(always)]
@@ -255,7 +240,13 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
         PENDING
     } else {
         let policy = lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol);
-        grant_v4(c.cgroup, policy, ip, dest.port, dest.protocol)
+        with_grants(
+            &GRANTS_V4,
+            grant_key_v4(c.cgroup, ip),
+            policy,
+            dest.port,
+            dest.protocol,
+        )
     };
     Ok(finish(hook, &c, &dest, v, r, rule))
 }
@@ -294,7 +285,13 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
         PENDING
     } else if mapped {
         let policy = lookup_v4(c.entry.policy_id, w[3], dest.port, dest.protocol);
-        grant_v4(c.cgroup, policy, w[3], dest.port, dest.protocol)
+        with_grants(
+            &GRANTS_V4,
+            grant_key_v4(c.cgroup, w[3]),
+            policy,
+            dest.port,
+            dest.protocol,
+        )
     } else {
         let key = Key::new(
             POLICY_PREFIX_BITS + 128,
@@ -307,7 +304,13 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
             Some(rules) => match_ports(rules, dest.port, dest.protocol),
             None => NO_ADDRESS,
         };
-        grant_v6(c.cgroup, policy, addr, dest.port, dest.protocol)
+        with_grants(
+            &GRANTS_V6,
+            grant_key_v6(c.cgroup, addr),
+            policy,
+            dest.port,
+            dest.protocol,
+        )
     };
     Ok(finish(hook, &c, &dest, v, r, rule))
 }
