@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Request},
+    api,
     control::{Command, State, CONFLICT_POLICY_ID},
     datapath::{self as loader, lock::PinLock, pin, Enforcer, LoadOptions, Retired},
     events::{self, AuditRecord, Enricher},
@@ -108,32 +108,38 @@ impl Handle {
         let _ = self.reopen.send(());
     }
 
-    /// Sends a request as the control socket would.
-    pub async fn request(&self, req: Request) -> Result<serde_json::Value> {
-        let resp = api::dispatch(&self.commands, req).await;
-        if resp.ok {
-            Ok(resp.result.unwrap_or_default())
-        } else {
-            bail!(resp.error.unwrap_or_default())
-        }
+    /// Sends one command to the control actor and waits for its reply.
+    async fn command<T: serde::Serialize>(
+        &self,
+        make: impl FnOnce(crate::control::Reply<T>) -> Command,
+    ) -> Result<serde_json::Value> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the controller is shutting down"))?;
+        let v = rx
+            .await
+            .map_err(|_| anyhow::anyhow!("the controller is shutting down"))?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(serde_json::to_value(v)?)
     }
 
     /// Registers the cgroup at `cgroup` (absolute path) as an agent, as `agentwall exec` does.
     pub async fn register(&self, cgroup: &std::path::Path) -> Result<serde_json::Value> {
-        self.request(Request::Register {
-            cgroup: cgroup.to_path_buf(),
-        })
-        .await
+        let cgroup = cgroup.to_path_buf();
+        self.command(|reply| Command::Register { cgroup, reply })
+            .await
     }
 
     /// Re-reads the policy directory; on any error the running policy stays.
     pub async fn reload(&self) -> Result<serde_json::Value> {
-        self.request(Request::Reload).await
+        self.command(|reply| Command::Reload { reply }).await
     }
 
     /// What `agentwall status` shows.
     pub async fn status(&self) -> Result<serde_json::Value> {
-        self.request(Request::Status).await
+        self.command(|reply| Command::Status { reply }).await
     }
 
     /// Sends a runtime-control command and waits for its typed reply.

@@ -14,7 +14,6 @@ use std::{
 
 pub use agentwall::datapath::Counters;
 use agentwall::{
-    api::Request,
     daemon::{self, Handle, Options, PolicySource},
     policy::PolicySet,
 };
@@ -250,9 +249,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The controller's counters, through the same request `agentwall status` sends.
+/// The controller's counters, as `agentwall status` shows them.
 pub async fn counters(handle: &Handle) -> Result<Counters> {
-    let v = handle.request(Request::Status).await?;
+    let v = handle.status().await?;
     Ok(serde_json::from_value(v["counters"].clone())?)
 }
 
@@ -416,9 +415,7 @@ pub async fn setup(cfg: &Config, ctx: &Ctx, round: usize) -> Result<(Active, Set
                 .await
                 .context("starting the in-process agentwall controller")?;
             handle
-                .request(Request::Register {
-                    cgroup: ctx.agent.clone(),
-                })
+                .register(&ctx.agent)
                 .await
                 .context("registering the bench's agent cgroup")?;
             Active::Agentwall {

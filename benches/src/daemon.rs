@@ -23,7 +23,6 @@ use agent_common::{
     entry, names, proto, AgentEntry, PortRule, PrefixV4, RuleSet, POLICY_PREFIX_BITS,
 };
 use agentwall::{
-    api::Request,
     daemon::{self, Options, PolicySource},
     identity::cgroup,
     policy::{self, PolicySet},
@@ -237,11 +236,7 @@ async fn runtime_mode(args: &DaemonArgs) -> Result<()> {
     );
     let handle = daemon::start(opts).await?;
     let result = async {
-        handle
-            .request(Request::Register {
-                cgroup: args.agent.clone(),
-            })
-            .await?;
+        handle.register(&args.agent).await?;
         let params = crate::runtime::Params {
             exe: std::env::current_exe()?,
             agent: args.agent.clone(),
@@ -269,11 +264,7 @@ async fn daemon_mode(args: &DaemonArgs) -> Result<()> {
     let t = Instant::now();
     let handle = daemon::start(opts).await?;
     let start_ms = ms(t.elapsed());
-    handle
-        .request(Request::Register {
-            cgroup: args.agent.clone(),
-        })
-        .await?;
+    handle.register(&args.agent).await?;
     let rss_kib = sys::status_kib("VmRSS")?;
     let hwm_kib = sys::status_kib("VmHWM")?;
     // SAFETY: glibc's malloc_trim only returns free heap memory to the kernel.

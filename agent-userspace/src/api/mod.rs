@@ -14,7 +14,7 @@ pub mod wire;
 use std::{
     collections::VecDeque,
     os::unix::{fs::PermissionsExt, net::UnixStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -22,12 +22,10 @@ use std::{
     time::Duration,
 };
 
-use hyper::Method;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use serde::{Deserialize, Serialize};
 use tokio::{
     net::UnixListener,
     sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
@@ -41,61 +39,6 @@ pub const DEFAULT_SOCKET: &str = "/run/agentwall/control.sock";
 
 /// Request bodies are capped so a client cannot make the controller buffer without bound.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// The controller's own calls (register, reload, status), for in-process callers
-/// ([`crate::daemon::Handle::request`]) and the CLI's [`request`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Register the cgroup at this absolute path as an agent (its policy is found by selector).
-    Register { cgroup: PathBuf },
-    /// Re-read the policy directory; on any error the running policy stays.
-    Reload,
-    /// Counters and registered agents.
-    Status,
-}
-
-/// An in-process reply: a result, or the controller's error message.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub struct Response {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-}
-
-impl Response {
-    pub fn ok(result: serde_json::Value) -> Self {
-        Self {
-            ok: true,
-            error: None,
-            result: Some(result),
-        }
-    }
-    pub fn err(msg: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(msg.into()),
-            result: None,
-        }
-    }
-}
-
-/// Sends one of the controller's own requests over the API (blocking; used by the CLI).
-pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
-    match req {
-        Request::Register { cgroup } => client::call(
-            socket,
-            Method::POST,
-            "/v1/agents",
-            Some(serde_json::json!({ "cgroup": cgroup })),
-        ),
-        Request::Reload => client::call(socket, Method::POST, "/v1/reload", None),
-        Request::Status => client::call(socket, Method::GET, "/v1/status", None),
-    }
-}
 
 /// Most connections served at once. Beyond it a new connection takes the slot of the oldest one
 /// that has not sent its request yet, or is closed at once when every slot is busy with a
@@ -112,31 +55,6 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// A failed accept (EMFILE, ENFILE) leaves the connection queued: wait before trying again
 /// rather than spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Maps a wire request to its typed command and the typed reply back to the wire.
-pub async fn dispatch(commands: &mpsc::Sender<Command>, req: Request) -> Response {
-    async fn call<T: Serialize>(
-        commands: &mpsc::Sender<Command>,
-        make: impl FnOnce(crate::control::Reply<T>) -> Command,
-    ) -> Response {
-        let (tx, rx) = oneshot::channel();
-        if commands.send(make(tx)).await.is_err() {
-            return Response::err("the controller is shutting down");
-        }
-        match rx.await {
-            Ok(Ok(v)) => Response::ok(serde_json::to_value(v).unwrap_or_default()),
-            Ok(Err(e)) => Response::err(e),
-            Err(_) => Response::err("the controller is shutting down"),
-        }
-    }
-    match req {
-        Request::Register { cgroup } => {
-            call(commands, |reply| Command::Register { cgroup, reply }).await
-        }
-        Request::Reload => call(commands, |reply| Command::Reload { reply }).await,
-        Request::Status => call(commands, |reply| Command::Status { reply }).await,
-    }
-}
 
 /// Binds the socket (root-only, 0600) and serves until `shutdown`.
 pub async fn serve(

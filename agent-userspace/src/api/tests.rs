@@ -7,22 +7,8 @@ use tower::ServiceExt;
 use super::{
     routes::{self, decode, Ctx},
     wire::{self, ApiError, GrantBody, TaskStartBody},
-    Request,
 };
 use crate::control::{self, Command, ControlError};
-
-#[test]
-fn in_process_requests_use_a_tagged_json_form() {
-    let r: Request =
-        serde_json::from_str(r#"{"op":"register","cgroup":"/sys/fs/cgroup/a"}"#).unwrap();
-    assert_eq!(
-        r,
-        Request::Register {
-            cgroup: "/sys/fs/cgroup/a".into()
-        }
-    );
-    assert!(serde_json::from_str::<Request>(r#"{"op":"nuke"}"#).is_err());
-}
 
 #[test]
 fn control_errors_map_to_statuses() {

@@ -15,7 +15,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 use clap::Args;
 
 use crate::{
-    api::{self, Request},
+    api,
     identity::{self, cgroup},
     policy,
 };
@@ -102,11 +102,11 @@ pub(super) fn run(a: ExecArgs) -> Result<()> {
             root.display()
         );
     }
-    let reply = match api::request(
+    let reply = match api::client::call(
         &a.control_socket,
-        &Request::Register {
-            cgroup: path.clone(),
-        },
+        api::client::Method::POST,
+        "/v1/agents",
+        Some(serde_json::json!({ "cgroup": path })),
     ) {
         Ok(r) => r,
         Err(e) => {

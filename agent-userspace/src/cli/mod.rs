@@ -6,7 +6,7 @@ mod exec;
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use crate::{
-    api::{self, Request},
+    api,
     daemon::{self, Options, PolicySource},
     datapath::{
         lock::{LockError, PinLock},
@@ -247,35 +247,37 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.cmd {
-        Cmd::Policy {
-            cmd: PolicyCmd::Check { path },
-        } => policy_check(path),
-        Cmd::Policy {
-            cmd: PolicyCmd::Apply { path, socket },
-        } => policy_apply(&path, &socket.control_socket),
-        Cmd::Exec(a) => exec::run(a),
-        Cmd::DemoAgent => demo::agent(),
-        Cmd::DemoTool { target } => demo::tool(&target),
-        Cmd::Reload(s) => print_reply(&s.control_socket, Request::Reload),
-        Cmd::Status(s) => print_reply(&s.control_socket, Request::Status),
-        Cmd::Task { cmd } => task(cmd),
-        Cmd::Grant(a) => grant(a),
-        Cmd::Grants(s) => {
-            call(&s.control_socket, Method::GET, "/v1/grants", None).and_then(|v| print_json(&v))
-        }
-        Cmd::Revoke { id, socket } => call(
-            &socket.control_socket,
-            Method::DELETE,
-            &format!("/v1/grants/{id}"),
-            None,
-        )
-        .and_then(|v| print_json(&v)),
-        Cmd::Explain(a) => explain(a),
-        Cmd::Uninstall(a) => uninstall(a),
-        Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
-        Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
-    };
+    let result =
+        match cli.cmd {
+            Cmd::Policy {
+                cmd: PolicyCmd::Check { path },
+            } => policy_check(path),
+            Cmd::Policy {
+                cmd: PolicyCmd::Apply { path, socket },
+            } => policy_apply(&path, &socket.control_socket),
+            Cmd::Exec(a) => exec::run(a),
+            Cmd::DemoAgent => demo::agent(),
+            Cmd::DemoTool { target } => demo::tool(&target),
+            Cmd::Reload(s) => call(&s.control_socket, Method::POST, "/v1/reload", None)
+                .and_then(|v| print_json(&v)),
+            Cmd::Status(s) => call(&s.control_socket, Method::GET, "/v1/status", None)
+                .and_then(|v| print_json(&v)),
+            Cmd::Task { cmd } => task(cmd),
+            Cmd::Grant(a) => grant(a),
+            Cmd::Grants(s) => call(&s.control_socket, Method::GET, "/v1/grants", None)
+                .and_then(|v| print_json(&v)),
+            Cmd::Revoke { id, socket } => call(
+                &socket.control_socket,
+                Method::DELETE,
+                &format!("/v1/grants/{id}"),
+                None,
+            )
+            .and_then(|v| print_json(&v)),
+            Cmd::Explain(a) => explain(a),
+            Cmd::Uninstall(a) => uninstall(a),
+            Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
+            Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -340,10 +342,6 @@ fn policy_check(path: PathBuf) -> Result<()> {
     }
     println!("{}: {} policies valid", path.display(), set.policies.len());
     Ok(())
-}
-
-fn print_reply(socket: &std::path::Path, req: Request) -> Result<()> {
-    print_json(&api::request(socket, &req)?)
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -512,7 +510,7 @@ async fn run(a: RunArgs) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 handle.reopen_audit_log();
-                if let Err(e) = handle.request(Request::Reload).await {
+                if let Err(e) = handle.reload().await {
                     tracing::error!("reload rejected, running policy kept: {e:#}");
                 }
             }
