@@ -288,15 +288,31 @@ pub fn load(path: &Path) -> Result<Runtime, String> {
     }
 }
 
-/// Writes the state file atomically (a temporary file renamed over it).
+/// Writes the state file atomically (a temporary file renamed over it), readable by root only:
+/// it holds every agent's tasks, intents and grants, and agents run as other users.
 pub fn save(path: &Path, rt: &Runtime) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+        // Also when an earlier build made it with the umask's mode.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(err)?;
     }
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(rt).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, bytes).map_err(err)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    std::io::Write::write_all(&mut f, &bytes).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
 
@@ -397,6 +413,19 @@ mod tests {
         let g = grant(1, "127.0.0.1/32", &[(80, 80)]);
         assert!(g.covers("::ffff:127.0.0.1".parse().unwrap(), 80, proto::TCP));
         assert!(!g.covers("127.0.0.1".parse().unwrap(), 81, proto::TCP));
+    }
+
+    #[test]
+    fn the_state_file_is_for_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("aw-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("state/x.json");
+        save(&path, &Runtime::default()).unwrap();
+        save(&path, &Runtime::default()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&path), mode(path.parent().unwrap())), (0o600, 0o700));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
