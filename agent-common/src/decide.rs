@@ -4,7 +4,7 @@
 //! values: no helpers, no maps, bounded loops the verifier accepts.
 
 use crate::{
-    proto, reason, verdict, GrantSet, RuleSet, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
+    mode, proto, reason, verdict, GrantSet, RuleSet, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
 };
 
 /// IANA protocol numbers the rules know.
@@ -74,6 +74,55 @@ pub fn with_grant(policy: (u32, u32, u32), grant: Option<u32>) -> (u32, u32, u32
     match grant {
         Some(id) => (verdict::ALLOW, reason::GRANT, id),
         None => policy,
+    }
+}
+
+/// One agent's judgement of a call, its mode (and dead-man switch) applied: what a chain of
+/// agents (the caller's and every agent enclosing it) combines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judged {
+    pub verdict: u32,
+    pub reason: u32,
+    pub rule_id: u32,
+    /// `mode::*` in force for this agent.
+    pub mode: u32,
+    /// 0: the calling agent; n: the n-th enclosing agent.
+    pub level: u32,
+}
+
+impl Judged {
+    /// A denial that is enforced (not only recorded).
+    #[inline(always)]
+    pub fn blocks(&self) -> bool {
+        self.verdict == verdict::DENY && self.mode == mode::ENFORCE
+    }
+}
+
+/// Delegation: a call leaves only if every agent of the chain allows it. `acc` is what the
+/// agents nearer the caller said, `next` what the next enclosing one says: the first enforced
+/// denial wins, else the first denial (recorded in audit mode), else the caller's own allow.
+#[inline(always)]
+pub fn fold_chain(acc: Judged, next: Judged) -> Judged {
+    if acc.blocks() {
+        acc
+    } else if next.blocks() || (acc.verdict == verdict::ALLOW && next.verdict == verdict::DENY) {
+        next
+    } else {
+        acc
+    }
+}
+
+/// Rate limiting (GCRA, a token bucket as one number): `tat` is the agent's theoretical arrival
+/// time (CLOCK_BOOTTIME ns; 0 when new), one call costs `interval` ns, and calls may run
+/// `burst_ns` ahead of `now`. The new `tat` when the call is within the limit, else `None`.
+#[inline(always)]
+pub fn rate_take(tat: u64, now: u64, interval: u64, burst_ns: u64) -> Option<u64> {
+    let base = if tat > now { tat } else { now };
+    let next = base.saturating_add(interval);
+    if next - now > burst_ns {
+        None
+    } else {
+        Some(next)
     }
 }
 
@@ -176,5 +225,61 @@ mod tests {
             (verdict::ALLOW, reason::GRANT, 4)
         );
         assert_eq!(with_grant(NO_ADDRESS, None), NO_ADDRESS);
+    }
+
+    fn judged(verdict: u32, mode: u32, level: u32) -> Judged {
+        Judged {
+            verdict,
+            reason: if verdict == verdict::ALLOW {
+                reason::RULE
+            } else {
+                reason::NO_ADDRESS_MATCH
+            },
+            rule_id: level,
+            mode,
+            level,
+        }
+    }
+
+    #[test]
+    fn a_chain_allows_only_when_every_agent_allows() {
+        use crate::{mode::*, verdict::*};
+        let own = judged(ALLOW, ENFORCE, 0);
+        assert_eq!(fold_chain(own, judged(ALLOW, ENFORCE, 1)), own);
+        // An enclosing agent's enforced denial blocks, whatever the caller said.
+        let parent = judged(DENY, ENFORCE, 1);
+        assert_eq!(fold_chain(own, parent), parent);
+        assert_eq!(fold_chain(judged(DENY, AUDIT, 0), parent), parent);
+        // The nearest enforced denial is the one reported.
+        let blocked = judged(DENY, ENFORCE, 0);
+        assert_eq!(fold_chain(blocked, parent), blocked);
+        // An audit-mode denial is recorded over an allow, but an enforced one wins over it.
+        let audited = judged(DENY, AUDIT, 1);
+        assert_eq!(fold_chain(own, audited), audited);
+        assert_eq!(fold_chain(audited, judged(DENY, ENFORCE, 2)).level, 2);
+        assert_eq!(fold_chain(audited, judged(DENY, AUDIT, 2)).level, 1);
+    }
+
+    #[test]
+    fn rate_take_allows_a_burst_then_one_per_interval() {
+        let (interval, burst) = (1_000, 3);
+        let mut tat = 0;
+        let now = 1_000_000;
+        for _ in 0..burst {
+            tat = rate_take(tat, now, interval, burst * interval).expect("within the burst");
+        }
+        assert_eq!(rate_take(tat, now, interval, burst * interval), None);
+        // One interval later, one more.
+        tat = rate_take(tat, now + interval, interval, burst * interval).expect("refilled");
+        assert_eq!(
+            rate_take(tat, now + interval, interval, burst * interval),
+            None
+        );
+        // Idle time refills the burst, not more.
+        let later = now + 100 * interval;
+        for _ in 0..burst {
+            tat = rate_take(tat, later, interval, burst * interval).expect("refilled burst");
+        }
+        assert_eq!(rate_take(tat, later, interval, burst * interval), None);
     }
 }

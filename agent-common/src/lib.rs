@@ -14,6 +14,10 @@ pub const MAX_CGROUP_LEVEL: u32 = 31;
 /// Port rules one compiled prefix can carry after merging every covering rule.
 pub const MAX_PORT_RULES: usize = 16;
 
+/// Agents one decision intersects: the calling agent and up to `MAX_AGENT_CHAIN - 1` agents whose
+/// cgroups enclose it (delegation). A deeper nesting of agents is denied (`reason::CHAIN_TOO_DEEP`).
+pub const MAX_AGENT_CHAIN: usize = 4;
+
 /// Capacity of the agent map (registered cgroups).
 pub const MAX_AGENTS: u32 = 16_384;
 /// Capacity of each LPM trie (all policies together).
@@ -79,6 +83,12 @@ pub mod reason {
     pub const PENDING_IDENTITY: u32 = 10;
     /// No rule allowed it but a live grant of the agent did; `Event::rule_id` is the grant id.
     pub const GRANT: u32 = 11;
+    /// The policy allowed it, but the agent (or an enclosing agent, `Event::decided_by`) had used
+    /// up its connections and unconnected sends for now (`AgentEntry::rate_interval_ns`).
+    pub const RATE_LIMIT: u32 = 12;
+    /// More agents enclose the caller than a decision intersects (`MAX_AGENT_CHAIN`): denied,
+    /// whatever the modes, so no agent escapes an enclosing agent by nesting deeper.
+    pub const CHAIN_TOO_DEEP: u32 = 13;
 }
 
 /// Bits of `Event::proc_flags`: what the kernel knew about the calling process.
@@ -129,9 +139,13 @@ pub mod names {
     /// Per-agent live grants (LPM tries keyed by `GrantKeyV4`/`GrantKeyV6`, values `GrantSet`).
     pub const GRANTS_V4_MAP: &str = "AW_GRANTS_V4";
     pub const GRANTS_V6_MAP: &str = "AW_GRANTS_V6";
+    /// Agent cgroup id -> its rate limiter's state (u64, `decide::rate_take`). Apart from the
+    /// agent entry, which the controller rewrites on every task and policy change: a bucket there
+    /// would refill each time.
+    pub const RATE_MAP: &str = "AW_RATE";
 
     /// Every map that is pinned, so that enforcement outlives the controller.
-    pub const PINNED_MAPS: [&str; 11] = [
+    pub const PINNED_MAPS: [&str; 12] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -143,9 +157,10 @@ pub mod names {
         EXES_MAP,
         GRANTS_V4_MAP,
         GRANTS_V6_MAP,
+        RATE_MAP,
     ];
     /// Every map the eBPF object defines.
-    pub const ALL_MAPS: [&str; 12] = [
+    pub const ALL_MAPS: [&str; 13] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -158,6 +173,7 @@ pub mod names {
         EXE_SCRATCH_MAP,
         GRANTS_V4_MAP,
         GRANTS_V6_MAP,
+        RATE_MAP,
     ];
 
     /// cgroup/connect4, connect6, sendmsg4, sendmsg6.
@@ -395,8 +411,27 @@ pub struct AgentEntry {
     /// CLOCK_BOOTTIME (ns) at which the task ends by itself (0: no ttl); the kernel stops
     /// stamping the slot after it, also while the controller is down.
     pub task_deadline_ns: u64,
+    /// Rate limit of connections and unconnected sends together: one is allowed every this
+    /// many ns on average (0: no limit).
+    pub rate_interval_ns: u64,
+    /// ... with bursts of up to `rate_burst_ns / rate_interval_ns` at once.
+    pub rate_burst_ns: u64,
+    /// Agents whose cgroups enclose this one, nearest first, 0 behind the last (delegation):
+    /// each judges this entry's calls too. Kept by the controller, which knows the tree, so the
+    /// programs walk no further than the nearest entry.
+    pub enclosing: [u64; MAX_AGENT_CHAIN - 1],
+    /// `entry_flags::*`
+    pub flags: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<AgentEntry>() == 40);
+const _: () = assert!(size_of::<AgentEntry>() == 56 + 8 * (MAX_AGENT_CHAIN - 1) + 8);
+
+/// Bits of `AgentEntry::flags`.
+pub mod entry_flags {
+    /// More agents enclose this one than `enclosing` holds: its calls are denied
+    /// (`reason::CHAIN_TOO_DEEP`), so no agent escapes an enclosing one by nesting deeper.
+    pub const CHAIN_TOO_DEEP: u32 = 1 << 0;
+}
 
 /// Capacity of each grant trie (all agents together).
 pub const MAX_GRANT_PREFIXES: u32 = 16_384;
@@ -542,7 +577,8 @@ impl RuleSet {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
-    /// Bit n set: some agent cgroup sits at level n. Zero: no agents, every hook returns at once.
+    /// Bit n set: some entry (an agent, a watched parent, an exempt cgroup) sits at level n.
+    /// Zero: no entries, every hook returns at once.
     pub agent_levels: u32,
     pub _reserved: u32,
     /// Unused since layout v4 (the heartbeat has its own map, `names::HEARTBEAT_MAP`, so the
@@ -636,8 +672,14 @@ pub struct Event {
     pub exe: [u8; EXE_PATH_MAX],
     /// The parent's executable, likewise; valid with `proc::PARENT_EXE_KNOWN`.
     pub parent_exe: [u8; EXE_PATH_MAX],
+    /// Agents whose cgroups enclose `agent_cgroup_id`'s, nearest first, 0 behind the last: each
+    /// judged the call too (delegation). Layout v6; zeros in records of older layouts.
+    pub chain: [u64; MAX_AGENT_CHAIN - 1],
+    /// Whose verdict this is: 0 the agent itself, n the agent `chain[n - 1]`.
+    pub decided_by: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<Event>() == EVENT_V3_BYTES + 8 + 2 * EXE_PATH_MAX);
+const _: () = assert!(size_of::<Event>() == EVENT_V5_BYTES + 8 * (MAX_AGENT_CHAIN - 1) + 8);
 const _: () = assert!(size_of::<Event>().is_multiple_of(8));
 
 /// Bytes of an `Event` as layout v2 and older wrote it (no `action`); such records may still
@@ -645,6 +687,8 @@ const _: () = assert!(size_of::<Event>().is_multiple_of(8));
 pub const EVENT_V2_BYTES: usize = EVENT_V3_BYTES - 8;
 /// Bytes of an `Event` as layout v3 wrote it (no process fields).
 pub const EVENT_V3_BYTES: usize = 40 + 16 + 40 + 16 + 16;
+/// Bytes of an `Event` as layouts v4 and v5 wrote it (no chain of agents).
+pub const EVENT_V5_BYTES: usize = EVENT_V3_BYTES + 8 + 2 * EXE_PATH_MAX;
 
 pub const NO_RULE: u32 = u32::MAX;
 
@@ -733,10 +777,15 @@ fn record_layout(len: usize, unix: bool) -> Option<(usize, usize)> {
     } else {
         0
     };
-    [size_of::<Event>(), EVENT_V3_BYTES, EVENT_V2_BYTES]
-        .into_iter()
-        .find(|head| len == head + tail)
-        .map(|head| (head, tail))
+    [
+        size_of::<Event>(),
+        EVENT_V5_BYTES,
+        EVENT_V3_BYTES,
+        EVENT_V2_BYTES,
+    ]
+    .into_iter()
+    .find(|head| len == head + tail)
+    .map(|head| (head, tail))
 }
 
 /// A record of any layout widened to the current one: its event prefix, zeros for the fields

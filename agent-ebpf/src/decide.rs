@@ -15,22 +15,27 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 
+use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+
 use agent_common::{
     action, counter, deadman,
-    decide::{match_grants, match_ports, with_grant, NO_ADDRESS},
-    entry, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4, GrantKeyV6, GrantSet,
-    PrefixV4, PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS, MAX_CGROUP_LEVEL, NO_RULE,
-    POLICY_PREFIX_BITS, UNIX_PATH_MAX,
+    decide::{fold_chain, match_grants, match_ports, rate_take, with_grant, Judged, NO_ADDRESS},
+    entry, entry_flags, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4,
+    GrantKeyV6, GrantSet, PrefixV4, PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS,
+    MAX_AGENT_CHAIN, MAX_CGROUP_LEVEL, NO_RULE, POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
     exec,
     maps::{
-        count, AGENTS, CONFIG, EVENTS, GRANTS_V4, GRANTS_V6, HEARTBEAT, RULES_V4, RULES_V6,
+        count, AGENTS, CONFIG, EVENTS, GRANTS_V4, GRANTS_V6, HEARTBEAT, RATE, RULES_V4, RULES_V6,
         UNIX_PATHS,
     },
     ALLOW, DENY,
 };
+
+/// Enclosing agents a decision intersects beside the caller's own.
+const CHAIN: usize = MAX_AGENT_CHAIN - 1;
 
 /// The hook could not read what it needs to decide: it judged the call the strictest way and
 /// its record has been written, or counted lost (reason `error`; for the packet-socket guard,
@@ -73,26 +78,54 @@ pub(crate) struct Caller {
     /// The entry's cgroup (`Event::agent_cgroup_id`).
     pub cgroup: u64,
     /// A copy taken once: the controller updates entries in place (a policy switch, a task),
-    /// and a decision must not mix the fields of two versions.
+    /// and a decision must not mix the fields of two versions. Its `enclosing` list is the
+    /// chain of agents that judge the call too.
     pub entry: AgentEntry,
-    /// Below a watched parent with no registration yet: judged by the fallback only.
+    /// Below a watched parent with no registration yet: judged by the fallback (and the
+    /// agents enclosing the watched parent).
     pub pending: bool,
 }
 
+impl Caller {
+    /// Nobody yet: `find_agent` fills it.
+    #[inline(always)]
+    pub(crate) fn new() -> Caller {
+        Caller {
+            cgroup: 0,
+            entry: EMPTY_ENTRY,
+            pending: false,
+        }
+    }
+
+    /// Agents enclosing the caller's (delegation): `entry.enclosing`, written by the controller.
+    #[inline(always)]
+    fn nested(&self) -> bool {
+        self.entry.enclosing[0] != 0
+    }
+}
+
 /// The entry the calling task falls under: the deepest one among its own cgroup and its
-/// ancestors decides. An agent is judged by its policy; an exempt cgroup, or a task in a watched
-/// parent itself, is not an agent; a task strictly below a watched parent is pending. Only
-/// levels that hold some entry are probed, and only a found entry costs more.
-#[inline(always)]
-pub(crate) fn find_agent() -> Option<Caller> {
-    let levels = CONFIG.get(0)?.agent_levels;
+/// ancestors decides. An agent is judged by its policy; a task strictly below a watched parent
+/// is pending; an exempt cgroup, or a task in a watched parent itself, is not an agent of its
+/// own and falls under the nearest agent enclosing it, if any. Only levels that hold some entry
+/// are probed, and only a found entry costs more.
+///
+/// Fills `c` (the hook's own, so the entry is copied once) and says whether it found one. A
+/// function of its own (a BPF-to-BPF call), so its unrolled walk takes no room in the hook's
+/// stack frame.
+#[inline(never)]
+pub(crate) fn find_agent(c: &mut Caller) -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return false;
+    };
+    let levels = config.agent_levels;
     if levels == 0 {
-        return None;
+        return false;
     }
     // Deepest first, so a nested agent overrides its parent's registration. The level is a
     // constant in each (unrolled) step: with a computed start the verifier walks the loop once
     // per possible start, which made loading these programs take 0.3 s each.
-    let mut found = None;
+    let mut found = 0;
     let mut level = MAX_CGROUP_LEVEL as i32;
     while level >= 0 {
         if levels & (1u32 << level) != 0 {
@@ -101,30 +134,235 @@ pub(crate) fn find_agent() -> Option<Caller> {
             if id != 0 {
                 if let Some(e) = unsafe { AGENTS.get(id) } {
                     // SAFETY: a valid map value; read once, as a whole.
-                    found = Some((id, unsafe { core::ptr::read_volatile(e) }, level));
+                    c.entry = unsafe { core::ptr::read_volatile(e) };
+                    c.cgroup = id;
+                    found = level + 1;
                     break;
                 }
             }
         }
         level -= 1;
     }
-    let (cgroup, e, level) = found?;
-    let pending = match e.kind {
-        entry::AGENT => false,
+    if found == 0 {
+        return false;
+    }
+    match c.entry.kind {
+        entry::AGENT => true,
         // Strictly below the watched cgroup: the task has an ancestor one level deeper.
-        entry::WATCH if unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) } != 0 => true,
-        // The watched parent itself, an exempt cgroup, or a kind this program does not know.
-        _ => return None,
-    };
-    Some(Caller {
-        cgroup,
-        entry: e,
-        pending,
-    })
+        entry::WATCH if unsafe { bpf_get_current_ancestor_cgroup_id(found) } != 0 => {
+            c.pending = true;
+            true
+        }
+        // The watched parent itself, an exempt cgroup, or a kind this program does not know:
+        // not an agent of its own; the nearest agent enclosing it judges it.
+        _ => {
+            let id = c.entry.enclosing[0];
+            if id == 0 {
+                return false;
+            }
+            match unsafe { AGENTS.get(id) } {
+                Some(e) => {
+                    // SAFETY: as above.
+                    c.entry = unsafe { core::ptr::read_volatile(e) };
+                    c.cgroup = id;
+                    c.entry.kind == entry::AGENT
+                }
+                None => false,
+            }
+        }
+    }
 }
 
-/// What the fallback says about a task that is not registered yet.
-const PENDING: (u32, u32, u32) = (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE);
+const EMPTY_ENTRY: AgentEntry = AgentEntry {
+    policy_id: 0,
+    mode: 0,
+    policy_version: 0,
+    sockets: 0,
+    deadman_secs: 0,
+    deadman_mode: 0,
+    kind: 0,
+    task_slot: 0,
+    task_deadline_ns: 0,
+    rate_interval_ns: 0,
+    rate_burst_ns: 0,
+    enclosing: [0; CHAIN],
+    flags: 0,
+    _reserved: 0,
+};
+
+/// What a chain of agents is asked about: each kind of call answers for one agent's policy
+/// (and grants). One type per kind, so each gets its own `judge`, with a stack frame no larger
+/// than its own lookups need.
+trait Ask {
+    fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32);
+}
+
+/// An IPv4 destination (or an IPv4-mapped IPv6 one).
+struct AskV4 {
+    ip: [u8; 4],
+    port: u16,
+    protocol: u32,
+}
+
+impl Ask for AskV4 {
+    #[inline(always)]
+    fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32) {
+        policy_v4(e, cgroup, self.ip, self.port, self.protocol)
+    }
+}
+
+struct AskV6 {
+    addr: [u8; 16],
+    port: u16,
+    protocol: u32,
+}
+
+impl Ask for AskV6 {
+    #[inline(always)]
+    fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32) {
+        policy_v6(e, cgroup, self.addr, self.port, self.protocol)
+    }
+}
+
+/// A socket kind (`sock::*`): the agent's `sockets` list.
+struct AskSocket(u32);
+
+impl Ask for AskSocket {
+    #[inline(always)]
+    fn verdict(&mut self, e: &AgentEntry, _: u64) -> (u32, u32, u32) {
+        if e.sockets & self.0 != 0 {
+            (verdict::ALLOW, reason::SOCKET_ALLOWED, NO_RULE)
+        } else {
+            (verdict::DENY, reason::SOCKET_KIND, NO_RULE)
+        }
+    }
+}
+
+/// A Unix socket name: the trie key (its policy part is set per agent), and whether the path
+/// climbs with `..` (denied whatever the policy).
+struct AskUnix<'a> {
+    key: &'a mut Key<UnixKey>,
+    dotdot: bool,
+}
+
+impl Ask for AskUnix<'_> {
+    #[inline(always)]
+    fn verdict(&mut self, e: &AgentEntry, _: u64) -> (u32, u32, u32) {
+        if self.dotdot {
+            return (verdict::DENY, reason::PATH_DOTDOT, NO_RULE);
+        }
+        self.key.data.policy = e.policy_id.to_be_bytes();
+        match UNIX_PATHS.get(&*self.key) {
+            Some(rule) => (verdict::ALLOW, reason::RULE, rule.rule_id),
+            None => (verdict::DENY, reason::NO_PATH_MATCH, NO_RULE),
+        }
+    }
+}
+
+/// The caller's chain of agents judges `ask`: the caller (or the pending fallback), then each
+/// enclosing agent, stopping at the first enforced denial. Like every step of a decision, a
+/// function of its own (a BPF-to-BPF call): the hook's 512-byte stack then holds only what
+/// lives across the steps (the caller, the destination).
+#[inline(never)]
+fn judge<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
+    let own = if c.pending {
+        (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE)
+    } else {
+        ask.verdict(&c.entry, c.cgroup)
+    };
+    if c.entry.flags & entry_flags::CHAIN_TOO_DEEP != 0 {
+        return Judged {
+            verdict: verdict::DENY,
+            reason: reason::CHAIN_TOO_DEEP,
+            rule_id: NO_RULE,
+            mode: mode::ENFORCE,
+            level: 0,
+        };
+    }
+    let mut acc = resolve(&c.entry, own, 0);
+    if !c.nested() {
+        return acc;
+    }
+    let mut i = 0;
+    while i < CHAIN {
+        let id = c.entry.enclosing[i];
+        if id == 0 || acc.blocks() {
+            break;
+        }
+        // Read in place, not copied: the stack is too small for a copy per agent. A policy switch
+        // of an enclosing agent during this call may mix its old and new fields once.
+        if let Some(e) = unsafe { AGENTS.get(id) } {
+            // Re-checked: the entry may have changed since the walk.
+            if e.kind == entry::AGENT {
+                acc = fold_chain(acc, resolve(e, ask.verdict(e, id), i as u32 + 1));
+            }
+        }
+        i += 1;
+    }
+    acc
+}
+
+/// The caller's rate limit, checked before anything is looked up: every connection attempt and
+/// unconnected send pays a token, allowed or not, so a scan is slowed as much as real traffic.
+/// Over the limit (true), the call is denied (reason `rate-limit`; only recorded in audit mode).
+#[inline(never)]
+fn over_rate(c: &Caller) -> bool {
+    if c.pending || c.entry.rate_interval_ns == 0 {
+        return false;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    !take_token(c.cgroup, &c.entry, now)
+}
+
+#[inline(always)]
+fn over_limit(e: &AgentEntry, level: u32) -> Judged {
+    resolve(e, (verdict::DENY, reason::RATE_LIMIT, NO_RULE), level)
+}
+
+/// One token of agent `cgroup`'s bucket, if it has a limit and a token left. The state is
+/// swapped with compare-and-exchange, so calls on several CPUs at once pay one token each; one
+/// that keeps losing the race is denied (counted as over the limit), never let through unpaid.
+#[inline(always)]
+fn take_token(cgroup: u64, e: &AgentEntry, now: u64) -> bool {
+    let (interval, burst) = (e.rate_interval_ns, e.rate_burst_ns);
+    if interval == 0 {
+        return true;
+    }
+    let mut tries = 0;
+    while tries < 4 {
+        tries += 1;
+        let Some(state) = RATE.get_ptr_mut(cgroup) else {
+            // A new agent, or one evicted: a full bucket less this call. Lost to a racing
+            // insert: try again with its state.
+            let Some(next) = rate_take(0, now, interval, burst) else {
+                return false;
+            };
+            if RATE.insert(cgroup, next, BPF_NOEXIST).is_ok() {
+                return true;
+            }
+            continue;
+        };
+        // SAFETY: a valid, 8-byte aligned map value that lives while this program runs; only
+        // these programs write it, always through this exchange.
+        let old = unsafe { core::ptr::read_volatile(state) };
+        let Some(next) = rate_take(old, now, interval, burst) else {
+            return false;
+        };
+        // BPF_CMPXCHG (core's atomic types offer no read-modify-write on the BPF target).
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                state, old, next,
+            )
+        };
+        if swapped {
+            return true;
+        }
+    }
+    false
+}
+
+const BPF_NOEXIST: u64 = 1;
 
 /// A denial stands unless a grant of the agent allows the destination: `key` is the agent's
 /// grant-trie key for the full address, in the trie of its family.
@@ -185,6 +423,8 @@ fn lookup_v4(policy_id: u32, addr: [u8; 4], port: u16, protocol: u32) -> (u32, u
 struct Dest {
     addr: [u8; 16],
     port: u16,
+    /// Unix calls: bytes of the name the caller gave (the name stays in its lookup key).
+    path_len: u16,
     family: u32,
     protocol: u32,
     sock_type: u32,
@@ -198,6 +438,7 @@ impl Dest {
         Dest {
             addr: [0; 16],
             port: 0,
+            path_len: 0,
             family,
             protocol,
             sock_type,
@@ -206,23 +447,11 @@ impl Dest {
     }
 }
 
-/// What an agent's policy says about a socket kind (its `sockets` list); a pending task may
-/// have none.
-#[inline(always)]
-fn socket_verdict(c: &Caller, kind: u32) -> (u32, u32) {
-    if c.pending {
-        (PENDING.0, PENDING.1)
-    } else if c.entry.sockets & kind != 0 {
-        (verdict::ALLOW, reason::SOCKET_ALLOWED)
-    } else {
-        (verdict::DENY, reason::SOCKET_KIND)
-    }
-}
-
 pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
-    let Some(c) = find_agent() else {
+    let mut c = Caller::new();
+    if !find_agent(&mut c) {
         return Ok(ALLOW);
-    };
+    }
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &*ctx.sock_addr };
     let ip = sa.user_ip4.to_ne_bytes(); // already network order in memory
@@ -231,88 +460,115 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
         ],
         port: u16::from_be(sa.user_port as u16),
+        path_len: 0,
         family: AF_INET,
         protocol: sa.protocol,
         sock_type: 0,
         sock_kind: 0,
     };
-    let (v, r, rule) = if c.pending {
-        PENDING
-    } else {
-        let policy = lookup_v4(c.entry.policy_id, ip, dest.port, dest.protocol);
-        with_grants(
-            &GRANTS_V4,
-            grant_key_v4(c.cgroup, ip),
-            policy,
-            dest.port,
-            dest.protocol,
-        )
+    let mut ask = AskV4 {
+        ip,
+        port: dest.port,
+        protocol: dest.protocol,
     };
-    Ok(finish(hook, &c, &dest, v, r, rule))
+    let judged = if over_rate(&c) {
+        over_limit(&c.entry, 0)
+    } else {
+        judge(&c, &mut ask)
+    };
+    Ok(finish(hook, &c, &dest, judged))
+}
+
+/// What an agent's policy and grants say about an IPv4 destination.
+#[inline(always)]
+fn policy_v4(
+    e: &AgentEntry,
+    cgroup: u64,
+    ip: [u8; 4],
+    port: u16,
+    protocol: u32,
+) -> (u32, u32, u32) {
+    let policy = lookup_v4(e.policy_id, ip, port, protocol);
+    with_grants(&GRANTS_V4, grant_key_v4(cgroup, ip), policy, port, protocol)
+}
+
+/// What an agent's policy and grants say about an IPv6 destination.
+#[inline(always)]
+fn policy_v6(
+    e: &AgentEntry,
+    cgroup: u64,
+    addr: [u8; 16],
+    port: u16,
+    protocol: u32,
+) -> (u32, u32, u32) {
+    let key = Key::new(
+        POLICY_PREFIX_BITS + 128,
+        PrefixV6 {
+            policy: e.policy_id.to_be_bytes(),
+            addr,
+        },
+    );
+    let policy = match RULES_V6.get(&key) {
+        Some(rules) => match_ports(rules, port, protocol),
+        None => NO_ADDRESS,
+    };
+    with_grants(
+        &GRANTS_V6,
+        grant_key_v6(cgroup, addr),
+        policy,
+        port,
+        protocol,
+    )
 }
 
 pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
-    let Some(c) = find_agent() else {
+    let mut c = Caller::new();
+    if !find_agent(&mut c) {
         return Ok(ALLOW);
-    };
+    }
     // SAFETY: as above.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.user_family != AF_INET6 {
         let dest = Dest::socket(sa.user_family, 0, sa.protocol, 0);
         return Err(fail_closed(hook, &c, &dest));
     }
-    let w = [
-        sa.user_ip6[0].to_ne_bytes(),
-        sa.user_ip6[1].to_ne_bytes(),
-        sa.user_ip6[2].to_ne_bytes(),
-        sa.user_ip6[3].to_ne_bytes(),
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
     ];
-    let addr = [
-        w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3], w[2][0], w[2][1],
-        w[2][2], w[2][3], w[3][0], w[3][1], w[3][2], w[3][3],
-    ];
+    // SAFETY: 16 bytes either way; the words are in network order in memory, as the bytes are.
+    let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
     let dest = Dest {
         addr,
         port: u16::from_be(sa.user_port as u16),
+        path_len: 0,
         family: AF_INET6,
         protocol: sa.protocol,
         sock_type: 0,
         sock_kind: 0,
     };
     // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
-    let mapped = sa.user_ip6[0] == 0 && sa.user_ip6[1] == 0 && w[2] == [0, 0, 0xff, 0xff];
-    let (v, r, rule) = if c.pending {
-        PENDING
+    let mapped = words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
+    let judged = if over_rate(&c) {
+        over_limit(&c.entry, 0)
     } else if mapped {
-        let policy = lookup_v4(c.entry.policy_id, w[3], dest.port, dest.protocol);
-        with_grants(
-            &GRANTS_V4,
-            grant_key_v4(c.cgroup, w[3]),
-            policy,
-            dest.port,
-            dest.protocol,
-        )
-    } else {
-        let key = Key::new(
-            POLICY_PREFIX_BITS + 128,
-            PrefixV6 {
-                policy: c.entry.policy_id.to_be_bytes(),
-                addr,
-            },
-        );
-        let policy = match RULES_V6.get(&key) {
-            Some(rules) => match_ports(rules, dest.port, dest.protocol),
-            None => NO_ADDRESS,
+        let mut ask = AskV4 {
+            ip: words[3].to_ne_bytes(),
+            port: dest.port,
+            protocol: dest.protocol,
         };
-        with_grants(
-            &GRANTS_V6,
-            grant_key_v6(c.cgroup, addr),
-            policy,
-            dest.port,
-            dest.protocol,
-        )
+        judge(&c, &mut ask)
+    } else {
+        let mut ask = AskV6 {
+            addr,
+            port: dest.port,
+            protocol: dest.protocol,
+        };
+        judge(&c, &mut ask)
     };
-    Ok(finish(hook, &c, &dest, v, r, rule))
+    Ok(finish(hook, &c, &dest, judged))
 }
 
 /// The `sock::*` kind of a new socket, or 0 for the kinds that need no allowance (TCP and UDP
@@ -344,16 +600,23 @@ pub fn sock_create(ctx: &SockContext) -> Decision {
     // SAFETY: the kernel hands every sock program a valid context.
     let sk = unsafe { &*ctx.sock };
     let (family, ty, protocol) = (sk.family, sk.type_, sk.protocol);
-    let Some(c) = find_agent() else {
+    let mut c = Caller::new();
+    if !find_agent(&mut c) {
         return Ok(ALLOW);
-    };
+    }
     let kind = socket_kind(family, ty, protocol);
     if kind == 0 {
         return Ok(ALLOW);
     }
     let dest = Dest::socket(family, ty, protocol, kind);
-    let (v, r) = socket_verdict(&c, kind);
-    Ok(finish(hook::SOCK_CREATE, &c, &dest, v, r, NO_RULE))
+    let judged = judge_socket(&c, kind);
+    Ok(finish(hook::SOCK_CREATE, &c, &dest, judged))
+}
+
+/// What the caller's chain says about a socket kind.
+#[inline(always)]
+fn judge_socket(c: &Caller, kind: u32) -> Judged {
+    judge(c, &mut AskSocket(kind))
 }
 
 /// What an agent was doing when its CAP_NET_RAW was checked (read by net_raw.rs).
@@ -407,12 +670,12 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) -> Result<(), Fai
             (family, ty, protocol, kind)
         }
     };
-    let (v, r) = socket_verdict(c, kind);
-    if !granted && v == verdict::ALLOW {
+    let judged = judge_socket(c, kind);
+    if !granted && judged.verdict == verdict::ALLOW {
         // The kernel's own refusal of an allowed kind: no decision of ours.
         return Ok(());
     }
-    let (ret, mut out) = settle(&c.entry, v, r, NO_RULE);
+    let (ret, mut out) = enforce(judged);
     // SAFETY (bpf_send_signal): plain helper call; it signals the current process.
     out.action = if !granted {
         // The kernel fails the call with EPERM.
@@ -437,10 +700,10 @@ pub fn net_raw_use(c: &Caller, what: NetRawUse, granted: bool) -> Result<(), Fai
 
 const SIGKILL: u32 = 9;
 
-/// Applies the mode, counts, reports; returns what the hook returns.
+/// Counts and reports the decision; returns what the hook returns.
 #[inline(always)]
-fn finish(hook: u32, c: &Caller, dest: &Dest, v: u32, r: u32, rule_id: u32) -> i32 {
-    let (ret, out) = settle(&c.entry, v, r, rule_id);
+fn finish(hook: u32, c: &Caller, dest: &Dest, judged: Judged) -> i32 {
+    let (ret, out) = enforce(judged);
     emit(hook, c, dest, &out);
     ret
 }
@@ -460,32 +723,39 @@ fn failed() -> Outcome {
     count(counter::ERRORS);
     count(counter::DENIED);
     Outcome {
-        verdict: verdict::DENY,
-        reason: reason::ERROR,
-        rule_id: NO_RULE,
-        mode: mode::ENFORCE,
+        judged: Judged {
+            verdict: verdict::DENY,
+            reason: reason::ERROR,
+            rule_id: NO_RULE,
+            mode: mode::ENFORCE,
+            level: 0,
+        },
         action: action::BLOCKED,
     }
 }
 
-/// Applies the dead-man switch and the mode and counts the decision: what the hook returns,
-/// and the outcome its event reports.
+/// One agent's verdict with its dead-man switch and mode applied.
 #[inline(always)]
-fn settle(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (i32, Outcome) {
-    let out = apply_deadman(
+fn resolve(agent: &AgentEntry, (v, r, rule_id): (u32, u32, u32), level: u32) -> Judged {
+    apply_deadman(
         agent,
-        Outcome {
+        Judged {
             verdict: v,
             reason: r,
             rule_id,
             mode: agent.mode,
-            action: action::UNRECORDED,
+            level,
         },
-    );
-    let ret = if out.verdict == verdict::ALLOW {
+    )
+}
+
+/// Counts the decision: what the hook returns, and the outcome its event reports.
+#[inline(always)]
+fn enforce(judged: Judged) -> (i32, Outcome) {
+    let ret = if judged.verdict == verdict::ALLOW {
         count(counter::ALLOWED);
         ALLOW
-    } else if out.mode == mode::AUDIT {
+    } else if judged.mode == mode::AUDIT {
         count(counter::AUDITED);
         ALLOW
     } else {
@@ -497,16 +767,12 @@ fn settle(agent: &AgentEntry, v: u32, r: u32, rule_id: u32) -> (i32, Outcome) {
     } else {
         action::BLOCKED
     };
-    (ret, Outcome { action, ..out })
+    (ret, Outcome { judged, action })
 }
 
 /// The decision as it is enforced and reported.
 struct Outcome {
-    verdict: u32,
-    reason: u32,
-    rule_id: u32,
-    /// The mode in force (a dead-man audit-all fallback makes it audit).
-    mode: u32,
+    judged: Judged,
     /// `action::*`: what happened to the call.
     action: u32,
 }
@@ -514,35 +780,35 @@ struct Outcome {
 /// When the controller has been silent longer than the agent's dead-man time, the fallback
 /// replaces the decision: deny-all, or audit-all (decide as usual, let everything through).
 #[inline(always)]
-fn apply_deadman(agent: &AgentEntry, out: Outcome) -> Outcome {
+fn apply_deadman(agent: &AgentEntry, j: Judged) -> Judged {
     if agent.deadman_secs == 0 || agent.deadman_mode == deadman::OFF {
-        return out;
+        return j;
     }
     let Some(beat) = HEARTBEAT.get(0) else {
-        return out;
+        return j;
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if now.saturating_sub(*beat) <= agent.deadman_secs as u64 * 1_000_000_000 {
-        return out;
+        return j;
     }
     if agent.deadman_mode == deadman::AUDIT_ALL {
-        Outcome {
+        Judged {
             mode: mode::AUDIT,
-            ..out
+            ..j
         }
     } else {
-        Outcome {
+        Judged {
             verdict: verdict::DENY,
             reason: reason::DEADMAN,
             rule_id: NO_RULE,
             mode: mode::ENFORCE,
-            action: out.action,
+            level: j.level,
         }
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn emit(hook: u32, c: &Caller, dest: &Dest, out: &Outcome) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::LOST);
@@ -572,10 +838,13 @@ unsafe fn fill(e: *mut Event, hook: u32, c: &Caller, dest: &Dest, out: &Outcome)
         (*e).family = dest.family;
         (*e).protocol = dest.protocol;
         (*e).hook = hook;
-        (*e).verdict = out.verdict;
-        (*e).mode = out.mode;
-        (*e).reason = out.reason;
-        (*e).rule_id = out.rule_id;
+        (*e).verdict = out.judged.verdict;
+        (*e).mode = out.judged.mode;
+        (*e).reason = out.judged.reason;
+        (*e).rule_id = out.judged.rule_id;
+        (*e).chain = c.entry.enclosing;
+        (*e).decided_by = out.judged.level;
+        (*e)._reserved = 0;
         (*e).policy_id = c.entry.policy_id;
         (*e).policy_version = c.entry.policy_version;
         (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -628,12 +897,13 @@ const SUN_PATH_OFFSET: u32 = 2;
 /// or abstract name its policy lists. The kernel has no context field for the address of a
 /// Unix call, so it is read from the kernel's own context with bpf_probe_read_kernel.
 pub fn unix(ctx: &SockAddrContext, hook: u32) -> Decision {
-    let Some(c) = find_agent() else {
+    let mut c = Caller::new();
+    if !find_agent(&mut c) {
         return Ok(ALLOW);
-    };
+    }
     // SAFETY: only `type` of the context is read, which every sock_addr hook may read.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    let dest = Dest::socket(AF_UNIX, sock_type, 0, 0);
+    let mut dest = Dest::socket(AF_UNIX, sock_type, 0, 0);
     let base = ctx.sock_addr as *const u8;
     // SAFETY: reads of load-time constants; the helper reads kernel memory safely and fails
     // instead of faulting.
@@ -678,19 +948,17 @@ pub fn unix(ctx: &SockAddrContext, hook: u32) -> Decision {
     if rc != 0 {
         return Err(unix_failed(hook, &c, &dest));
     }
-    let key = &buf.key;
-    let (v, r, rule) = if c.pending {
-        PENDING
-    } else if key.data.path[0] != 0 && climbs(&key.data.path) {
-        (verdict::DENY, reason::PATH_DOTDOT, NO_RULE)
-    } else {
-        match UNIX_PATHS.get(key) {
-            Some(rule) => (verdict::ALLOW, reason::RULE, rule.rule_id),
-            None => (verdict::DENY, reason::NO_PATH_MATCH, NO_RULE),
-        }
-    };
-    let (ret, out) = settle(&c.entry, v, r, rule);
-    emit_unix(hook, &c, &dest, &out, Some((&key.data.path, n as u32)));
+    let dotdot = buf.key.data.path[0] != 0 && climbs(&buf.key.data.path);
+    let judged = judge(
+        &c,
+        &mut AskUnix {
+            key: &mut buf.key,
+            dotdot,
+        },
+    );
+    let (ret, out) = enforce(judged);
+    dest.path_len = n as u16;
+    emit_unix(hook, &c, &dest, &out, Some(&buf.key.data.path));
     Ok(ret)
 }
 
@@ -703,13 +971,13 @@ fn unix_failed(hook: u32, c: &Caller, dest: &Dest) -> FailedClosed {
 }
 
 /// Reports a Unix-socket decision with the name the caller gave (none when unreadable).
-#[inline(always)]
+#[inline(never)]
 fn emit_unix(
     hook: u32,
     c: &Caller,
     dest: &Dest,
     out: &Outcome,
-    name: Option<(&[u8; UNIX_PATH_MAX], u32)>,
+    name: Option<&[u8; UNIX_PATH_MAX]>,
 ) {
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
         count(counter::LOST);
@@ -720,8 +988,8 @@ fn emit_unix(
     unsafe {
         fill(core::ptr::addr_of_mut!((*p).event), hook, c, dest, out);
         match name {
-            Some((path, n)) => {
-                (*p).path_len = n;
+            Some(path) => {
+                (*p).path_len = dest.path_len as u32;
                 (*p).path = *path;
             }
             None => {

@@ -6,6 +6,9 @@
 //! the decision in a per-CPU counter and writes one event to the ring buffer.
 #![no_std]
 #![no_main]
+// atomic_cxchg: the one read-modify-write the rate limiter needs (the nightly is pinned).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod decide;
 mod exec;

@@ -1,8 +1,9 @@
-//! Every map the programs read or write. Policy maps never evict: no LRU anywhere.
+//! Every map the programs read or write. Policy maps never evict: the rate limiter's state is
+//! the only LRU map.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 use agent_common::{
@@ -58,6 +59,12 @@ pub static GRANTS_V4: LpmTrie<GrantKeyV4, GrantSet> =
 #[map(name = "AW_GRANTS_V6")]
 pub static GRANTS_V6: LpmTrie<GrantKeyV6, GrantSet> =
     LpmTrie::with_max_entries(MAX_GRANT_PREFIXES, 0);
+
+/// Agent cgroup id -> its rate limiter's theoretical arrival time (`decide::rate_take`), written
+/// by the programs only. LRU: entries of removed agents make room (the controller also deletes
+/// them); an evicted live entry starts again with a full burst, never with less.
+#[map(name = "AW_RATE")]
+pub static RATE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_AGENTS, 0);
 
 /// One event per agent decision.
 #[map(name = "AW_EVENTS")]

@@ -56,9 +56,10 @@ pub fn cap_check(ctx: &BtfTracePointContext) -> Result<(), FailedClosed> {
     if l.enabled == 0 {
         return Ok(());
     }
-    let Some(caller) = decide::find_agent() else {
+    let mut caller = decide::Caller::new();
+    if !decide::find_agent(&mut caller) {
         return Ok(());
-    };
+    }
     let granted = ctx.arg::<i32>(4) == 0;
     let what = classify(&l).unwrap_or(NetRawUse::Unknown);
     decide::net_raw_use(&caller, what, granted)

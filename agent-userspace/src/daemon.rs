@@ -64,6 +64,11 @@ pub struct Options {
     /// Watch a policy directory (`PolicySource::Path`) and switch after each burst of changes
     /// (on by default; `agentwall reload` and SIGHUP work either way).
     pub watch_policy: bool,
+    /// How long a request for access waits for a person before it expires (as denied).
+    pub request_ttl: Duration,
+    /// Live grants one agent may hold (`--max-grants-per-agent`): the grant tries are shared,
+    /// and one agent must not fill them. Over it a grant is refused (403).
+    pub max_grants_per_agent: usize,
 }
 
 impl Options {
@@ -86,6 +91,8 @@ impl Options {
             agent_map_entries: None,
             agent_socket: None,
             watch_policy: true,
+            request_ttl: crate::control::requests::DEFAULT_REQUEST_TTL,
+            max_grants_per_agent: crate::control::grants::DEFAULT_MAX_GRANTS_PER_AGENT,
         }
     }
 }
@@ -200,6 +207,76 @@ impl Handle {
             .await
     }
 
+    /// An agent's own request for access, as the agent socket sends it: granted at once
+    /// (`approve: auto`) or pending a person's approval.
+    pub async fn access(
+        &self,
+        req: crate::control::GrantRequest,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::Access, crate::control::ControlError> {
+        self.runtime(|reply| Command::Access { req, by, reply })
+            .await
+    }
+
+    /// The pending requests.
+    pub async fn requests(
+        &self,
+    ) -> Result<Vec<crate::control::RequestInfo>, crate::control::ControlError> {
+        self.runtime(|reply| Command::Requests { reply }).await
+    }
+
+    /// One request, pending or decided (an agent caller sees its own only).
+    pub async fn request(
+        &self,
+        id: u64,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::RequestInfo, crate::control::ControlError> {
+        self.runtime(|reply| Command::Request { id, by, reply })
+            .await
+    }
+
+    /// A denied connection record (its audit `seq`) turned into a pending request.
+    pub async fn request_from_event(
+        &self,
+        req: crate::control::FromEvent,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::RequestInfo, crate::control::ControlError> {
+        self.runtime(|reply| Command::RequestFromEvent { req, by, reply })
+            .await
+    }
+
+    /// Approves a pending request: a grant, through the same path as `grant`.
+    pub async fn approve(
+        &self,
+        id: u64,
+        ttl_secs: Option<u64>,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::Approved, crate::control::ControlError> {
+        self.runtime(|reply| Command::Approve {
+            id,
+            ttl_secs,
+            by,
+            reply,
+        })
+        .await
+    }
+
+    /// Denies a pending request.
+    pub async fn deny(
+        &self,
+        id: u64,
+        reason: Option<String>,
+        by: crate::control::Caller,
+    ) -> Result<crate::control::RequestInfo, crate::control::ControlError> {
+        self.runtime(|reply| Command::Deny {
+            id,
+            reason,
+            by,
+            reply,
+        })
+        .await
+    }
+
     /// What the kernel would decide now for an agent and a destination, and why (nothing is
     /// connected).
     pub async fn explain(
@@ -305,6 +382,8 @@ pub async fn start(opts: Options) -> Result<Handle> {
         notice_tx,
         audit_health.clone(),
     )?;
+    state.requests.ttl = opts.request_ttl;
+    state.max_grants_per_agent = opts.max_grants_per_agent;
     // Bound before the policy is applied, whose Unix allowlists name it.
     // Absolute: agents connect by this path, and the Unix guard matches it as written.
     let agent_socket = opts
@@ -349,6 +428,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         }));
     }
     let mut enricher = Enricher::new(names, root.clone());
+    enricher.index_denied(state.requests.denied.clone());
     // An upgrade across layout versions: the older layout's links now run this controller's
     // programs (switched in one step, pinned here too), so its own pins can go; its ring is
     // read to the end (nothing writes to it any more) and its maps removed.

@@ -229,11 +229,13 @@ async fn runtime_mode(args: &DaemonArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.policy)
         .with_context(|| format!("reading {}", args.policy.display()))?;
     let p = policy::parse_policy(&args.policy, &text)?;
-    let opts = options(
+    let mut opts = options(
         PolicySource::Fixed(PolicySet { policies: vec![p] }),
         &args.audit_log,
         args.wakeup_bytes,
     );
+    // The connect-rate test holds `--grants` live grants of one agent.
+    opts.max_grants_per_agent = opts.max_grants_per_agent.max(args.grants);
     let handle = daemon::start(opts).await?;
     let result = async {
         handle.register(&args.agent).await?;

@@ -70,6 +70,18 @@ struct Cli {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/latest.json")]
     json: PathBuf,
+    /// Run only these rows (`runtime`: the floor's TCP row and the runtime-control rows).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+}
+
+/// A subset of the rows (`--only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Only {
+    /// Grant and revoke latency, revoke to reset, the connect rate with live grants, and the
+    /// floor's TCP connect that rate is compared with.
+    Runtime,
 }
 
 #[derive(Subcommand)]
@@ -192,6 +204,7 @@ fn main() -> ExitCode {
                         cli.idle_wait,
                         cli.wakeup_bytes,
                         cli.json,
+                        cli.only,
                     ))
                 })
         }
@@ -219,13 +232,19 @@ fn init_tracing() {
 /// Other processes' CPU use above this share of one CPU marks a round as disturbed.
 pub const FOREIGN_CPU_WARN: f64 = 0.05;
 
-fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Plan> {
+fn plan(
+    quick: bool,
+    rounds: Option<usize>,
+    idle_wait: Option<f64>,
+    only: Option<Only>,
+) -> Result<Plan> {
     let rounds = rounds.unwrap_or(if quick { 4 } else { 8 });
     ensure!(rounds >= 4, "at least 4 rounds (got {rounds})");
     let idle_wait_s = idle_wait.unwrap_or(if quick { 0.0 } else { 30.0 });
     Ok(if quick {
         Plan {
             quick,
+            only,
             rounds,
             tcp_ops: 2_000,
             udp_ops: 15_000,
@@ -248,6 +267,7 @@ fn plan(quick: bool, rounds: Option<usize>, idle_wait: Option<f64>) -> Result<Pl
     } else {
         Plan {
             quick,
+            only,
             rounds,
             tcp_ops: 20_000,
             udp_ops: 200_000,
@@ -309,11 +329,14 @@ async fn bench(
     idle_wait: Option<f64>,
     wakeup_bytes: Option<u64>,
     json: PathBuf,
+    only: Option<Only>,
 ) -> Result<()> {
     sys::require_root()?;
-    need("nft", "nftables")?;
-    need("tinyproxy", "tinyproxy-bin")?;
-    let mut plan = plan(quick, rounds, idle_wait)?;
+    if only.is_none() {
+        need("nft", "nftables")?;
+        need("tinyproxy", "tinyproxy-bin")?;
+    }
+    let mut plan = plan(quick, rounds, idle_wait, only)?;
     plan.wakeup_bytes = wakeup_bytes.unwrap_or(agentwall::datapath::DEFAULT_WAKEUP_BYTES);
     let _guard = cleanup::Guard;
     cleanup::install_signal_handlers()?;
@@ -357,7 +380,12 @@ async fn bench(
     let mut policies = HashMap::new();
     let mut nft_files = HashMap::new();
     let mut large_policy_file = PathBuf::new();
-    for n in [plan.small_rules, plan.large_rules] {
+    // `--only runtime` runs none of the rule configurations: no rule policies to generate.
+    let sizes = match only {
+        None => vec![plan.small_rules, plan.large_rules],
+        Some(Only::Runtime) => Vec::new(),
+    };
+    for n in sizes {
         let cidrs = rules::cidrs(n);
         let name = format!("bench-{}", configs::short_count(n));
         let yaml = rules::policy_yaml(&name, false, &agent_rel, &cidrs, ports);
@@ -392,10 +420,12 @@ async fn bench(
     // registration test's cgroups (`<base>/reg/agent-*`), from inotify alone.
     let daemon_policies = dir.join("daemon-policies");
     std::fs::create_dir_all(&daemon_policies)?;
-    std::fs::copy(
-        &large_policy_file,
-        daemon_policies.join(large_policy_file.file_name().context("policy file name")?),
-    )?;
+    if only.is_none() {
+        std::fs::copy(
+            &large_policy_file,
+            daemon_policies.join(large_policy_file.file_name().context("policy file name")?),
+        )?;
+    }
     let reg_rel = cgroup::relative(&root, &reg_parent)?;
     let reg_yaml = rules::registration_policy_yaml(&reg_rel, ports);
     let reg_file = daemon_policies.join("bench-reg.yaml");
@@ -470,6 +500,8 @@ async fn bench(
         Kind::Proxy { log: true },
     ]
     .into_iter()
+    // `--only runtime`: the floor alone, for the connect-rate comparison.
+    .filter(|k| only.is_none() || *k == Kind::Floor)
     .map(Config::new)
     .collect();
 
@@ -525,13 +557,16 @@ async fn bench(
             samples.extend(measured);
             tokio::time::sleep(quiesce).await;
         }
-        let c = ctx.clone();
-        let files = control_files.clone();
-        let p = plan.clone();
-        let rep = tokio::task::spawn_blocking(move || daemon::control_rep(&c, &files, round, &p))
-            .await?
-            .context("control-plane measurements")?;
-        control.push(rep);
+        if only.is_none() {
+            let c = ctx.clone();
+            let p = plan.clone();
+            let files = control_files.clone();
+            let rep =
+                tokio::task::spawn_blocking(move || daemon::control_rep(&c, &files, round, &p))
+                    .await?
+                    .context("control-plane measurements")?;
+            control.push(rep);
+        }
         let c = ctx.clone();
         let p = plan.clone();
         let rep = tokio::task::spawn_blocking(move || runtime::runtime_rep(&c, round, &p))
@@ -564,6 +599,9 @@ async fn bench(
     let mut mode = if quick { " --quick" } else { "" }.to_string();
     if let Some(w) = wakeup_bytes {
         mode.push_str(&format!(" -- --wakeup-bytes {w}"));
+    }
+    if only == Some(Only::Runtime) {
+        mode.push_str(" --only runtime");
     }
     let raw = Raw {
         machine,
@@ -627,7 +665,10 @@ async fn measure(
 ) -> Result<Vec<Sample>> {
     configs::check(cfg, ctx).await?;
     let mut out = Vec::new();
-    for &w in Workload::for_config(cfg.kind) {
+    for &w in Workload::for_config(cfg.kind)
+        .iter()
+        .filter(|w| plan.only.is_none() || **w == Workload::TcpAgent)
+    {
         let spec = w.spec(ctx, plan, cfg.kind);
         let exe = ctx.exe.clone();
         let before = match active {

@@ -64,6 +64,8 @@ pub struct EventRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub quick: bool,
+    /// `--only`: the subset of rows run (none: all).
+    pub only: Option<crate::Only>,
     pub rounds: usize,
     pub tcp_ops: u64,
     pub udp_ops: u64,
@@ -168,6 +170,15 @@ pub struct ControlSummary {
 pub struct RuntimeSummary {
     pub grant_us: Pct,
     pub revoke_us: Pct,
+    /// The grant and revoke calls themselves (called to returned), µs.
+    pub grant_call_us: Pct,
+    pub revoke_call_us: Pct,
+    /// Samples of grant_us / revoke_us over the goal, and how many of those the agent's loop
+    /// spent at least half of waiting on a run queue (the scheduler's time, not agentwall's).
+    pub over_goal: usize,
+    pub over_goal_mostly_waiting: usize,
+    /// A grant call with about `live_grants` live grants of the agent (the last 100 made), µs.
+    pub grant_call_full_us: Pct,
     pub reset_us: Pct,
     pub resets_rst: usize,
     pub resets_eof: usize,
@@ -373,9 +384,27 @@ impl Raw {
         let rt_pool = |f: fn(&RuntimeRep) -> &Vec<f64>| -> Vec<f64> {
             rt.iter().flat_map(|r| f(r).iter().copied()).collect()
         };
+        // Each latency sample beside the agent's run-queue wait in its window.
+        let paired: Vec<(f64, f64)> = rt
+            .iter()
+            .flat_map(|r| {
+                let f = &r.figures;
+                f.grant_us
+                    .iter()
+                    .zip(&f.grant_wait_us)
+                    .chain(f.revoke_us.iter().zip(&f.revoke_wait_us))
+                    .map(|(l, w)| (*l, *w))
+            })
+            .filter(|(l, _)| *l >= GRANT_P99_US)
+            .collect();
         let runtime = RuntimeSummary {
             grant_us: Pct::of(&rt_pool(|r| &r.figures.grant_us)),
             revoke_us: Pct::of(&rt_pool(|r| &r.figures.revoke_us)),
+            grant_call_us: Pct::of(&rt_pool(|r| &r.figures.grant_call_us)),
+            revoke_call_us: Pct::of(&rt_pool(|r| &r.figures.revoke_call_us)),
+            over_goal: paired.len(),
+            over_goal_mostly_waiting: paired.iter().filter(|(l, w)| 2.0 * w >= *l).count(),
+            grant_call_full_us: Pct::of(&rt_pool(|r| &r.figures.grant_call_full_us)),
             reset_us: Pct::of(&rt_pool(|r| &r.figures.reset_us)),
             resets_rst: rt.iter().map(|r| r.figures.resets_rst).sum(),
             resets_eof: rt.iter().map(|r| r.figures.resets_eof).sum(),
@@ -491,6 +520,7 @@ impl Raw {
             measured: format!("{:.0} µs (p50 {:.0} µs)", p.p99, p.p50),
             pass: p.n > 0 && p.p99 < GRANT_P99_US,
         };
+        let runtime_goals = goals.len();
         goals.push(us_goal(
             "grant returned to the kernel allowing the agent",
             &runtime.grant_us,
@@ -502,13 +532,18 @@ impl Raw {
         let g = &runtime.tcp_with_grants_vs_floor;
         goals.push(Goal {
             goal: format!(
-                "TCP connect rate of an agent with {} live grants (allowed by one) / floor",
+                "TCP connect rate of an agent with {} live grants (allowed by one) and a rate limit / floor",
                 runtime.live_grants
             ),
             target: format!(">= {GRANTS_TCP_VS_FLOOR:.2}"),
             measured: format!("{:.3} [{:.3}-{:.3}]", g.median, g.min, g.max),
             pass: g.n > 0 && g.median >= GRANTS_TCP_VS_FLOOR,
         });
+        if self.plan.only == Some(crate::Only::Runtime) {
+            // The other goals' rows did not run.
+            goals.drain(..runtime_goals);
+        }
+        let runtime_goals = goals.len();
         let decisions: u64 = events.iter().map(|e| e.check.decisions).sum();
         goals.push(Goal {
             goal: format!(
@@ -532,6 +567,9 @@ impl Raw {
             pass: control.daemon_anon_mib.median < 64.0,
         });
 
+        if self.plan.only == Some(crate::Only::Runtime) {
+            goals.truncate(runtime_goals);
+        }
         let mut cpu_per_decision = Vec::new();
         for c in &self.configs {
             let (cpu, d) = self
@@ -623,57 +661,60 @@ impl Report {
                 vs
             );
         }
-        let c = &self.control;
-        let k = crate::configs::short_count(c.rules);
-        let _ = writeln!(o);
-        let _ = writeln!(
+        // `--only runtime`: the control-plane and event tables have nothing in them.
+        let full = self.plan.only.is_none();
+        if full {
+            let c = &self.control;
+            let k = crate::configs::short_count(c.rules);
+            let _ = writeln!(o);
+            let _ = writeln!(
             o,
             "| control plane, {k} rules + 1 ({} trie entries) | median [min–max] over {} runs |",
             c.trie_entries,
             c.reps.len()
         );
-        let _ = writeln!(o, "|---|---|");
-        let mut line = |what: &str, v: String| {
-            let _ = writeln!(o, "| {what} | {v} |");
-        };
-        line(
-            "parse the YAML policy (not part of the load goal)",
-            format!("{} ms", sp(&c.parse_ms, 0)),
-        );
-        line("compile alone", format!("{} ms", sp(&c.compile_ms, 0)));
-        line(
-            "compile + load programs + install into the trie + attach (controller start)",
-            format!("{} ms", sp(&c.load_ms, 0)),
-        );
-        line(
-            "peak RSS added by that",
-            format!("{} MiB", sp(&c.peak_rss_delta_mib, 1)),
-        );
-        line(
-            "daemon start from the policy directory (parse included)",
-            format!("{} ms", sp(&c.daemon_start_ms, 0)),
-        );
-        line(
-            "daemon's own memory (RssAnon) with the rules loaded",
-            format!("{} MiB", sp(&c.daemon_anon_mib, 1)),
-        );
-        line(
-            "daemon RSS with the rules loaded (the event ring mapped twice included)",
-            format!("{} MiB", sp(&c.daemon_rss_mib, 1)),
-        );
-        line(
-            "the same after malloc_trim(0) (freed heap given back; diagnostic)",
-            format!("{} MiB", sp(&c.daemon_rss_after_trim_mib, 1)),
-        );
-        line(
-            "kernel memory of the IPv4 trie (fdinfo memlock)",
-            format!("{} MiB", sp(&c.trie_v4_mib, 1)),
-        );
-        line(
-            "kernel memory of all agentwall maps (event ring included)",
-            format!("{} MiB", sp(&c.maps_total_mib, 1)),
-        );
-        line(
+            let _ = writeln!(o, "|---|---|");
+            let mut line = |what: &str, v: String| {
+                let _ = writeln!(o, "| {what} | {v} |");
+            };
+            line(
+                "parse the YAML policy (not part of the load goal)",
+                format!("{} ms", sp(&c.parse_ms, 0)),
+            );
+            line("compile alone", format!("{} ms", sp(&c.compile_ms, 0)));
+            line(
+                "compile + load programs + install into the trie + attach (controller start)",
+                format!("{} ms", sp(&c.load_ms, 0)),
+            );
+            line(
+                "peak RSS added by that",
+                format!("{} MiB", sp(&c.peak_rss_delta_mib, 1)),
+            );
+            line(
+                "daemon start from the policy directory (parse included)",
+                format!("{} ms", sp(&c.daemon_start_ms, 0)),
+            );
+            line(
+                "daemon's own memory (RssAnon) with the rules loaded",
+                format!("{} MiB", sp(&c.daemon_anon_mib, 1)),
+            );
+            line(
+                "daemon RSS with the rules loaded (the event ring mapped twice included)",
+                format!("{} MiB", sp(&c.daemon_rss_mib, 1)),
+            );
+            line(
+                "the same after malloc_trim(0) (freed heap given back; diagnostic)",
+                format!("{} MiB", sp(&c.daemon_rss_after_trim_mib, 1)),
+            );
+            line(
+                "kernel memory of the IPv4 trie (fdinfo memlock)",
+                format!("{} MiB", sp(&c.trie_v4_mib, 1)),
+            );
+            line(
+                "kernel memory of all agentwall maps (event ring included)",
+                format!("{} MiB", sp(&c.maps_total_mib, 1)),
+            );
+            line(
             &format!(
                 "one LPM insert while an agent's TCP connect loop runs ({} inserts): p50 / p99 / max",
                 c.updates
@@ -683,43 +724,44 @@ impl Report {
                 c.update_p50_us, c.update_p99_us, c.update_max_us
             ),
         );
-        if let Some(s) = &c.tcp_during_updates_vs_floor {
-            line("that TCP loop's rate vs floor", sp(s, 3));
-        }
-        if let Some(s) = &c.nft_load_ms {
+            if let Some(s) = &c.tcp_during_updates_vs_floor {
+                line("that TCP loop's rate vs floor", sp(s, 3));
+            }
+            if let Some(s) = &c.nft_load_ms {
+                line(
+                    &format!("for comparison: nft -f of the same policy ({k}-element set)"),
+                    format!("{} ms", sp(s, 0)),
+                );
+            }
+            let r = &c.registration;
+            let pct = |p: &Pct| format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.max);
             line(
-                &format!("for comparison: nft -f of the same policy ({k}-element set)"),
-                format!("{} ms", sp(s, 0)),
+                &format!(
+                    "a new cgroup a policy selects, mkdir to its agent entry (inotify), one at a \
+                 time ({}): p50 / p99 / max",
+                    r.single_ms.n
+                ),
+                pct(&r.single_ms),
+            );
+            line(
+                &format!(
+                    "the same, {} made at once ({} in all): p50 / p99 / max",
+                    r.batch_size, r.batch_ms.n
+                ),
+                pct(&r.batch_ms),
+            );
+            line(
+                &format!("those {}: first mkdir to the last registered", r.batch_size),
+                format!("{} ms", sp(&r.batch_all_ms, 1)),
+            );
+            line(
+                &format!(
+                    "rmdir of a registered cgroup to its entry removed ({}): p50 / p99 / max",
+                    r.removal_ms.n
+                ),
+                pct(&r.removal_ms),
             );
         }
-        let r = &c.registration;
-        let pct = |p: &Pct| format!("{:.2} / {:.2} / {:.2} ms", p.p50, p.p99, p.max);
-        line(
-            &format!(
-                "a new cgroup a policy selects, mkdir to its agent entry (inotify), one at a \
-                 time ({}): p50 / p99 / max",
-                r.single_ms.n
-            ),
-            pct(&r.single_ms),
-        );
-        line(
-            &format!(
-                "the same, {} made at once ({} in all): p50 / p99 / max",
-                r.batch_size, r.batch_ms.n
-            ),
-            pct(&r.batch_ms),
-        );
-        line(
-            &format!("those {}: first mkdir to the last registered", r.batch_size),
-            format!("{} ms", sp(&r.batch_all_ms, 1)),
-        );
-        line(
-            &format!(
-                "rmdir of a registered cgroup to its entry removed ({}): p50 / p99 / max",
-                r.removal_ms.n
-            ),
-            pct(&r.removal_ms),
-        );
         let rt = &self.runtime;
         let _ = writeln!(o);
         let _ = writeln!(
@@ -750,6 +792,27 @@ impl Report {
         );
         line(
             &format!(
+                "the calls themselves, called to returned (kernel map written inside): grant / \
+                 revoke p50 and p99 ({})",
+                rt.grant_call_us.n
+            ),
+            format!(
+                "{:.0} / {:.0} µs; {:.0} / {:.0} µs",
+                rt.grant_call_us.p50,
+                rt.grant_call_us.p99,
+                rt.revoke_call_us.p50,
+                rt.revoke_call_us.p99
+            ),
+        );
+        line(
+            &format!(
+                "grant and revoke samples at or over {GRANT_P99_US:.0} µs: of them, the agent's \
+                 connect loop waited on a run queue (its CPU taken) half the time or more"
+            ),
+            format!("{} of {}", rt.over_goal_mostly_waiting, rt.over_goal),
+        );
+        line(
+            &format!(
                 "revoke called to the server seeing the agent's live connection end ({}; \
                  {} RST, {} EOF): p50 / p99 / max",
                 rt.reset_us.n, rt.resets_rst, rt.resets_eof
@@ -765,47 +828,57 @@ impl Report {
         );
         line("that rate vs floor", sp(&rt.tcp_with_grants_vs_floor, 3));
         line(
-            "connect rate with a rate limit configured",
-            "not measured: rate limits are not built".into(),
+            &format!(
+                "a grant call with about {} live grants of the agent (the last 100 made; {}): \
+                 p50 / p99 / max",
+                rt.live_grants, rt.grant_call_full_us.n
+            ),
+            us(&rt.grant_call_full_us),
         );
-        let _ = writeln!(o);
-        let _ = writeln!(
+        line(
+            "the rate limit on that agent (every call takes a token)",
+            "1,000,000/s, burst 1,000,000: the rows above include its cost".into(),
+        );
+        if full {
+            let _ = writeln!(o);
+            let _ = writeln!(
             o,
             "| events, per configuration (all rounds) | decisions | records in the audit log | lost | longest audit-log catch-up after a run | controller CPU per decision |"
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|");
-        let mut names: Vec<&str> = Vec::new();
-        for e in &self.events {
-            if !names.contains(&e.config.as_str()) {
-                names.push(&e.config);
+            let _ = writeln!(o, "|---|---|---|---|---|---|");
+            let mut names: Vec<&str> = Vec::new();
+            for e in &self.events {
+                if !names.contains(&e.config.as_str()) {
+                    names.push(&e.config);
+                }
             }
-        }
-        for n in names {
-            let es: Vec<&EventCheck> = self
-                .events
-                .iter()
-                .filter(|e| e.config == n)
-                .map(|e| &e.check)
-                .collect();
-            let cpu = self
-                .controller_cpu_per_decision_us
-                .iter()
-                .find(|(c, _)| c == n)
-                .map(|(_, us)| format!("{us:.1} µs"))
-                .unwrap_or_else(|| "–".into());
-            let label = self
-                .rows
-                .iter()
-                .find(|r| r.config == n)
-                .map_or(n, |r| r.config_label.as_str());
-            let _ = writeln!(
-                o,
-                "| {label} | {} | {} | {} | {:.0} ms | {cpu} |",
-                es.iter().map(|e| e.decisions).sum::<u64>(),
-                es.iter().map(|e| e.records).sum::<u64>(),
-                es.iter().map(|e| e.lost()).sum::<u64>(),
-                es.iter().map(|e| e.catch_up_ms_max).fold(0.0, f64::max)
-            );
+            for n in names {
+                let es: Vec<&EventCheck> = self
+                    .events
+                    .iter()
+                    .filter(|e| e.config == n)
+                    .map(|e| &e.check)
+                    .collect();
+                let cpu = self
+                    .controller_cpu_per_decision_us
+                    .iter()
+                    .find(|(c, _)| c == n)
+                    .map(|(_, us)| format!("{us:.1} µs"))
+                    .unwrap_or_else(|| "–".into());
+                let label = self
+                    .rows
+                    .iter()
+                    .find(|r| r.config == n)
+                    .map_or(n, |r| r.config_label.as_str());
+                let _ = writeln!(
+                    o,
+                    "| {label} | {} | {} | {} | {:.0} ms | {cpu} |",
+                    es.iter().map(|e| e.decisions).sum::<u64>(),
+                    es.iter().map(|e| e.records).sum::<u64>(),
+                    es.iter().map(|e| e.lost()).sum::<u64>(),
+                    es.iter().map(|e| e.catch_up_ms_max).fold(0.0, f64::max)
+                );
+            }
         }
         let _ = writeln!(o);
         let _ = writeln!(o, "| goal | target | measured | result |");

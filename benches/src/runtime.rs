@@ -6,12 +6,17 @@
 //!   `Handle::grant` (or `revoke`) returning to the first connect allowed (or refused);
 //! - revoke to reset: an agent process holds an established connection that a grant allowed;
 //!   the time is from calling `revoke` to the server side's read() ending (RST or EOF);
-//! - the agent's TCP connect rate with 1,000 live grants of its own, the connections allowed
-//!   only by one of them (compared with the floor of the same round by the report).
+//! - the agent's TCP connect rate with 1,000 live grants of its own and a rate limit configured
+//!   (1,000,000/s, never reached: every call takes a token), the connections allowed only by
+//!   one of the grants (compared with the floor of the same round by the report), and the
+//!   time of the last 100 grant calls made before it;
+//! - to split the latency: each call's own time, and the agent's run-queue wait in each sample
+//!   (`/proc/PID/schedstat`).
 
 use std::{
     io::{BufRead, BufReader, Read},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Child,
     time::Duration,
@@ -51,6 +56,19 @@ pub struct RuntimeFigures {
     pub grant_us: Vec<f64>,
     /// `revoke` returned to the agent's first connect refused (EPERM), µs.
     pub revoke_us: Vec<f64>,
+    /// The calls themselves: `grant` / `revoke` called to returned, µs (the kernel map is
+    /// written inside, before the reply).
+    pub grant_call_us: Vec<f64>,
+    pub revoke_call_us: Vec<f64>,
+    /// For each sample of `grant_us` / `revoke_us`: how long the agent's connect loop waited
+    /// on a run queue (not running, its CPU taken) in that window, µs, from the delta of
+    /// `/proc/PID/schedstat` between the call returning and the flip being read. A sample
+    /// mostly made of this is the scheduler's, not the controller's or the kernel map's.
+    pub grant_wait_us: Vec<f64>,
+    pub revoke_wait_us: Vec<f64>,
+    /// The last 100 grant calls of the connect-rate test, made with up to `grants` live grants
+    /// of the agent, µs: what a grant costs the controller when an agent holds many.
+    pub grant_call_full_us: Vec<f64>,
     /// `revoke` called to the server's read() of the live connection ending, µs.
     pub reset_us: Vec<f64>,
     /// How the server saw those ends: reset (RST) or EOF.
@@ -76,10 +94,12 @@ pub struct Params {
 }
 
 /// The runtime policy: nothing the tests use is allowed by a rule; 127.64.0.0/16 (TCP) and
-/// the loopback TCP server may be granted.
+/// the loopback TCP server may be granted. A rate limit is configured, the highest a policy
+/// takes (never reached here), so every call pays for the kernel's token bucket.
 pub fn policy_yaml(agent_rel: &str, server: SocketAddrV4) -> String {
     format!(
         "name: bench-runtime\nmode: enforce\nagents:\n  cgroups:\n    - {agent_rel}\n\
+         rate_limit:\n  per_second: 1000000\n  burst: 1000000\n\
          egress:\n  - cidr: 192.0.2.0/24\n    ports: [443]\n    protocol: tcp\n\
          grantable:\n  - cidr: {GRANTABLE}\n    protocol: tcp\n\
          \x20 - cidr: {}/32\n    ports: [{}]\n    protocol: tcp\n\
@@ -187,10 +207,61 @@ async fn next_flip(rx: &mut mpsc::UnboundedReceiver<String>, want: bool) -> Resu
 async fn latency(h: &Handle, p: &Params, f: &mut RuntimeFigures) -> Result<()> {
     let addr = Ipv4Addr::new(127, 64, 0, 1);
     let listener = TcpListener::bind((addr, 0)).with_context(|| format!("binding {addr}"))?;
+    // std listens with a backlog of 128: a full accept queue (the accept thread not scheduled
+    // for a few ms) drops a SYN, and the connect then waits a 1 s retransmission.
+    // SAFETY: listen(2) again on our listening socket only resizes its backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listen backlog");
+    }
     let target = SocketAddrV4::new(addr, listener.local_addr()?.port());
     // Accept and drop: the agent's connects complete.
     std::thread::spawn(move || listener.incoming().for_each(drop));
+    // This controller's threads (actor, event reader, the accept thread) go to the other CPU
+    // while the agent's loop runs: the bench's own work must not take the agent's CPU (the
+    // servers' rule for every workload). The flip process pins itself back to `p.cpu`.
+    let all = sys::allowed_cpus()?;
+    let other: Vec<usize> = all.iter().copied().filter(|c| *c != p.cpu).collect();
+    pin_process(&other)?;
+    let r = flips(h, p, target).await;
+    pin_process(&all)?;
+    let samples = r?;
+    f.grant_us.extend(samples.grant_us);
+    f.revoke_us.extend(samples.revoke_us);
+    f.grant_call_us.extend(samples.grant_call_us);
+    f.revoke_call_us.extend(samples.revoke_call_us);
+    f.grant_wait_us.extend(samples.grant_wait_us);
+    f.revoke_wait_us.extend(samples.revoke_wait_us);
+    Ok(())
+}
+
+/// Sets the CPU affinity of every thread of this process (threads made later inherit it).
+fn pin_process(cpus: &[usize]) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cpus {
+        // SAFETY: `c` is below CPU_SETSIZE (it came from the kernel's affinity mask).
+        unsafe { libc::CPU_SET(*c, &mut set) };
+    }
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let Ok(tid) = task?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: a thread of this process and a valid set; a thread gone meanwhile is ESRCH.
+        let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
+        let e = std::io::Error::last_os_error();
+        if rc != 0 && e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e).with_context(|| format!("pinning thread {tid} to CPUs {cpus:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// The grant/revoke cycles against the agent's flip loop connecting to `target`.
+async fn flips(h: &Handle, p: &Params, target: SocketAddrV4) -> Result<RuntimeFigures> {
+    let mut f = RuntimeFigures::default();
+    let addr = *target.ip();
     let mut child = spec(p, LoadKind::Flip, target).spawn(&p.exe)?;
+    let waited = run_queue_wait(child.id());
     let out = child.stdout.take().context("stdout")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
@@ -206,15 +277,23 @@ async fn latency(h: &Handle, p: &Params, f: &mut RuntimeFigures) -> Result<()> {
             .context("before any grant, the agent must be refused")?;
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
         for _ in 0..p.cycles {
+            let called = sys::mono_ns();
             let id = grant(h, &p.agent_rel, format!("{addr}/32"), None).await?;
             let t0 = sys::mono_ns();
+            let w0 = waited();
             let on = next_flip(&mut rx, true).await?;
+            f.grant_wait_us.push(us(w0, waited()));
             f.grant_us.push(us(t0, on.ns));
+            f.grant_call_us.push(us(called, t0));
             tokio::time::sleep(Duration::from_millis(1)).await;
+            let called = sys::mono_ns();
             revoke(h, id).await?;
             let t0 = sys::mono_ns();
+            let w0 = waited();
             let off = next_flip(&mut rx, false).await?;
+            f.revoke_wait_us.push(us(w0, waited()));
             f.revoke_us.push(us(t0, off.ns));
+            f.revoke_call_us.push(us(called, t0));
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok::<_, anyhow::Error>(())
@@ -223,7 +302,19 @@ async fn latency(h: &Handle, p: &Params, f: &mut RuntimeFigures) -> Result<()> {
     let stopped = stop(child, "flip process");
     match (result, stopped) {
         (Err(e), Err(s)) => Err(e.context(format!("{s:#}"))),
-        (r, s) => r.and(s),
+        (r, s) => r.and(s).map(|()| f),
+    }
+}
+
+/// The time process `pid` has spent waiting on a run queue so far, ns (the second field of
+/// `/proc/PID/schedstat`; 0 when it cannot be read).
+fn run_queue_wait(pid: u32) -> impl Fn() -> u64 {
+    let path = format!("/proc/{pid}/schedstat");
+    move || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -290,7 +381,12 @@ async fn rate(h: &Handle, p: &Params, f: &mut RuntimeFigures) -> Result<()> {
     let base = u32::from(Ipv4Addr::new(127, 64, 16, 0));
     for i in 0..p.grants - 1 {
         let a = Ipv4Addr::from(base + i as u32);
+        let called = sys::mono_ns();
         grant(h, &p.agent_rel, format!("{a}/32"), None).await?;
+        if i + 101 >= p.grants {
+            f.grant_call_full_us
+                .push((sys::mono_ns() - called) as f64 / 1e3);
+        }
     }
     grant(
         h,

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 pub mod audit;
+pub mod inproc;
 pub mod wait;
 
 pub const EPERM: i32 = libc::EPERM;

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{entry, mode, AgentEntry};
+use agent_common::{entry, mode, AgentEntry, MAX_AGENT_CHAIN};
 use agentwall::{
     datapath::{Enforcer, LoadOptions},
     events::Decision,
@@ -89,6 +89,11 @@ fn kind(kind: u32, mode: u32, policy_id: u32) -> AgentEntry {
         kind,
         task_slot: 0,
         task_deadline_ns: 0,
+        rate_interval_ns: 0,
+        rate_burst_ns: 0,
+        enclosing: [0; MAX_AGENT_CHAIN - 1],
+        flags: 0,
+        _reserved: 0,
     }
 }
 

@@ -12,7 +12,12 @@ use crate::{
     util::{cargo, exit_code, is_root, run, run_status, target_directory},
 };
 
-pub fn bench(quick: bool, rounds: Option<usize>, args: &[String]) -> Result<ExitCode> {
+pub fn bench(
+    quick: bool,
+    rounds: Option<usize>,
+    only: Option<&str>,
+    args: &[String],
+) -> Result<ExitCode> {
     if !is_root()? {
         bail!(
             "the benchmarks load eBPF programs and nftables rules and create cgroups: run \
@@ -31,6 +36,9 @@ pub fn bench(quick: bool, rounds: Option<usize>, args: &[String]) -> Result<Exit
     }
     if let Some(r) = rounds {
         cmd.arg("--rounds").arg(r.to_string());
+    }
+    if let Some(o) = only {
+        cmd.arg("--only").arg(o);
     }
     cmd.args(args);
     let status = run_status(&mut cmd)?;

@@ -64,6 +64,10 @@ enum Cmd {
         /// Rounds (at least 4; default 8, or 4 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Only these rows: `runtime` (grant/revoke latency, revoke to reset, the connect rate
+        /// with live grants, and the floor's TCP row it is compared with).
+        #[arg(long)]
+        only: Option<String>,
         /// Further arguments for agentwall-bench (e.g. `-- --idle-wait 60`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -96,8 +100,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Bench {
             quick,
             rounds,
+            only,
             args,
-        } => bench::bench(quick, rounds, &args),
+        } => bench::bench(quick, rounds, only.as_deref(), &args),
     }
 }
 

@@ -32,7 +32,7 @@ use tokio::{
 };
 
 use crate::{
-    control::{Caller, Command, ControlError, GrantRequest, RuntimeReply, TaskStart},
+    control::{Access, Caller, Command, ControlError, GrantRequest, RuntimeReply, TaskStart},
     identity::Names,
 };
 
@@ -341,14 +341,15 @@ impl Conn {
     }
 }
 
-const ROUTES: &str =
-    "the agent socket serves GET /v1/self, POST and DELETE /v1/task, POST /v1/access";
+const ROUTES: &str = "the agent socket serves GET /v1/self, POST and DELETE /v1/task, POST \
+     /v1/access, GET /v1/requests/{id}";
 
 fn router(conn: Arc<Conn>) -> Router {
     Router::new()
         .route("/v1/self", get(whoami))
         .route("/v1/task", post(task_start).delete(task_end))
         .route("/v1/access", post(access))
+        .route("/v1/requests/{id}", get(own_request))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -443,8 +444,28 @@ async fn access(State(c): State<Arc<Conn>>, body: Body) -> Result<Response, ApiE
         reason: a.reason,
     };
     let by = me.caller();
-    let grant = c.call(|reply| Command::Grant { req, by, reply }).await?;
-    Ok(Json(grant).into_response())
+    // Granted at once (`approve: auto`): 200 and the grant; else 202 and the pending request.
+    match c.call(|reply| Command::Access { req, by, reply }).await? {
+        Access::Granted(grant) => Ok(Json(grant).into_response()),
+        Access::Pending(request) => Ok((StatusCode::ACCEPTED, Json(request)).into_response()),
+    }
+}
+
+/// `GET /v1/requests/{id}`: one of the caller's own requests (another agent's is 404).
+async fn own_request(
+    State(c): State<Arc<Conn>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let me = c.me()?;
+    let id: u64 = id.parse().map_err(|_| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid",
+        field: Some("id".into()),
+        message: format!("{id:?} is not a request id (a number)"),
+    })?;
+    let by = me.caller();
+    let request = c.call(|reply| Command::Request { id, by, reply }).await?;
+    Ok(Json(request).into_response())
 }
 
 /// An agent speaks only for itself.
@@ -530,6 +551,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(m) => (StatusCode::NOT_FOUND, "not-found", None, m),
             ControlError::Refused(m) => (StatusCode::FORBIDDEN, "refused", None, m),
             ControlError::Conflict(m) => (StatusCode::CONFLICT, "conflict", None, m),
+            ControlError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, "too-many", None, m),
             ControlError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None, m),
         };
         ApiError {

@@ -14,8 +14,9 @@ use utoipa::OpenApi;
 
 use super::{
     wire::{
-        ApiError, ApplyBody, Caller, ExplainBody, Explanation, GrantBody, GrantInfo, RegisterBody,
-        Registered, Reloaded, Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
+        ApiError, ApplyBody, ApproveBody, Approved, Caller, DenyBody, ExplainBody, Explanation,
+        FromEventBody, GrantBody, GrantInfo, RegisterBody, Registered, Reloaded, RequestInfo,
+        RequestState, Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
     },
     MAX_REQUEST_BYTES, REQUEST_TIMEOUT,
 };
@@ -40,6 +41,10 @@ pub fn router() -> Router<Ctx> {
         .route("/v1/grants", post(grant).get(grants))
         .route("/v1/grants/{id}", delete(revoke))
         .route("/v1/explain", post(explain))
+        .route("/v1/requests", get(requests).post(request_from_event))
+        .route("/v1/requests/{id}", get(request))
+        .route("/v1/requests/{id}/approve", post(approve))
+        .route("/v1/requests/{id}/deny", post(deny))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
@@ -309,6 +314,105 @@ async fn explain(
         .map(|e| Json(e.into()))
 }
 
+/// A request id from the path, or a 400 naming `id`.
+fn request_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a request id (a number)")))
+}
+
+/// The pending requests for access, oldest first.
+#[utoipa::path(get, path = "/v1/requests", tag = "approvals",
+    responses((status = 200, body = Vec<RequestInfo>), (status = "5XX", body = ApiError)))]
+async fn requests(State(ctx): State<Ctx>) -> Result<Json<Vec<RequestInfo>>, ApiError> {
+    runtime(&ctx, |reply| Command::Requests { reply })
+        .await
+        .map(|r| Json(r.into_iter().map(Into::into).collect()))
+}
+
+/// Turns a denied connection record (its audit `seq`) into a pending request for that agent,
+/// destination, port and protocol, checked as a grant would be. An allowed record or one that
+/// is not a connect or send is 400 (`from_event`); one too old or unknown 404; over the
+/// pending caps 429.
+#[utoipa::path(post, path = "/v1/requests", tag = "approvals", request_body = FromEventBody,
+    responses((status = 202, body = RequestInfo), (status = 400, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 429, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn request_from_event(
+    State(ctx): State<Ctx>,
+    Body(body): Body<FromEventBody>,
+) -> Result<(StatusCode, Json<RequestInfo>), ApiError> {
+    body.validate()?;
+    let by = ctx.caller.clone();
+    let req = body.into();
+    runtime(&ctx, |reply| Command::RequestFromEvent { req, by, reply })
+        .await
+        .map(|r| (StatusCode::ACCEPTED, Json(r.into())))
+}
+
+/// One request, pending or decided (decided ones are kept a while for their agent to read).
+#[utoipa::path(get, path = "/v1/requests/{id}", tag = "approvals",
+    params(("id" = u64, Path, description = "The request id")),
+    responses((status = 200, body = RequestInfo), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = "5XX", body = ApiError)))]
+async fn request(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<Json<RequestInfo>, ApiError> {
+    let id = request_id(&id)?;
+    let by = ctx.caller.clone();
+    runtime(&ctx, |reply| Command::Request { id, by, reply })
+        .await
+        .map(|r| Json(r.into()))
+}
+
+/// Approves a pending request: a grant through the same path as `POST /v1/grants` (scope,
+/// `max_grant_ttl`, the kernel's deadline). `ttl_secs` may shorten the requested ttl, never
+/// lengthen it. A request no longer pending is 409; one the policy no longer allows is 403 and
+/// stays pending.
+#[utoipa::path(post, path = "/v1/requests/{id}/approve", tag = "approvals", request_body = ApproveBody,
+    params(("id" = u64, Path, description = "The request id")),
+    responses((status = 200, body = Approved), (status = 400, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn approve(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    Body(body): Body<ApproveBody>,
+) -> Result<Json<Approved>, ApiError> {
+    let id = request_id(&id)?;
+    body.validate()?;
+    let (by, ttl_secs) = (ctx.caller.clone(), body.ttl_secs);
+    runtime(&ctx, |reply| Command::Approve {
+        id,
+        ttl_secs,
+        by,
+        reply,
+    })
+    .await
+    .map(|a| Json(a.into()))
+}
+
+/// Denies a pending request.
+#[utoipa::path(post, path = "/v1/requests/{id}/deny", tag = "approvals", request_body = DenyBody,
+    params(("id" = u64, Path, description = "The request id")),
+    responses((status = 200, body = RequestInfo), (status = 400, body = ApiError), (status = 404, body = ApiError),
+        (status = 409, body = ApiError), (status = "5XX", body = ApiError)))]
+async fn deny(
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    Body(body): Body<DenyBody>,
+) -> Result<Json<RequestInfo>, ApiError> {
+    let id = request_id(&id)?;
+    body.validate()?;
+    let (by, reason) = (ctx.caller.clone(), body.reason);
+    runtime(&ctx, |reply| Command::Deny {
+        id,
+        reason,
+        by,
+        reply,
+    })
+    .await
+    .map(|r| Json(r.into()))
+}
+
 /// The OpenAPI document of this API (docs/openapi.json is this, checked by a test).
 #[derive(OpenApi)]
 #[openapi(
@@ -320,12 +424,13 @@ async fn explain(
     ),
     paths(
         status, reload, apply_policy, register, task_start, task_end, grant, grants, revoke,
-        explain
+        explain, requests, request_from_event, request, approve, deny
     ),
-    components(schemas(ApiError, Caller)),
+    components(schemas(ApiError, Caller, RequestState)),
     tags(
         (name = "controller", description = "Registration, policy reload, status"),
-        (name = "runtime", description = "Tasks and just-in-time grants")
+        (name = "runtime", description = "Tasks and just-in-time grants"),
+        (name = "approvals", description = "Requests for access that wait for a person")
     )
 )]
 pub struct ApiDoc;

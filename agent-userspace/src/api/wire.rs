@@ -19,7 +19,7 @@ use crate::control::{self, ControlError};
 pub struct ApiError {
     /// What kind of error: `invalid` (400), `permission-denied` (403), `refused` (403),
     /// `not-found` (404), `method-not-allowed` (405), `timeout` (408), `conflict` (409),
-    /// `too-large` (413), `internal` (500), `unavailable` (503).
+    /// `too-large` (413), `too-many` (429), `internal` (500), `unavailable` (503).
     pub error: String,
     /// The request field at fault, for `invalid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +84,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "not-found", m),
             ControlError::Refused(m) => Self::new(StatusCode::FORBIDDEN, "refused", m),
             ControlError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            ControlError::TooMany(m) => Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many", m),
             ControlError::Internal(m) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }
@@ -460,12 +461,22 @@ pub struct Explanation {
     /// `allow` or `deny`, before the mode.
     pub decision: String,
     /// As records name it: `rule`, `grant`, `default-deny:no-address-match`,
-    /// `default-deny:no-port-match`, `deadman:deny-all`, `pending-identity`.
+    /// `default-deny:no-port-match`, `deadman:deny-all`, `pending-identity`, `rate-limit`,
+    /// `deny:chain-too-deep`.
     pub reason: String,
     pub rule_id: Option<u32>,
     pub rule_name: Option<String>,
     /// The grant that allows it.
     pub grant: Option<GrantInfo>,
+    /// Agents whose cgroups enclose this one, nearest first: each judges the call too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The enclosing agent whose verdict this is (absent: the agent's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// The agent's rate limit and whether a call now is within it (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
     /// The task the agent's records carry now.
     pub task: Option<TaskInfo>,
     /// `enforce` or `audit` (a dead-man audit-all fallback makes it audit).
@@ -493,11 +504,179 @@ impl From<control::explain::Explanation> for Explanation {
             rule_id: e.rule_id,
             rule_name: e.rule_name,
             grant: e.grant.map(Into::into),
+            chain: e.chain,
+            decided_by: e.decided_by,
+            rate_limit: e.rate_limit,
             task: e.task.map(Into::into),
             mode: e.mode,
             deadman: e.deadman,
             action: e.action,
             source: e.source,
+        }
+    }
+}
+
+/// Where a request for access stands: `expired` counts as denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl From<control::RequestState> for RequestState {
+    fn from(s: control::RequestState) -> Self {
+        match s {
+            control::RequestState::Pending => Self::Pending,
+            control::RequestState::Approved => Self::Approved,
+            control::RequestState::Denied => Self::Denied,
+            control::RequestState::Expired => Self::Expired,
+        }
+    }
+}
+
+/// A request for access waiting for a person (or decided: its agent may read the outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RequestInfo {
+    pub id: u64,
+    pub agent: String,
+    pub to: String,
+    pub ports: String,
+    pub protocol: String,
+    /// The grant's ttl once approved (an approval may shorten it).
+    pub ttl_secs: u64,
+    pub task: Option<String>,
+    pub reason: String,
+    pub state: RequestState,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339: when a pending request expires (as denied).
+    pub expires: String,
+    /// Who asked: the agent, or the admin who made it from a denied record.
+    pub by: Caller,
+    /// The audit record (`seq`) it was made from.
+    pub from_event: Option<u64>,
+    /// The grant its approval created.
+    pub grant: Option<u64>,
+    /// Who approved or denied it.
+    pub decided_by: Option<Caller>,
+    /// The reason given with a denial.
+    pub decision_reason: Option<String>,
+}
+
+impl From<control::RequestInfo> for RequestInfo {
+    fn from(r: control::RequestInfo) -> Self {
+        Self {
+            id: r.id,
+            agent: r.agent,
+            to: r.to,
+            ports: r.ports,
+            protocol: r.protocol,
+            ttl_secs: r.ttl_secs,
+            task: r.task,
+            reason: r.reason,
+            state: r.state.into(),
+            created: r.created,
+            expires: r.expires,
+            by: r.by.into(),
+            from_event: r.from_event,
+            grant: r.grant,
+            decided_by: r.decided_by.map(Into::into),
+            decision_reason: r.decision_reason,
+        }
+    }
+}
+
+/// `POST /v1/requests`: turn a denied connection record into a pending request for that agent,
+/// destination, port and protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FromEventBody {
+    /// The denied decision record's `seq` in the audit log (this controller's run).
+    #[schema(example = 1042)]
+    pub from_event: u64,
+    /// The grant's ttl once approved; absent: the policy's `max_grant_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[schema(example = "the build needs the package mirror")]
+    pub reason: String,
+}
+
+impl FromEventBody {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.from_event == 0 {
+            return Err(ApiError::invalid(
+                "from_event",
+                "must be a record's seq (1 or more)",
+            ));
+        }
+        if let Some(t) = self.ttl_secs {
+            positive_ttl("ttl_secs", t)?;
+        }
+        required("reason", &self.reason)
+    }
+}
+
+impl From<FromEventBody> for control::FromEvent {
+    fn from(b: FromEventBody) -> Self {
+        Self {
+            seq: b.from_event,
+            ttl_secs: b.ttl_secs,
+            reason: b.reason,
+        }
+    }
+}
+
+/// `POST /v1/requests/{id}/approve`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    /// Shorten the grant to this ttl (never longer than requested); absent: as requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+impl ApproveBody {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match self.ttl_secs {
+            Some(t) => positive_ttl("ttl_secs", t),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `POST /v1/requests/{id}/deny`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DenyBody {
+    /// Why, for the records and the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl DenyBody {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match &self.reason {
+            Some(r) => required("reason", r),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An approved request and the grant it created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Approved {
+    pub request: RequestInfo,
+    pub grant: GrantInfo,
+}
+
+impl From<control::Approved> for Approved {
+    fn from(a: control::Approved) -> Self {
+        Self {
+            request: a.request.into(),
+            grant: a.grant.into(),
         }
     }
 }

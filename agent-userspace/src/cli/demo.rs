@@ -26,6 +26,8 @@ use crate::{
 
 /// The demo policy, embedded so the demo needs no files.
 pub const DEMO_POLICY: &str = include_str!("../../../policies/demo.yaml");
+/// A sub-agent's policy (a tool sandbox inside the demo agent's cgroup).
+pub const DEMO_TOOL_POLICY: &str = include_str!("../../../policies/demo-tool.yaml");
 
 /// What the demo agent tries; every target is loopback.
 const TARGETS: &[(&str, &str)] = &[
@@ -54,6 +56,7 @@ const UNIX_DIR: &str = "/run/agentwall-demo";
 
 pub async fn run(audit_log: PathBuf) -> Result<()> {
     let demo = policy::parse_policy(Path::new("policies/demo.yaml"), DEMO_POLICY)?;
+    let tool = policy::parse_policy(Path::new("policies/demo-tool.yaml"), DEMO_TOOL_POLICY)?;
     let selector = demo
         .agents
         .first()
@@ -63,7 +66,7 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     let socket = std::env::temp_dir().join(format!("agentwall-demo-{}.sock", std::process::id()));
     let (tap, mut records) = mpsc::unbounded_channel();
     let mut opts = Options::new(PolicySource::Fixed(PolicySet {
-        policies: vec![demo],
+        policies: vec![demo, tool],
     }));
     opts.audit_log = Some(audit_log.clone());
     opts.control_socket = Some(socket.clone());
@@ -123,10 +126,34 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
             })
             .await?;
         println!(
-            "explain tcp {to}: {} ({}{})",
+            "explain tcp {to}: {} ({}{}; rate limit {})",
             e.action,
             e.reason,
-            e.grant.map(|g| format!(" #{}", g.id)).unwrap_or_default()
+            e.grant.map(|g| format!(" #{}", g.id)).unwrap_or_default(),
+            e.rate_limit.as_deref().unwrap_or("none")
+        );
+    }
+    // Delegation: a tool sandbox inside the agent's cgroup is a sub-agent with a policy of its
+    // own, and gets only what both policies allow.
+    let tool_path = agent_path.join("tool");
+    crate::identity::cgroup::create(&tool_path)?;
+    handle.register(&tool_path).await?;
+    for to in ["127.0.0.1:8080", "127.0.0.2:8443"] {
+        let e = handle
+            .explain(ExplainRequest {
+                agent: format!("{selector}/tool"),
+                to: to.parse()?,
+                protocol: IPPROTO_TCP,
+            })
+            .await?;
+        println!(
+            "explain sub-agent tool (inside {}) tcp {to}: {} ({}{})",
+            e.chain.join(" < "),
+            e.action,
+            e.reason,
+            e.decided_by
+                .map(|d| format!(", decided by {d}"))
+                .unwrap_or_default()
         );
     }
     println!();
@@ -179,6 +206,7 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     );
     // Shutdown drains the ring: every record of the run is written before it returns.
     handle.shutdown().await?;
+    let _ = std::fs::remove_dir(&tool_path);
     let _ = std::fs::remove_dir(root.join(&selector));
     // The parent too, when the demo made it and nothing else lives there (rmdir refuses then).
     let _ = std::fs::remove_dir(root.join(parent));

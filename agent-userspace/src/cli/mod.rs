@@ -65,6 +65,33 @@ enum Cmd {
     /// What the kernel would decide now for an agent and a destination, and why (rule, grant,
     /// task, default deny, dead-man), read from the live maps; nothing is connected.
     Explain(ExplainArgs),
+    /// The pending requests for access (agents' own under `approve: manual`, and those made
+    /// from denied records).
+    Requests(SocketArg),
+    /// Approve a pending request: creates its grant (same checks as `grant`); prints the grant
+    /// id.
+    Approve {
+        /// The request id (`agentwall requests` lists them).
+        id: u64,
+        /// Shorten the grant to this ttl ("90s", "5m"); never longer than requested.
+        #[arg(long, value_parser = parse_secs)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Deny a pending request.
+    Deny {
+        /// The request id.
+        id: u64,
+        /// Why, for the records and the agent.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Turn a denied connection record into a pending request for that agent, destination,
+    /// port and protocol; prints the request id.
+    Request(RequestArgs),
     /// Remove everything agentwall pinned (programs detach, maps go). Nothing else does this.
     Uninstall(UninstallArgs),
     /// Set up a demo on loopback: demo policy, servers, controller, one agent process.
@@ -79,6 +106,21 @@ enum Cmd {
 struct SocketArg {
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     control_socket: PathBuf,
+}
+
+#[derive(Args)]
+struct RequestArgs {
+    /// The denied decision record's `seq` in the audit log (this controller's run).
+    #[arg(long)]
+    from_event: u64,
+    /// The grant's ttl once approved ("90s", "5m") [default: the policy's max_grant_ttl].
+    #[arg(long, value_parser = parse_secs)]
+    ttl: Option<u64>,
+    /// Why, for the records.
+    #[arg(long)]
+    reason: String,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 #[derive(Args)]
@@ -136,6 +178,15 @@ struct RunArgs {
     /// Pin nothing: enforcement stops with the controller (for trials only).
     #[arg(long, conflicts_with = "pin_dir")]
     no_pin: bool,
+    /// How long a request for access waits for a person before it expires as denied
+    /// ("90s", "5m").
+    #[arg(long, value_parser = parse_secs, default_value = "5m")]
+    request_ttl: u64,
+    /// Live grants one agent may hold; one more is refused (the grant tries are shared by
+    /// every agent, and one agent must not fill them).
+    #[arg(long, default_value_t = crate::control::grants::DEFAULT_MAX_GRANTS_PER_AGENT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=agent_common::MAX_GRANT_PREFIXES as u64))]
+    max_grants_per_agent: u64,
 }
 
 #[derive(Args)]
@@ -274,6 +325,24 @@ pub fn main() -> ExitCode {
             )
             .and_then(|v| print_json(&v)),
             Cmd::Explain(a) => explain(a),
+            Cmd::Requests(s) => call(&s.control_socket, Method::GET, "/v1/requests", None)
+                .and_then(|v| print_json(&v)),
+            Cmd::Approve { id, ttl, socket } => approve(id, ttl, &socket.control_socket),
+            Cmd::Deny { id, reason, socket } => {
+                let body = api::wire::DenyBody { reason };
+                serde_json::to_value(body)
+                    .map_err(Into::into)
+                    .and_then(|b| {
+                        call(
+                            &socket.control_socket,
+                            Method::POST,
+                            &format!("/v1/requests/{id}/deny"),
+                            Some(b),
+                        )
+                    })
+                    .and_then(|v| print_json(&v))
+            }
+            Cmd::Request(a) => request(a),
             Cmd::Uninstall(a) => uninstall(a),
             Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
             Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
@@ -429,6 +498,40 @@ fn grant(a: GrantArgs) -> Result<()> {
     Ok(())
 }
 
+fn approve(id: u64, ttl: Option<u64>, socket: &std::path::Path) -> Result<()> {
+    let body = api::wire::ApproveBody { ttl_secs: ttl };
+    let v = call(
+        socket,
+        Method::POST,
+        &format!("/v1/requests/{id}/approve"),
+        Some(serde_json::to_value(body)?),
+    )?;
+    let grant = v["grant"]["id"]
+        .as_u64()
+        .with_context(|| format!("the controller's reply has no grant id: {v}"))?;
+    println!("{grant}");
+    Ok(())
+}
+
+fn request(a: RequestArgs) -> Result<()> {
+    let body = api::wire::FromEventBody {
+        from_event: a.from_event,
+        ttl_secs: a.ttl,
+        reason: a.reason,
+    };
+    let v = call(
+        &a.socket.control_socket,
+        Method::POST,
+        "/v1/requests",
+        Some(serde_json::to_value(body)?),
+    )?;
+    let id = v["id"]
+        .as_u64()
+        .with_context(|| format!("the controller's reply has no request id: {v}"))?;
+    println!("{id}");
+    Ok(())
+}
+
 fn explain(a: ExplainArgs) -> Result<()> {
     let Some(dir) = a.policy else {
         let body = api::wire::ExplainBody {
@@ -497,6 +600,8 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     opts.bpffs = Some(a.bpffs);
     opts.rescan = Duration::from_millis(a.rescan_ms.max(10));
+    opts.request_ttl = Duration::from_secs(a.request_ttl);
+    opts.max_grants_per_agent = a.max_grants_per_agent as usize;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -550,4 +655,52 @@ fn uninstall(a: UninstallArgs) -> Result<()> {
         println!("agents are no longer enforced");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from(std::iter::once("agentwall").chain(args.iter().copied())).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn requests_commands_parse_as_documented() {
+        let Ok(Cmd::Run(r)) = parse(&["run", "--policy", "p", "--request-ttl", "90s"]) else {
+            panic!("run --request-ttl");
+        };
+        assert_eq!(r.request_ttl, 90);
+        let Ok(Cmd::Run(r)) = parse(&["run", "--policy", "p"]) else {
+            panic!("run");
+        };
+        assert_eq!(r.request_ttl, 300, "5 minutes by default");
+        assert!(matches!(parse(&["requests"]), Ok(Cmd::Requests(_))));
+        assert!(matches!(
+            parse(&["approve", "3", "--ttl", "5m"]),
+            Ok(Cmd::Approve {
+                id: 3,
+                ttl: Some(300),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["deny", "4", "--reason", "no"]),
+            Ok(Cmd::Deny {
+                id: 4,
+                reason: Some(_),
+                ..
+            })
+        ));
+        let Ok(Cmd::Request(a)) = parse(&["request", "--from-event", "42", "--reason", "r"]) else {
+            panic!("request --from-event");
+        };
+        assert_eq!((a.from_event, a.ttl), (42, None));
+        assert!(
+            parse(&["request", "--from-event", "42"]).is_err(),
+            "--reason is required"
+        );
+        assert!(parse(&["approve", "x"]).is_err());
+        assert!(parse(&["approve", "3", "--ttl", "0s"]).is_err());
+    }
 }

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use agent_common::{
     deadman,
-    decide::{match_grants, match_ports, with_grant, NO_ADDRESS},
-    entry, mode, reason, verdict, AgentEntry, GrantSet, RuleSet, NO_RULE,
+    decide::{fold_chain, match_grants, match_ports, rate_take, with_grant, Judged, NO_ADDRESS},
+    entry, entry_flags, mode, reason, verdict, AgentEntry, GrantSet, RuleSet, NO_RULE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +60,16 @@ pub struct Explanation {
     pub action: String,
     /// `kernel` (the live maps) or `policy` (a dry run over a policy not yet applied).
     pub source: String,
+    /// Agents whose cgroups enclose this one, nearest first: each judges the call too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The enclosing agent whose verdict this is (none: the agent's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// The agent's rate limit and whether a call now would be within it, e.g.
+    /// `10/s, burst 20: within` (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 /// The longest prefix among `entries` that covers `addr` (same family only), as an LPM trie
@@ -134,6 +144,8 @@ pub fn reason_name(r: u32) -> &'static str {
         reason::DEADMAN => "deadman:deny-all",
         reason::PENDING_IDENTITY => "pending-identity",
         reason::GRANT => "grant",
+        reason::RATE_LIMIT => "rate-limit",
+        reason::CHAIN_TOO_DEEP => "deny:chain-too-deep",
         _ => "unknown",
     }
 }
@@ -212,24 +224,71 @@ impl<D: Datapath> State<D> {
         let now = boottime_ns();
         let addr = judged_addr(req.to.ip());
         let (port, protocol) = (req.to.port(), req.protocol);
-        let decided = if entry.kind == entry::AGENT {
-            let rules = self
-                .enforcer
-                .lookup_rules(entry.policy_id, addr)
-                .map_err(internal)?;
-            let policy = judge(rules.as_ref(), None, port, protocol, now);
-            if policy.0 == verdict::ALLOW {
-                policy
-            } else {
-                // As the kernel: the grant trie is read only for a denial.
-                let grants = self.enforcer.lookup_grants(id, addr).map_err(internal)?;
-                judge(rules.as_ref(), grants.as_ref(), port, protocol, now)
-            }
-        } else {
-            (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE)
-        };
         let beat = self.enforcer.last_heartbeat_ns().map_err(internal)?;
-        let ((v, r, rule), m, dm) = apply_deadman(&entry, decided, beat, now);
+        // The order the kernel decides in: the rate limit first, then the agent's policy and
+        // grants, then each enclosing agent's (delegation), the first enforced denial winning.
+        let level = |e: &AgentEntry, cgroup: u64, own: bool, n: u32| -> Result<_, ControlError> {
+            let decided = if own && e.kind != entry::AGENT {
+                (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE)
+            } else {
+                self.policy_verdict(e, cgroup, addr, port, protocol, now)?
+            };
+            let ((v, r, rule), m, dm) = apply_deadman(e, decided, beat, now);
+            Ok((
+                Judged {
+                    verdict: v,
+                    reason: r,
+                    rule_id: rule,
+                    mode: m,
+                    level: n,
+                },
+                dm,
+            ))
+        };
+        let rate = (entry.kind == entry::AGENT && entry.rate_interval_ns != 0).then(|| {
+            let tat = self.enforcer.rate_state(id).unwrap_or(0);
+            let within = rate_take(tat, now, entry.rate_interval_ns, entry.rate_burst_ns).is_some();
+            (within, rate_text(&entry, within))
+        });
+        let (mut judged, dm) = level(&entry, id, true, 0)?;
+        if entry.flags & entry_flags::CHAIN_TOO_DEEP != 0 {
+            judged = Judged {
+                verdict: verdict::DENY,
+                reason: reason::CHAIN_TOO_DEEP,
+                rule_id: NO_RULE,
+                mode: mode::ENFORCE,
+                level: 0,
+            };
+        } else if rate.as_ref().is_some_and(|(within, _)| !within) {
+            let ((v, r, rule), m, _) = apply_deadman(
+                &entry,
+                (verdict::DENY, reason::RATE_LIMIT, NO_RULE),
+                beat,
+                now,
+            );
+            judged = Judged {
+                verdict: v,
+                reason: r,
+                rule_id: rule,
+                mode: m,
+                level: 0,
+            };
+        } else {
+            let entries = self.enforcer.agent_entries();
+            for (n, up) in entry.enclosing.iter().enumerate() {
+                if *up == 0 || judged.blocks() {
+                    break;
+                }
+                let Some(e) = entries
+                    .iter()
+                    .find_map(|(k, e)| (*k == *up && e.kind == entry::AGENT).then_some(*e))
+                else {
+                    continue;
+                };
+                judged = fold_chain(judged, level(&e, *up, false, n as u32 + 1)?.0);
+            }
+        }
+        let (v, r, rule, m) = (judged.verdict, judged.reason, judged.rule_id, judged.mode);
         let names = self.names.read().expect("names");
         let rt = &self.runtime.rt;
         let task = rt
@@ -252,7 +311,7 @@ impl<D: Datapath> State<D> {
             decision: if v == verdict::ALLOW { "allow" } else { "deny" }.into(),
             reason: reason_name(r).into(),
             rule_id: (r == reason::RULE).then_some(rule),
-            rule_name: (r == reason::RULE)
+            rule_name: (r == reason::RULE && judged.level == 0)
                 .then(|| names.rule_name(entry.policy_id, rule).map(str::to_string))
                 .flatten(),
             grant: (r == reason::GRANT)
@@ -263,8 +322,62 @@ impl<D: Datapath> State<D> {
             deadman: dm.into(),
             action: action(v, m).into(),
             source: "kernel".into(),
+            chain: entry
+                .enclosing
+                .iter()
+                .take_while(|id| **id != 0)
+                .map(|id| agent_or_id(&names, *id))
+                .collect(),
+            decided_by: (judged.level > 0)
+                .then(|| entry.enclosing.get(judged.level as usize - 1))
+                .flatten()
+                .map(|id| agent_or_id(&names, *id)),
+            rate_limit: rate.map(|(_, text)| text),
         })
     }
+
+    /// What one agent's policy and grants say, as the kernel reads them (the grant trie only
+    /// for a denial).
+    fn policy_verdict(
+        &self,
+        e: &AgentEntry,
+        cgroup: u64,
+        addr: IpAddr,
+        port: u16,
+        protocol: u32,
+        now: u64,
+    ) -> Result<(u32, u32, u32), ControlError> {
+        let internal = |e: crate::datapath::LoaderError| ControlError::Internal(e.to_string());
+        let rules = self
+            .enforcer
+            .lookup_rules(e.policy_id, addr)
+            .map_err(internal)?;
+        let policy = judge(rules.as_ref(), None, port, protocol, now);
+        if policy.0 == verdict::ALLOW {
+            return Ok(policy);
+        }
+        let grants = self
+            .enforcer
+            .lookup_grants(cgroup, addr)
+            .map_err(internal)?;
+        Ok(judge(rules.as_ref(), grants.as_ref(), port, protocol, now))
+    }
+}
+
+/// An agent's name, or its cgroup id when it is not known.
+fn agent_or_id(names: &crate::identity::Names, id: u64) -> String {
+    names
+        .agents
+        .get(&id)
+        .map_or_else(|| format!("cgroup-id:{id}"), |a| a.name.clone())
+}
+
+/// `10/s, burst 20: within` as `explain` shows a rate limit.
+fn rate_text(e: &AgentEntry, within: bool) -> String {
+    let per_second = 1_000_000_000 / e.rate_interval_ns.max(1);
+    let burst = e.rate_burst_ns / e.rate_interval_ns.max(1);
+    let state = if within { "within" } else { "exceeded now" };
+    format!("{per_second}/s, burst {burst}: {state}")
 }
 
 fn mode_name(m: u32) -> &'static str {
@@ -322,5 +435,10 @@ pub fn dry_run(
         deadman: "off".into(),
         action: action(v, m).into(),
         source: "policy".into(),
+        chain: Vec::new(),
+        decided_by: None,
+        rate_limit: p
+            .rate_limit
+            .map(|r| format!("{}/s, burst {}", r.per_second, r.burst)),
     })
 }

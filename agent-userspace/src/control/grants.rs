@@ -18,6 +18,10 @@ use crate::{datapath::GrantPrefix, policy::GrantScope};
 /// Ended tasks kept to name records still in flight or written while the controller was down.
 const ENDED_TASKS_KEPT: usize = 1024;
 
+/// Live grants one agent may hold unless `agentwall run --max-grants-per-agent` says otherwise:
+/// the grant tries (`MAX_GRANT_PREFIXES` entries) are shared by every agent.
+pub const DEFAULT_MAX_GRANTS_PER_AGENT: usize = 256;
+
 /// A task set on an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
@@ -152,55 +156,124 @@ impl Runtime {
     }
 
     /// What the grant tries must hold for `agent`: every prefix one of its grants names, with
-    /// the union of every grant covering it (the kernel finds only the longest prefix).
+    /// the union of every grant covering it (the kernel finds only the longest prefix). The
+    /// whole set, for a restart; a single grant's change uses [`Runtime::touched_by`].
     pub fn trie_for(
         &self,
         agent: u64,
         extra: Option<&LiveGrant>,
     ) -> Result<BTreeMap<GrantPrefix, GrantSet>, ControlError> {
-        let grants: Vec<&LiveGrant> = self
-            .grants
+        let grants = self.nets_of(agent, extra);
+        let mut out = BTreeMap::new();
+        for (net, _) in &grants {
+            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(prefix_of(net)) {
+                e.insert(union_at(&grants, net)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of `g`'s agent that adding or removing `g` changes: its own prefix and every
+    /// narrower prefix of the agent's grants inside it, each with what it must hold now (None:
+    /// no grant names that prefix any more). `extra` counts as live (a grant not yet made). Only
+    /// these entries are rewritten, so a grant costs O(the agent's grants), not a rebuild.
+    pub fn touched_by(
+        &self,
+        g: &LiveGrant,
+        extra: Option<&LiveGrant>,
+    ) -> Result<BTreeMap<GrantPrefix, Option<GrantSet>>, ControlError> {
+        let grants = self.nets_of(g.agent_id, extra);
+        let outer = g.net();
+        let mut out = BTreeMap::new();
+        out.insert(prefix_of(&outer), None);
+        for (net, _) in &grants {
+            if covers(&outer, net) {
+                out.insert(prefix_of(net), None);
+            }
+        }
+        for (prefix, set) in out.iter_mut() {
+            let net = net_of(prefix);
+            if grants.iter().any(|(n, _)| prefix_of(n) == *prefix) {
+                *set = Some(union_at(&grants, &net)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The live grants of `agent` (and `extra`), their networks parsed once.
+    fn nets_of<'a>(
+        &'a self,
+        agent: u64,
+        extra: Option<&'a LiveGrant>,
+    ) -> Vec<(IpNet, &'a LiveGrant)> {
+        self.grants
             .values()
             .filter(|g| g.agent_id == agent)
             .chain(extra)
-            .collect();
-        let mut out = BTreeMap::new();
-        for g in &grants {
-            let net = g.net();
-            let mut set = GrantSet {
-                count: 0,
-                _reserved: 0,
-                grants: [Grant::default(); MAX_GRANTS_PER_PREFIX],
-            };
-            for c in grants.iter().filter(|c| covers(&c.net(), &net)) {
-                for (lo, hi) in &c.ports {
-                    if set.count as usize == MAX_GRANTS_PER_PREFIX {
-                        return Err(ControlError::Refused(format!(
-                            "{net} would carry more than {MAX_GRANTS_PER_PREFIX} grant port \
-                             ranges of agent {}; revoke one first",
-                            g.agent
-                        )));
-                    }
-                    set.grants[set.count as usize] = Grant {
-                        deadline_ns: c.deadline_ns,
-                        grant_id: c.id as u32,
-                        protocols: c.protocols,
-                        port_lo: *lo,
-                        port_hi: *hi,
-                        _reserved: 0,
-                    };
-                    set.count += 1;
-                }
-            }
-            out.insert(prefix_of(&net), set);
+            .map(|g| (g.net(), g))
+            .collect()
+    }
+
+    /// Live grants of `agent`.
+    pub fn live_of(&self, agent: u64) -> usize {
+        self.grants.values().filter(|g| g.agent_id == agent).count()
+    }
+
+    /// Refuses one more grant for an agent that holds `cap` live grants already: the grant
+    /// tries are shared by every agent, and one agent must not fill them.
+    pub fn check_cap(&self, agent: u64, name: &str, cap: usize) -> Result<(), ControlError> {
+        let live = self.live_of(agent);
+        if live >= cap {
+            return Err(ControlError::Refused(format!(
+                "agent {name:?} holds {live} live grants, the most one agent may hold                  (--max-grants-per-agent {cap}): revoke one or let one expire first"
+            )));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Every agent with a grant.
     pub fn granted_agents(&self) -> BTreeSet<u64> {
         self.grants.values().map(|g| g.agent_id).collect()
     }
+}
+
+/// The union at `net` of every grant in `grants` that covers it.
+fn union_at(grants: &[(IpNet, &LiveGrant)], net: &IpNet) -> Result<GrantSet, ControlError> {
+    let mut set = GrantSet {
+        count: 0,
+        _reserved: 0,
+        grants: [Grant::default(); MAX_GRANTS_PER_PREFIX],
+    };
+    for (_, c) in grants.iter().filter(|(n, _)| covers(n, net)) {
+        for (lo, hi) in &c.ports {
+            if set.count as usize == MAX_GRANTS_PER_PREFIX {
+                return Err(ControlError::Refused(format!(
+                    "{net} would carry more than {MAX_GRANTS_PER_PREFIX} grant port ranges of \
+                     agent {}; revoke one first",
+                    c.agent
+                )));
+            }
+            set.grants[set.count as usize] = Grant {
+                deadline_ns: c.deadline_ns,
+                grant_id: c.id as u32,
+                protocols: c.protocols,
+                port_lo: *lo,
+                port_hi: *hi,
+                _reserved: 0,
+            };
+            set.count += 1;
+        }
+    }
+    Ok(set)
+}
+
+/// The network a trie prefix stands for.
+fn net_of(p: &GrantPrefix) -> IpNet {
+    match *p {
+        GrantPrefix::V4(len, a) => IpNet::new(IpAddr::from(a), len),
+        GrantPrefix::V6(len, a) => IpNet::new(IpAddr::from(a), len),
+    }
+    .expect("a prefix made from a valid network")
 }
 
 /// Whether `outer` contains `inner` (same family).
@@ -361,6 +434,79 @@ mod tests {
         assert!(
             matches!(e, ControlError::Refused(ref m) if m.contains("more than")),
             "{e}"
+        );
+    }
+
+    /// Applies one grant's change the way the actor does: only the entries it touches.
+    fn apply(tries: &mut BTreeMap<GrantPrefix, GrantSet>, rt: &Runtime, g: &LiveGrant) {
+        for (p, set) in rt.touched_by(g, None).unwrap() {
+            match set {
+                Some(s) => tries.insert(p, s),
+                None => tries.remove(&p),
+            };
+        }
+    }
+
+    #[test]
+    fn a_change_rewrites_only_what_it_touches_and_matches_a_rebuild() {
+        let nets = [
+            "10.1.2.3/32",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3/32",
+            "192.168.0.0/24",
+            "10.9.9.9/32",
+            "2001:db8::/32",
+            "2001:db8::1/128",
+        ];
+        let mut rt = Runtime::default();
+        let mut tries = BTreeMap::new();
+        for (i, n) in nets.iter().enumerate() {
+            let g = grant(i as u64 + 1, n, &[(i as u16 + 1, i as u16 + 1)]);
+            rt.grants.insert(g.id, g.clone());
+            apply(&mut tries, &rt, &g);
+            assert_eq!(tries, rt.trie_for(7, None).unwrap(), "after adding {n}");
+        }
+        // The /8 touches every prefix inside it, a /32 only itself.
+        let wide = rt.grants[&2].clone();
+        assert_eq!(rt.touched_by(&wide, None).unwrap().len(), 4);
+        assert_eq!(
+            rt.touched_by(&rt.grants[&6].clone(), None).unwrap().len(),
+            1
+        );
+        for id in [2, 1, 8, 4, 3, 5, 6, 7] {
+            let g = rt.grants.remove(&id).unwrap();
+            apply(&mut tries, &rt, &g);
+            assert_eq!(
+                tries,
+                rt.trie_for(7, None).unwrap(),
+                "after removing {}",
+                g.to
+            );
+        }
+        assert!(tries.is_empty());
+    }
+
+    #[test]
+    fn an_agent_over_its_cap_is_refused_and_others_are_not() {
+        let mut rt = Runtime::default();
+        for id in 1..=3 {
+            rt.grants
+                .insert(id, grant(id, &format!("10.0.0.{id}/32"), &[(80, 80)]));
+        }
+        assert!(rt.check_cap(7, "a", 4).is_ok());
+        match rt.check_cap(7, "a", 3) {
+            Err(ControlError::Refused(m)) => {
+                assert!(
+                    m.contains("3 live grants") && m.contains("--max-grants-per-agent 3"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            rt.check_cap(8, "b", 3).is_ok(),
+            "another agent's grants do not count"
         );
     }
 

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{entry, mode, AgentEntry, MAX_CGROUP_LEVEL};
+use agent_common::{entry, entry_flags, mode, AgentEntry, MAX_AGENT_CHAIN, MAX_CGROUP_LEVEL};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
@@ -31,12 +31,15 @@ use crate::{
 };
 
 pub mod apply;
+#[cfg(test)]
+mod delegation_tests;
 pub mod explain;
 #[cfg(test)]
 mod explain_tests;
 pub mod grants;
 pub mod policy_watch;
 pub mod registry;
+pub mod requests;
 pub mod revoke;
 pub mod runtime;
 #[cfg(test)]
@@ -47,7 +50,8 @@ mod tests;
 
 use registry::{Class, Entry};
 pub use runtime::{
-    Caller, ControlError, GrantInfo, GrantRequest, Revoked, TaskEnded, TaskInfo, TaskStart,
+    Access, Approved, Caller, ControlError, FromEvent, GrantInfo, GrantRequest, RequestInfo,
+    RequestState, Revoked, TaskEnded, TaskInfo, TaskStart,
 };
 
 /// Policy id given to a cgroup that two policies select: it has no rules, so the agent is denied
@@ -111,6 +115,39 @@ pub enum Command {
     Explain {
         req: explain::ExplainRequest,
         reply: RuntimeReply<explain::Explanation>,
+    },
+    /// Approvals (control/requests.rs): an agent's own request for access (granted at once or
+    /// pending, as its policy says), the pending list, one request, a denied record turned
+    /// into a request, and a person's decision.
+    Access {
+        req: GrantRequest,
+        by: Caller,
+        reply: RuntimeReply<Access>,
+    },
+    Requests {
+        reply: RuntimeReply<Vec<RequestInfo>>,
+    },
+    Request {
+        id: u64,
+        by: Caller,
+        reply: RuntimeReply<RequestInfo>,
+    },
+    RequestFromEvent {
+        req: FromEvent,
+        by: Caller,
+        reply: RuntimeReply<RequestInfo>,
+    },
+    Approve {
+        id: u64,
+        ttl_secs: Option<u64>,
+        by: Caller,
+        reply: RuntimeReply<Approved>,
+    },
+    Deny {
+        id: u64,
+        reason: Option<String>,
+        by: Caller,
+        reply: RuntimeReply<RequestInfo>,
     },
 }
 
@@ -178,9 +215,13 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) watch_paths: watch::Sender<Vec<Root>>,
     /// Tasks and grants (control/tasks.rs).
     pub(crate) runtime: tasks::RuntimeState,
+    /// Requests waiting for a person, and the recent denied decisions (control/requests.rs).
+    pub(crate) requests: requests::Requests,
     /// The agent socket's path: every policy's Unix allowlist gets it unless the policy says
     /// `agent_socket: false` (set by the daemon before the first apply).
     pub(crate) agent_socket: Option<String>,
+    /// Live grants one agent may hold (`Options::max_grants_per_agent`).
+    pub(crate) max_grants_per_agent: usize,
 }
 
 impl<D: Datapath> State<D> {
@@ -225,10 +266,13 @@ impl<D: Datapath> State<D> {
             adopted_levels,
             watch_paths: watch::channel(Vec::new()).0,
             runtime: Default::default(),
+            requests: Default::default(),
             agent_socket: None,
+            max_grants_per_agent: grants::DEFAULT_MAX_GRANTS_PER_AGENT,
         })
         .map(|mut s: Self| {
             s.restore_runtime();
+            s.restore_requests();
             s
         })
     }
@@ -282,12 +326,25 @@ impl<D: Datapath> State<D> {
                     Command::Grants { reply } => { let _ = reply.send(Ok(self.grants())); }
                     Command::Revoke { id, by, reply } => { let _ = reply.send(self.revoke(id, by)); }
                     Command::Explain { req, reply } => { let _ = reply.send(self.explain(req)); }
+                    Command::Access { req, by, reply } => { let _ = reply.send(self.access(req, by)); }
+                    Command::Requests { reply } => { let _ = reply.send(Ok(self.requests())); }
+                    Command::Request { id, by, reply } => { let _ = reply.send(self.request(id, &by)); }
+                    Command::RequestFromEvent { req, by, reply } => {
+                        let _ = reply.send(self.request_from_event(req, by));
+                    }
+                    Command::Approve { id, ttl_secs, by, reply } => {
+                        let _ = reply.send(self.approve(id, ttl_secs, by));
+                    }
+                    Command::Deny { id, reason, by, reply } => { let _ = reply.send(self.deny(id, reason, by)); }
                 },
                 Some(change) = changes.recv() => self.on_change(change),
                 Some(result) = prepared.recv() => pushes.finish(&mut self, result, &prepared_tx),
                 _ = scan.tick() => self.rescan(),
                 _ = counters.tick() => self.report_lost(),
-                _ = expiry.tick() => self.expire(),
+                _ = expiry.tick() => {
+                    self.expire();
+                    self.expire_requests();
+                }
                 _ = heartbeat.tick(), if beat_task.is_none() => {
                     if let Err(e) = self.enforcer.heartbeat() {
                         tracing::error!("heartbeat: {e}");
@@ -395,8 +452,54 @@ impl<D: Datapath> State<D> {
         })
     }
 
+    /// The agents whose cgroups enclose `rel`, nearest first, as an entry's `enclosing` list,
+    /// and its flags (`CHAIN_TOO_DEEP` when more enclose it than the list holds).
+    fn enclosing(&self, rel: &str) -> ([u64; MAX_AGENT_CHAIN - 1], u32) {
+        let mut list = [0u64; MAX_AGENT_CHAIN - 1];
+        let mut n = 0;
+        let mut anc = rel;
+        while let Some((parent, _)) = anc.rsplit_once('/') {
+            anc = parent;
+            let Ok(id) = cgroup::cgroup_id(&self.root.join(anc)) else {
+                continue;
+            };
+            if self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.entry.kind == entry::AGENT)
+            {
+                if n == list.len() {
+                    return (list, entry_flags::CHAIN_TOO_DEEP);
+                }
+                list[n] = id;
+                n += 1;
+            }
+        }
+        (list, 0)
+    }
+
+    /// Rewrites the entries below `rel` (an agent was added or removed there: their
+    /// `enclosing` lists change).
+    fn refresh_below(&mut self, rel: &str) {
+        let prefix = format!("{rel}/");
+        let mut below: Vec<(u64, String)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.rel.starts_with(&prefix))
+            .map(|(id, e)| (*id, e.rel.clone()))
+            .collect();
+        // Outermost first, so each sees its own enclosing agents already rewritten.
+        below.sort_by_key(|(_, r)| r.len());
+        for (id, r) in below {
+            if let Err(e) = self.ensure(id, &r) {
+                tracing::warn!(cgroup = %r, "rewriting an entry below a changed agent: {e:#}");
+            }
+        }
+    }
+
     /// The entry `class` calls for at cgroup `id`.
     fn entry_for(&self, class: &Class, rel: &str) -> Option<AgentEntry> {
+        let (enclosing, flags) = self.enclosing(rel);
         let base = AgentEntry {
             policy_id: CONFLICT_POLICY_ID,
             mode: mode::ENFORCE,
@@ -407,6 +510,11 @@ impl<D: Datapath> State<D> {
             kind: entry::AGENT,
             task_slot: 0,
             task_deadline_ns: 0,
+            rate_interval_ns: 0,
+            rate_burst_ns: 0,
+            enclosing,
+            flags,
+            _reserved: 0,
         };
         match class {
             Class::None => None,
@@ -425,12 +533,16 @@ impl<D: Datapath> State<D> {
                     let (deadman_secs, deadman_mode) = p
                         .deadman
                         .map_or((0, 0), |d| (d.after_secs, d.fallback.as_kernel()));
+                    let (rate_interval_ns, rate_burst_ns) =
+                        p.rate_limit.map_or((0, 0), |r| r.kernel());
                     AgentEntry {
                         policy_id: inst.id,
                         mode: inst.mode,
                         sockets: p.sockets,
                         deadman_secs,
                         deadman_mode,
+                        rate_interval_ns,
+                        rate_burst_ns,
                         ..base
                     }
                 }
@@ -504,6 +616,10 @@ impl<D: Datapath> State<D> {
             }
         }
         drop(names);
+        let was_agent = self
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.entry.kind == entry::AGENT);
         self.entries.insert(
             id,
             Entry {
@@ -512,6 +628,9 @@ impl<D: Datapath> State<D> {
                 entry: wanted,
             },
         );
+        if was_agent != (wanted.kind == entry::AGENT) {
+            self.refresh_below(rel);
+        }
         Ok(())
     }
 
@@ -561,12 +680,14 @@ impl<D: Datapath> State<D> {
         if let Err(e) = self.enforcer.remove_agent(id) {
             tracing::warn!(cgroup_id = id, "removing an agent map entry: {e}");
         }
-        if let Some(e) = self.entries.remove(&id) {
+        let removed = self.entries.remove(&id);
+        self.names.write().expect("names").agents.remove(&id);
+        if let Some(e) = removed {
             if e.entry.kind == entry::AGENT {
                 tracing::info!(cgroup = %e.rel, cgroup_id = id, "agent unregistered");
+                self.refresh_below(&e.rel);
             }
         }
-        self.names.write().expect("names").agents.remove(&id);
     }
 
     /// Tries again the cgroups that found the map full.

@@ -1,7 +1,7 @@
 //! Runtime control: tasks, just-in-time grants and their revocation (issue 10). The wire-neutral
 //! requests and replies the control actor takes, and its typed errors (the API maps them to
 //! HTTP statuses: `Invalid` 400 naming the field, `NotFound` 404, `Refused` 403, `Conflict` 409,
-//! `Internal` 500).
+//! `TooMany` 429, `Internal` 500).
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,9 @@ pub enum ControlError {
     /// Conflicts with the current state.
     #[error("{0}")]
     Conflict(String),
+    /// Over a bound (pending requests per agent, or in all): nothing was queued.
+    #[error("{0}")]
+    TooMany(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -123,4 +126,71 @@ pub struct GrantInfo {
 pub struct Revoked {
     pub id: u64,
     pub sockets_destroyed: u64,
+}
+
+/// `request --from-event`: a denied connection record (its audit `seq`) turned into a pending
+/// request for that agent, destination, port and protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromEvent {
+    pub seq: u64,
+    /// The grant's ttl once approved; none: the policy's `max_grant_ttl`.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    pub reason: String,
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    /// Not decided in time: counts as denied.
+    Expired,
+}
+
+/// A request for access that waits for a person (control/requests.rs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestInfo {
+    pub id: u64,
+    pub agent: String,
+    pub to: String,
+    pub ports: String,
+    pub protocol: String,
+    /// The grant's ttl once approved (an approval may shorten it).
+    pub ttl_secs: u64,
+    pub task: Option<String>,
+    pub reason: String,
+    pub state: RequestState,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339: when a pending request expires (counts as denied).
+    pub expires: String,
+    /// Who asked: the agent, or the admin who turned a denied record into a request.
+    pub by: Caller,
+    /// The audit record (`seq`) it was made from.
+    pub from_event: Option<u64>,
+    /// The grant its approval created.
+    pub grant: Option<u64>,
+    /// Who approved or denied it.
+    pub decided_by: Option<Caller>,
+    /// The reason given with a denial.
+    pub decision_reason: Option<String>,
+}
+
+/// The answer to an agent's own request for access: granted at once (`approve: auto`) or
+/// pending a person's approval (`approve: manual`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Granted(GrantInfo),
+    Pending(RequestInfo),
+}
+
+/// `approve`: the request and the grant it created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approved {
+    pub request: RequestInfo,
+    pub grant: GrantInfo,
 }

@@ -29,7 +29,7 @@ use crate::{
 /// Longest task or grant ttl accepted (30 days).
 const MAX_TTL_SECS: u64 = 30 * 86_400;
 const MAX_ID_LEN: usize = 128;
-const MAX_TEXT_LEN: usize = 1024;
+pub(super) const MAX_TEXT_LEN: usize = 1024;
 
 /// What the actor keeps for runtime control.
 #[derive(Default)]
@@ -205,27 +205,29 @@ impl<D: Datapath> State<D> {
         Ok(())
     }
 
-    /// Makes the grant tries of `agent` what its live grants call for.
-    fn sync_grants(&mut self, agent: u64) -> Result<(), ControlError> {
-        let wanted = self.runtime.rt.trie_for(agent, None)?;
-        for (prefix, set) in &wanted {
-            if self.runtime.written.get(&(agent, *prefix)) != Some(set) {
-                self.enforcer
-                    .set_grants(agent, *prefix, set)
-                    .map_err(internal)?;
-                self.runtime.written.insert((agent, *prefix), *set);
+    /// Makes the grant-trie entries that `g` touches (its prefix and the narrower ones of its
+    /// agent inside it) what the live grants call for, after `g` was added or removed: one
+    /// grant's change rewrites only those, never the agent's whole trie.
+    fn sync_grant(&mut self, g: &LiveGrant) -> Result<(), ControlError> {
+        let agent = g.agent_id;
+        for (prefix, set) in self.runtime.rt.touched_by(g, None)? {
+            let key = (agent, prefix);
+            match set {
+                Some(set) if self.runtime.written.get(&key) != Some(&set) => {
+                    self.enforcer
+                        .set_grants(agent, prefix, &set)
+                        .map_err(internal)?;
+                    self.runtime.written.insert(key, set);
+                }
+                Some(_) => {}
+                None if self.runtime.written.contains_key(&key) => {
+                    self.enforcer
+                        .remove_grants(agent, prefix)
+                        .map_err(internal)?;
+                    self.runtime.written.remove(&key);
+                }
+                None => {}
             }
-        }
-        let stale: Vec<GrantPrefix> = self
-            .runtime
-            .written
-            .keys()
-            .filter(|(a, p)| *a == agent && !wanted.contains_key(p))
-            .map(|(_, p)| *p)
-            .collect();
-        for p in stale {
-            self.enforcer.remove_grants(agent, p).map_err(internal)?;
-            self.runtime.written.remove(&(agent, p));
         }
         Ok(())
     }
@@ -255,13 +257,20 @@ impl<D: Datapath> State<D> {
             .iter()
             .filter_map(|id| self.runtime.rt.grants.remove(id))
             .collect();
+        for g in &gone {
+            if let Err(e) = self.sync_grant(g) {
+                tracing::error!(
+                    agent = g.agent_id,
+                    grant = g.id,
+                    "rewriting the grant tries: {e}"
+                );
+            }
+        }
         let mut agents: Vec<u64> = gone.iter().map(|g| g.agent_id).collect();
+        agents.sort_unstable();
         agents.dedup();
         let mut destroyed = 0;
         for a in agents {
-            if let Err(e) = self.sync_grants(a) {
-                tracing::error!(agent = a, "rewriting the grant tries: {e}");
-            }
             let of_agent: Vec<LiveGrant> =
                 gone.iter().filter(|g| g.agent_id == a).cloned().collect();
             destroyed += self.destroy_sockets(a, &of_agent);
@@ -399,26 +408,55 @@ impl<D: Datapath> State<D> {
     ) -> Result<GrantInfo, ControlError> {
         let (agent, name, policy) = self.resolve(&req.agent)?;
         // An agent asks for itself only; its request is granted at once when its policy says
-        // `approve: auto` (and, like any grant, lies inside `grantable`). Requests that wait for
-        // a person (`approve: manual`) are not built yet: refused, saying so.
+        // `approve: auto` (and, like any grant, lies inside `grantable`). Under `approve:
+        // manual` its request waits for a person: `access` (control/requests.rs) queues it.
         if let Caller::Agent { cgroup_id, .. } = &by {
             if *cgroup_id != agent {
                 return Err(ControlError::Refused(
                     "an agent asks for access for itself only".into(),
                 ));
             }
-            let auto = self
-                .set
-                .get(&policy)
-                .is_some_and(|p| p.grants.approve == crate::policy::Approve::Auto);
-            if !auto {
+            if !self.approves_at_once(&policy) {
                 return Err(ControlError::Refused(format!(
                     "agent {name:?}'s policy approves its own requests by a person \
-                     (`approve: manual`), and pending requests are not built yet: ask an admin \
-                     for a grant"
+                     (`approve: manual`): its request becomes a pending request (POST \
+                     /v1/access on the agent socket), never a grant at once"
                 )));
             }
         }
+        let g = self.check_grant(&req, &by)?;
+        self.runtime.rt.next_grant_id();
+        self.runtime.rt.grants.insert(g.id, g.clone());
+        if let Err(e) = self.sync_grant(&g) {
+            self.runtime.rt.grants.remove(&g.id);
+            let _ = self.sync_grant(&g);
+            return Err(e);
+        }
+        self.persist();
+        self.notice(
+            "granted",
+            json!({ "grant": g.id, "agent": g.agent, "to": g.to, "ports": grants::ports_text(&g.ports),
+                    "protocol": crate::policy::protocols_name(g.protocols), "expires": g.expires,
+                    "task": g.task, "reason": g.reason, "by": by }),
+        );
+        Ok(g.info())
+    }
+
+    /// Whether the agent policy `policy` grants an agent's own requests at once (`approve: auto`).
+    pub(crate) fn approves_at_once(&self, policy: &str) -> bool {
+        self.set
+            .get(policy)
+            .is_some_and(|p| p.grants.approve == crate::policy::Approve::Auto)
+    }
+
+    /// Everything `grant` checks (agent, fields, task, the policy's scope, room in the tries),
+    /// nothing written: the grant it would make now.
+    pub(crate) fn check_grant(
+        &self,
+        req: &GrantRequest,
+        by: &Caller,
+    ) -> Result<LiveGrant, ControlError> {
+        let (agent, name, policy) = self.resolve(&req.agent)?;
         let net = crate::policy::parse_cidr(req.to.trim())
             .map(grants::normalize)
             .map_err(|e| ControlError::invalid("to", e))?;
@@ -461,27 +499,17 @@ impl<D: Datapath> State<D> {
             protocols,
             deadline_ns: boottime_ns() + req.ttl_secs * 1_000_000_000,
             expires: rfc3339(SystemTime::now() + Duration::from_secs(req.ttl_secs)),
-            task: req.task,
-            reason: req.reason,
+            task: req.task.clone(),
+            reason: req.reason.clone(),
             by: by.clone(),
         };
-        // Refused before anything is written when a prefix would overflow.
-        self.runtime.rt.trie_for(agent, Some(&g))?;
-        self.runtime.rt.next_grant_id();
-        self.runtime.rt.grants.insert(g.id, g.clone());
-        if let Err(e) = self.sync_grants(agent) {
-            self.runtime.rt.grants.remove(&g.id);
-            let _ = self.sync_grants(agent);
-            return Err(e);
-        }
-        self.persist();
-        self.notice(
-            "granted",
-            json!({ "grant": g.id, "agent": g.agent, "to": g.to, "ports": grants::ports_text(&g.ports),
-                    "protocol": crate::policy::protocols_name(g.protocols), "expires": g.expires,
-                    "task": g.task, "reason": g.reason, "by": by }),
-        );
-        Ok(g.info())
+        // Refused before anything is written when the agent holds its most or a prefix would
+        // overflow.
+        self.runtime
+            .rt
+            .check_cap(agent, &g.agent, self.max_grants_per_agent)?;
+        self.runtime.rt.touched_by(&g, Some(&g))?;
+        Ok(g)
     }
 
     pub(crate) fn grants(&self) -> Vec<GrantInfo> {
@@ -556,7 +584,7 @@ impl<D: Datapath> State<D> {
     }
 }
 
-fn check_text(field: &str, s: &str, max: usize) -> Result<(), ControlError> {
+pub(super) fn check_text(field: &str, s: &str, max: usize) -> Result<(), ControlError> {
     if s.trim().is_empty() {
         return Err(ControlError::invalid(field, "empty"));
     }

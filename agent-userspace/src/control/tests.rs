@@ -140,9 +140,15 @@ fn a_recreated_cgroup_loses_its_old_entry_and_gets_a_new_one() {
     let old = t.id("aw/a");
     let path = t.root.join("aw/a");
     fs::remove_dir(&path).unwrap();
-    // Another directory takes an inode first, so the recreated one gets a new one.
-    fs::create_dir(t.root.join("aw/x")).unwrap();
-    fs::create_dir(&path).unwrap();
+    // A freed inode number may be reused at once (by this directory, or another test's): the
+    // recreation is tried again, the reused one kept aside, until it has a number of its own.
+    for spare in 0.. {
+        fs::create_dir(&path).unwrap();
+        if t.id("aw/a") != old {
+            break;
+        }
+        fs::rename(&path, t.root.join(format!("spare-{spare}"))).unwrap();
+    }
     let new = t.id("aw/a");
     assert_ne!(old, new);
     t.state.on_change(Change::Removed(path.clone()));

@@ -19,6 +19,8 @@ pub struct Fake {
     pub agents: BTreeMap<u64, AgentEntry>,
     pub capacity: u32,
     pub levels: u32,
+    /// Agent cgroup id -> rate limiter state, as the programs would leave it.
+    pub rate: BTreeMap<u64, u64>,
     /// Policy id -> prefixes installed under it (v4, v6, unix counts).
     pub rules: BTreeMap<u32, PrefixKeys>,
     pub counters: Counters,
@@ -41,6 +43,7 @@ impl Fake {
             agents: BTreeMap::new(),
             capacity,
             levels: 0,
+            rate: BTreeMap::new(),
             rules: BTreeMap::new(),
             counters: Counters::default(),
             lost_reported: 0,
@@ -85,6 +88,9 @@ impl Datapath for Fake {
     fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
         self.levels = mask;
         Ok(())
+    }
+    fn rate_state(&self, cgroup_id: u64) -> Result<u64, LoaderError> {
+        Ok(self.rate.get(&cgroup_id).copied().unwrap_or(0))
     }
     fn install_rules(
         &mut self,

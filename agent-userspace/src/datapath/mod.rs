@@ -156,6 +156,8 @@ pub struct Enforcer {
     unix_paths: LpmTrie<MapData, UnixKey, UnixRule>,
     grants_v4: LpmTrie<MapData, GrantKeyV4, GrantSet>,
     grants_v6: LpmTrie<MapData, GrantKeyV6, GrantSet>,
+    /// Agent cgroup id -> its rate limiter's state (written by the programs).
+    rate: HashMap<MapData, u64, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     /// The Unix-socket programs (empty on a kernel without those hooks).
@@ -333,6 +335,7 @@ impl Enforcer {
         let unix_paths = take_map!(ebpf, names::UNIX_MAP);
         let grants_v4 = take_map!(ebpf, names::GRANTS_V4_MAP);
         let grants_v6 = take_map!(ebpf, names::GRANTS_V6_MAP);
+        let rate = take_map!(ebpf, names::RATE_MAP);
         let counters = take_map!(ebpf, names::COUNTERS_MAP);
         let events = Some(take_map!(ebpf, names::EVENTS_MAP));
         let exes = take_map!(ebpf, names::EXES_MAP);
@@ -356,6 +359,7 @@ impl Enforcer {
             unix_paths,
             grants_v4,
             grants_v6,
+            rate,
             counters,
             events,
             unix_programs,
@@ -568,13 +572,13 @@ impl Enforcer {
         self.events.take()
     }
 
-    /// Sets the mask of cgroup levels that hold agents.
+    /// Sets the mask of cgroup levels that hold entries.
     pub fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
         self.config_value.agent_levels = mask;
         self.write_config()
     }
 
-    /// Cgroup levels the programs currently look at for agents.
+    /// Cgroup levels the programs currently look at for entries.
     pub fn agent_levels(&self) -> u32 {
         self.config_value.agent_levels
     }
@@ -661,8 +665,22 @@ impl Enforcer {
 
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
         match self.agents.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(LoaderError::Map(names::AGENTS_MAP, e)),
+        }
+        // Its rate limiter goes with it (a cgroup id is never reused while the node runs).
+        match self.rate.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(LoaderError::Map(names::AGENTS_MAP, e)),
+            Err(e) => Err(LoaderError::Map(names::RATE_MAP, e)),
+        }
+    }
+
+    /// The rate limiter's state of agent `cgroup_id` (`decide::rate_take`'s `tat`), 0 if none.
+    pub fn rate_state(&self, cgroup_id: u64) -> Result<u64, LoaderError> {
+        match self.rate.get(&cgroup_id, 0) {
+            Ok(v) => Ok(v),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(LoaderError::Map(names::RATE_MAP, e)),
         }
     }
 
@@ -850,6 +868,8 @@ pub trait Datapath: Send + 'static {
     fn lookup_grants(&self, agent: u64, addr: IpAddr) -> Result<Option<GrantSet>, LoaderError>;
     /// The dead-man stamp (CLOCK_BOOTTIME ns) the kernel compares its clock with.
     fn last_heartbeat_ns(&self) -> Result<u64, LoaderError>;
+    /// An agent's rate limiter state (see `Enforcer::rate_state`).
+    fn rate_state(&self, cgroup_id: u64) -> Result<u64, LoaderError>;
 }
 
 impl Datapath for Enforcer {
@@ -887,6 +907,9 @@ impl Datapath for Enforcer {
     }
     fn set_agent_levels(&mut self, mask: u32) -> Result<(), LoaderError> {
         Enforcer::set_agent_levels(self, mask)
+    }
+    fn rate_state(&self, cgroup_id: u64) -> Result<u64, LoaderError> {
+        Enforcer::rate_state(self, cgroup_id)
     }
     fn install_rules(
         &mut self,

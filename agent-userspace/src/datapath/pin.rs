@@ -3,15 +3,16 @@
 //! pinned link in one step, and removing it all.
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
-//! layout, changes): `<bpffs>/agentwall/v5/maps/<MAP>` and `<bpffs>/agentwall/v5/links/<PROGRAM>`.
+//! layout, changes): `<bpffs>/agentwall/v6/maps/<MAP>` and `<bpffs>/agentwall/v6/links/<PROGRAM>`.
 //! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no packet-socket guard
 //! (`net_raw_use`) and 8 bytes less per event (no `action`); v3 had no exec tracker
 //! (`exec_track`, `fork_track`, `exit_track`, map AW_EXES), kept the dead-man heartbeat in
 //! AW_CONFIG (AW_HEARTBEAT now), had 24-byte agent entries (no `kind`: 32 bytes now) and events
 //! without the process fields (128 bytes, 648 now) in a 16 MiB ring; v4 had no grant tries
-//! (AW_GRANTS_V4/V6) and 32-byte agent entries (no task slot: 40 bytes now). A v5 controller
-//! migrates a v4 one like any older layout: its own maps, agents re-registered, then each link
-//! switched in one step and the old ring drained.
+//! (AW_GRANTS_V4/V6) and 32-byte agent entries (no task slot); v5 had 40-byte agent entries (no
+//! rate limit: 56 bytes now), no AW_RATE map and 648-byte events (no chain of agents: 680 now).
+//! A v6 controller migrates a v5 one like any older layout: its own maps, agents re-registered,
+//! then each link switched in one step and the old ring drained.
 
 use std::{
     io,
@@ -31,7 +32,7 @@ use thiserror::Error;
 use super::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -128,6 +129,13 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; names::PINNED_MAPS.le
             key_size: s(4 + size_of::<GrantKeyV6>()),
             value_size: s(size_of::<GrantSet>()),
             max_entries: MAX_GRANT_PREFIXES,
+        },
+        MapSpec {
+            name: names::RATE_MAP,
+            map_type: MapType::LruHash,
+            key_size: s(size_of::<u64>()),
+            value_size: s(size_of::<u64>()),
+            max_entries: MAX_AGENTS,
         },
     ]
 }
@@ -347,8 +355,11 @@ pub fn uninstall(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     for sub in ["links", "maps"] {
         removed.extend(remove_pins(&dir.join(sub))?);
     }
-    // The controller's tasks and grants name what the pins enforced: gone with them.
-    let _ = std::fs::remove_file(state_file(dir));
+    // The controller's tasks, grants and pending requests name what the pins enforced: gone
+    // with them.
+    let state = state_file(dir);
+    let _ = std::fs::remove_file(state.with_extension("requests.json"));
+    let _ = std::fs::remove_file(state);
     let _ = std::fs::remove_dir(dir);
     if let Some(parent) = dir.parent() {
         // The `agentwall` directory goes too when no other layout version is left in it.
@@ -365,7 +376,7 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v5")
+            PathBuf::from("/sys/fs/bpf/agentwall/v6")
         );
     }
 
@@ -403,7 +414,12 @@ mod tests {
         let unix = maps.iter().find(|m| m.name == names::UNIX_MAP).unwrap();
         assert_eq!((unix.key_size, unix.value_size), (116, 4));
         let agents = maps.iter().find(|m| m.name == names::AGENTS_MAP).unwrap();
-        assert_eq!(agents.value_size, 40);
+        assert_eq!(agents.value_size, 88);
+        let rate = maps.iter().find(|m| m.name == names::RATE_MAP).unwrap();
+        assert_eq!(
+            (rate.map_type, rate.key_size, rate.value_size),
+            (MapType::LruHash, 8, 8)
+        );
         let g4 = maps
             .iter()
             .find(|m| m.name == names::GRANTS_V4_MAP)

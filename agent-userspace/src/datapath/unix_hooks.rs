@@ -66,6 +66,7 @@ fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
     match map {
         Map::Array(m)
         | Map::HashMap(m)
+        | Map::LruHashMap(m)
         | Map::LpmTrie(m)
         | Map::PerCpuArray(m)
         | Map::RingBuf(m) => Some(m.fd().as_fd()),

@@ -45,6 +45,10 @@ pub struct Decision {
     pub parent_exe_truncated: bool,
     /// The agent's task slot stamped by the kernel (None: no task).
     pub task_slot: Option<u32>,
+    /// Agents enclosing the caller's, nearest first, that judged the call too (delegation).
+    pub chain: Vec<u64>,
+    /// Whose verdict this is: 0 the agent itself, n the agent `chain[n - 1]`.
+    pub decided_by: u32,
 }
 
 /// A NUL-terminated path the kernel copied, when `known`.
@@ -152,6 +156,8 @@ impl Decision {
                 reason::PATH_DOTDOT => "deny:path-dotdot",
                 reason::PENDING_IDENTITY => "pending-identity",
                 reason::GRANT => "grant",
+                reason::RATE_LIMIT => "rate-limit",
+                reason::CHAIN_TOO_DEEP => "deny:chain-too-deep",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),
@@ -176,6 +182,8 @@ impl Decision {
             parent_exe: kernel_path(&e.parent_exe, e.proc_flags & proc::PARENT_EXE_KNOWN != 0),
             parent_exe_truncated: e.proc_flags & proc::PARENT_EXE_TRUNCATED != 0,
             task_slot: (e.task_slot != 0).then_some(e.task_slot),
+            chain: e.chain.iter().copied().take_while(|&id| id != 0).collect(),
+            decided_by: e.decided_by,
         }
     }
 }
@@ -217,7 +225,29 @@ mod tests {
             proc_flags: proc::PPID_KNOWN | proc::EXE_KNOWN,
             exe: path(b"/usr/bin/curl"),
             parent_exe: path(b"/bin/sh"),
+            chain: [0; agent_common::MAX_AGENT_CHAIN - 1],
+            decided_by: 0,
+            _reserved: 0,
         }
+    }
+
+    #[test]
+    fn the_chain_of_agents_and_who_decided_are_read() {
+        let e = Event {
+            chain: [20, 30, 0],
+            decided_by: 2,
+            reason: reason::RATE_LIMIT,
+            ..event()
+        };
+        let d = Decision::from_event(&e);
+        assert_eq!(d.chain, vec![20, 30]);
+        assert_eq!(d.decided_by, 2);
+        assert_eq!(d.reason, "rate-limit");
+        // A layout v5 record (no chain) reads as no enclosing agents.
+        let v5 = as_bytes(&e)[..agent_common::EVENT_V5_BYTES].to_vec();
+        let d = Decision::from_record(&v5).unwrap();
+        assert!(d.chain.is_empty());
+        assert_eq!(d.decided_by, 0);
     }
 
     fn path(p: &[u8]) -> [u8; EXE_PATH_MAX] {

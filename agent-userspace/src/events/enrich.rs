@@ -62,6 +62,8 @@ pub struct Enricher {
     /// cgroup id -> path; ids are never reused, so entries never go stale.
     cgroup_paths: HashMap<u64, String>,
     seq: u64,
+    /// Recent denied decisions for `request --from-event` (control/requests.rs).
+    denied: Option<crate::control::requests::DeniedIndex>,
 }
 
 impl Enricher {
@@ -73,7 +75,13 @@ impl Enricher {
             root,
             cgroup_paths: HashMap::new(),
             seq: 0,
+            denied: None,
         }
+    }
+
+    /// Feeds every decision record to `index` (one short lock per record).
+    pub fn index_denied(&mut self, index: crate::control::requests::DeniedIndex) {
+        self.denied = Some(index);
     }
 
     /// The executable for a record, and where it came from: the kernel's, else (a process
@@ -115,6 +123,15 @@ impl Enricher {
         self.seq
     }
 
+    /// The seq of a record that is no decision (the denied index learns it exists).
+    fn other_seq(&mut self) -> u64 {
+        let seq = self.next_seq();
+        if let Some(ix) = &self.denied {
+            ix.observe(seq, false, None);
+        }
+        seq
+    }
+
     fn now(&self) -> String {
         humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
     }
@@ -131,6 +148,11 @@ impl Enricher {
         };
         let (exe, exe_source) = Self::exe(d);
         let task = d.task_slot.and_then(|s| names.tasks.get(&s));
+        // An enclosing agent's verdict (delegation): names its agent and policy.
+        let decider = (d.decided_by > 0)
+            .then(|| d.chain.get(d.decided_by as usize - 1))
+            .flatten()
+            .map(|id| (*id, names.agents.get(id)));
         let rec = DecisionRecord {
             agent: agent.map(|a| a.name.clone()),
             agent_cgroup: agent.map(|a| a.cgroup.clone()),
@@ -166,7 +188,7 @@ impl Enricher {
             rule: d.rule_id,
             rule_name: d
                 .rule_id
-                .filter(|_| d.reason != "grant")
+                .filter(|_| d.reason != "grant" && d.decided_by == 0)
                 .and_then(|r| match d.unix_path {
                     Some(_) => names.unix_entry(d.policy_id, r),
                     None => names.rule_name(d.policy_id, r),
@@ -180,10 +202,37 @@ impl Enricher {
                 .then_some(d.rule_id)
                 .flatten()
                 .map(u64::from),
+            chain: d
+                .chain
+                .iter()
+                .map(|id| match names.agents.get(id) {
+                    Some(a) => a.name.clone(),
+                    None => format!("cgroup-id:{id}"),
+                })
+                .collect(),
+            decided_by: decider.map(|(id, a)| match a {
+                Some(a) => a.name.clone(),
+                None => format!("cgroup-id:{id}"),
+            }),
+            decided_by_policy: decider.and_then(|(_, a)| a.map(|a| a.policy.clone())),
         };
         drop(names);
+        let seq = self.next_seq();
+        if let Some(ix) = &self.denied {
+            let inet = d.socket.is_none() && d.unix_path.is_none();
+            let (allowed, conn) = crate::control::requests::denied_conn(
+                seq,
+                d.agent_cgroup_id,
+                d.decision,
+                d.dst,
+                d.port,
+                &d.protocol,
+                inet,
+            );
+            ix.observe(seq, allowed, conn);
+        }
         AuditRecord {
-            seq: self.next_seq(),
+            seq,
             time: humantime::format_rfc3339_nanos(self.clock.wall(d.boot_ns)).to_string(),
             node: self.node.clone(),
             kind: "decision".into(),
@@ -195,7 +244,7 @@ impl Enricher {
 
     pub fn lost(&mut self, count: u64) -> AuditRecord {
         AuditRecord {
-            seq: self.next_seq(),
+            seq: self.other_seq(),
             time: self.now(),
             node: self.node.clone(),
             kind: "lost".into(),
@@ -208,7 +257,7 @@ impl Enricher {
     /// A record of something the controller itself reports (`kind` is the notice's).
     pub fn notice(&mut self, n: &super::Notice) -> AuditRecord {
         AuditRecord {
-            seq: self.next_seq(),
+            seq: self.other_seq(),
             time: self.now(),
             node: self.node.clone(),
             kind: n.kind.into(),

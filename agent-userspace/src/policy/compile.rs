@@ -500,6 +500,7 @@ mod tests {
             mode: Mode::Enforce,
             sockets: 0,
             deadman: None,
+            rate_limit: None,
             unix: Vec::new(),
             agent_socket: true,
             pending: Default::default(),

@@ -259,6 +259,8 @@ pub struct Policy {
     pub sockets: u32,
     /// What the agents fall back to when the controller stops signalling liveness.
     pub deadman: Option<Deadman>,
+    /// Connections and unconnected sends each agent may make, checked in the kernel.
+    pub rate_limit: Option<RateLimit>,
     /// Unix sockets the agents may connect or send to (default: none).
     pub unix: Vec<UnixTarget>,
     /// Whether the agents may reach the controller's agent socket (default: yes).
@@ -430,6 +432,25 @@ impl Policy {
             .filter(|(_, bit)| self.sockets & bit != 0)
             .map(|(name, _)| *name)
             .collect()
+    }
+}
+
+/// Largest `rate_limit` value (per second, or burst).
+pub const MAX_RATE: u64 = 1_000_000;
+
+/// A per-agent rate limit on connections and unconnected sends together: `per_second` on
+/// average, up to `burst` at once after a quiet time. The kernel keeps a token bucket per agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The agent entry's `(rate_interval_ns, rate_burst_ns)`.
+    pub fn kernel(&self) -> (u64, u64) {
+        let interval = 1_000_000_000 / u64::from(self.per_second.max(1));
+        (interval, interval * u64::from(self.burst.max(1)))
     }
 }
 

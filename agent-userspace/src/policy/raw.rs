@@ -272,6 +272,8 @@ struct RawPolicy {
     sockets: Bounded<SocketKind, SocketKindsLimit>,
     /// Fallback when the controller is silent (default: none; the pinned policy keeps going).
     deadman: Option<RawDeadman>,
+    /// Connections and unconnected sends per second, per agent (default: no limit).
+    rate_limit: Option<RawRateLimit>,
     /// Unix sockets the agents may reach (default: none).
     #[serde(default)]
     unix: Bounded<UnixEntry, UnixLimit>,
@@ -402,6 +404,31 @@ impl<'de> Deserialize<'de> for UnixEntry {
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: RateCount,
+    /// Calls at once after a quiet time (default: `per_second`).
+    burst: Option<RateCount>,
+}
+
+/// 1 to 1,000,000 (calls per second, or in a burst).
+struct RateCount(u32);
+
+impl<'de> Deserialize<'de> for RateCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(deserializer)?;
+        if (1..=super::MAX_RATE).contains(&n) {
+            Ok(RateCount(n as u32))
+        } else {
+            Err(de::Error::custom(format!(
+                "rate_limit value {n} out of range: 1 to {}",
+                super::MAX_RATE
+            )))
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawDeadman {
     after_seconds: DeadmanSeconds,
     fallback: DeadmanFallback,
@@ -525,6 +552,10 @@ impl RawPolicy {
             deadman: self.deadman.map(|d| super::Deadman {
                 after_secs: d.after_seconds.0,
                 fallback: d.fallback.0,
+            }),
+            rate_limit: self.rate_limit.map(|r| super::RateLimit {
+                per_second: r.per_second.0,
+                burst: r.burst.map_or(r.per_second.0, |b| b.0),
             }),
             unix: self.unix.0.into_iter().map(|e| e.0).collect(),
             agent_socket: self.agent_socket.unwrap_or(true),
@@ -1054,5 +1085,46 @@ mod grant_scope_tests {
         assert!(e.contains("unknown approve mode"), "{e}");
         let e = parse("grantable:\n  - cidr: 10.0.0.1/8\nmax_grant_ttl: 1m\n").unwrap_err();
         assert!(e.contains("host bits"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::super::{parse_policy, RateLimit};
+    use std::path::Path;
+
+    const BASE: &str = "name: p\nagents:\n  cgroups: [a]\negress: []\n";
+
+    fn parse(extra: &str) -> Result<super::Policy, String> {
+        parse_policy(Path::new("p.yaml"), &format!("{BASE}{extra}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_rate_limit_is_read_and_its_burst_defaults_to_one_second() {
+        let p = parse("rate_limit:\n  per_second: 50\n  burst: 200\n").unwrap();
+        let r = p.rate_limit.unwrap();
+        assert_eq!(
+            r,
+            RateLimit {
+                per_second: 50,
+                burst: 200
+            }
+        );
+        assert_eq!(r.kernel(), (20_000_000, 4_000_000_000));
+        let p = parse("rate_limit:\n  per_second: 7\n").unwrap();
+        assert_eq!(p.rate_limit.unwrap().burst, 7);
+        assert_eq!(parse("").unwrap().rate_limit, None);
+    }
+
+    #[test]
+    fn bad_rate_limits_are_located_errors() {
+        let e = parse("rate_limit:\n  per_second: 0\n").unwrap_err();
+        assert!(e.contains("out of range") && e.contains(":6:"), "{e}");
+        let e = parse("rate_limit:\n  per_second: 10\n  burst: 2000000\n").unwrap_err();
+        assert!(e.contains("out of range") && e.contains(":7:"), "{e}");
+        let e = parse("rate_limit:\n  burst: 10\n").unwrap_err();
+        assert!(e.contains("per_second"), "{e}");
+        let e = parse("rate_limit:\n  per_second: 10\n  per_minute: 5\n").unwrap_err();
+        assert!(e.contains("per_minute"), "{e}");
     }
 }

@@ -85,4 +85,13 @@ pub struct DecisionRecord {
     /// Reason `grant`: the grant that allowed it (also in `rule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<u64>,
+    /// Agents whose cgroups enclose this agent's, nearest first: each judged the call too
+    /// (delegation). Absent when none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The enclosing agent whose verdict this is (absent: the agent's own), and its policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by_policy: Option<String>,
 }
