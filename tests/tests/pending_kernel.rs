@@ -199,6 +199,13 @@ fn exempt_and_agent_entries_below_a_watch_decide() -> Result<()> {
     assert!(d
         .iter()
         .all(|r| r.agent_cgroup_id == agent_id && r.policy_id == 7));
+    // Removing an agent that never had a rate limiter (no AW_RATE key) is no error.
+    s.enforcer.remove_agent(agent_id)?;
+    assert!(!s
+        .enforcer
+        .agent_entries()
+        .iter()
+        .any(|(id, _)| *id == agent_id));
     Ok(())
 }
 

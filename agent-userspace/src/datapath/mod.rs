@@ -665,13 +665,14 @@ impl Enforcer {
 
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), LoaderError> {
         match self.agents.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(LoaderError::Map(names::AGENTS_MAP, e)),
+            Err(e) if !is_absent(&e) => return Err(LoaderError::Map(names::AGENTS_MAP, e)),
+            _ => {}
         }
-        // Its rate limiter goes with it (a cgroup id is never reused while the node runs).
+        // Its rate limiter goes with it (a cgroup id is never reused while the node runs); an
+        // agent that never made a call has none.
         match self.rate.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(LoaderError::Map(names::RATE_MAP, e)),
+            Err(e) if !is_absent(&e) => Err(LoaderError::Map(names::RATE_MAP, e)),
+            _ => Ok(()),
         }
     }
 
@@ -1095,7 +1096,16 @@ fn policy_ids<K: PolicyKeyed, V: aya::Pod>(
         .map(|k| k.data().policy_id())
 }
 
-/// Removes one key; a key already gone is fine.
+/// Whether a map call failed only because the key is not there (a hash map's delete reports
+/// ENOENT as a syscall error, a lookup as `KeyNotFound`).
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// A lookup's value, `None` when no key covers it.
 fn absent_is_none<V>(r: Result<V, MapError>, name: &'static str) -> Result<Option<V>, LoaderError> {
     match r {
@@ -1105,6 +1115,7 @@ fn absent_is_none<V>(r: Result<V, MapError>, name: &'static str) -> Result<Optio
     }
 }
 
+/// Removes one key; a key already gone is fine.
 fn remove_key<K: aya::Pod, V: aya::Pod>(
     trie: &mut LpmTrie<MapData, K, V>,
     key: &Key<K>,
