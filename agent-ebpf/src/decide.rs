@@ -263,8 +263,33 @@ impl Ask for AskUnix<'_> {
 /// enclosing agent, stopping at the first enforced denial. Like every step of a decision, a
 /// function of its own (a BPF-to-BPF call): the hook's 512-byte stack then holds only what
 /// lives across the steps (the caller, the destination).
-#[inline(never)]
+#[inline(always)]
 fn judge<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
+    let mut out = Judged {
+        verdict: verdict::DENY,
+        reason: reason::ERROR,
+        rule_id: NO_RULE,
+        mode: mode::ENFORCE,
+        level: 0,
+    };
+    // The verdict travels back as the return value: LLVM drops a return value no caller uses,
+    // and r0 may then hold a stack pointer at exit.
+    out.verdict = judge_into(c, ask, &mut out);
+    out
+}
+
+/// `judge`, writing its answer to `out` and returning its verdict. Every BPF-to-BPF function
+/// here returns a scalar its callers use: one returning a struct, or nothing, may leave a
+/// stack pointer in r0, which the verifier refuses ("cannot return stack pointer to the
+/// caller").
+#[inline(never)]
+fn judge_into<A: Ask>(c: &Caller, ask: &mut A, out: &mut Judged) -> u32 {
+    *out = judge_chain(c, ask);
+    out.verdict
+}
+
+#[inline(always)]
+fn judge_chain<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
     let own = if c.pending {
         (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE)
     } else {
@@ -283,6 +308,7 @@ fn judge<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
     if !c.nested() {
         return acc;
     }
+    opaque(&mut acc);
     let mut i = 0;
     while i < CHAIN {
         let id = c.entry.enclosing[i];
@@ -295,11 +321,26 @@ fn judge<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
             // Re-checked: the entry may have changed since the walk.
             if e.kind == entry::AGENT {
                 acc = fold_chain(acc, resolve(e, ask.verdict(e, id), i as u32 + 1));
+                opaque(&mut acc);
             }
         }
         i += 1;
     }
     acc
+}
+
+/// The same judgement, as a value the verifier knows nothing about: copied through
+/// bpf_probe_read_kernel (from this program's own stack, so it cannot fail; if it did, the
+/// copy is zeros, which `enforce` denies). Without it the verifier walks each enclosing agent's
+/// lookup once per combination of the outcomes before it (4 times the instructions, 10 times
+/// the load time); with it, once per agent. Costs one helper call per enclosing agent, and
+/// only for an agent that has some.
+/// Copied onto itself, so it takes no more stack.
+#[inline(always)]
+fn opaque(j: &mut Judged) {
+    let p = j as *mut Judged as *mut c_void;
+    // SAFETY: this frame's own `size_of::<Judged>()` bytes, read and written in place.
+    unsafe { bpf_probe_read_kernel_raw(p, size_of::<Judged>() as u32, p) };
 }
 
 /// The caller's rate limit, checked before anything is looked up: every connection attempt and
@@ -808,6 +849,8 @@ fn apply_deadman(agent: &AgentEntry, j: Judged) -> Judged {
     }
 }
 
+/// Writes the decision's record, or counts it lost. (It ends in a helper call, so r0 holds a
+/// scalar at its exit; see `judge_into`.)
 #[inline(never)]
 fn emit(hook: u32, c: &Caller, dest: &Dest, out: &Outcome) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
