@@ -15,7 +15,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use agent_common::{
-    action, is_unix_hook, proc, Event, UnixEvent, EVENT_V2_BYTES, EVENT_V3_BYTES, NO_RULE,
+    action, is_unix_hook, proc, Event, UnixEvent, EVENT_V2_BYTES, EVENT_V3_BYTES,
+    EVENT_V5_BYTES, NO_RULE,
 };
 use agentwall::events::{AuditRecord, Decision, Enricher};
 use agentwall::identity::{AgentMeta, Names, PolicyMeta};
@@ -63,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
     // The layout the length names: how much of the current event the record holds.
     let head = data.len() - tail;
     assert!(
-        [size_of::<Event>(), EVENT_V3_BYTES, EVENT_V2_BYTES].contains(&head),
+        [size_of::<Event>(), EVENT_V5_BYTES, EVENT_V3_BYTES, EVENT_V2_BYTES].contains(&head),
         "accepted a record of {} bytes",
         data.len()
     );
@@ -142,9 +143,10 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(rec.action, d.action);
     if d.policy_id == 1 {
-        // A grant's id is not a rule index: only a rule decision names a rule.
+        // A grant's id is not a rule index, and an enclosing agent's verdict is not this
+        // policy's: only the agent's own rule decision names a rule.
         let expected = match (d.rule_id, is_unix) {
-            _ if d.reason == "grant" => None,
+            _ if d.reason == "grant" || d.decided_by != 0 => None,
             (Some(0), true) => Some("/run/tools/"),
             (Some(0), false) => Some("web"),
             (Some(2), false) => Some("dns"),
