@@ -189,6 +189,9 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) installed: BTreeMap<String, Installed>,
     /// Every entry this controller wrote to the agent map (agents, watches, exempt), by id.
     pub(crate) entries: HashMap<u64, Entry>,
+    /// The same entries by cgroup path: the enclosing agents of a path, and the entries below
+    /// one, without a scan of them all.
+    pub(crate) by_path: BTreeMap<String, u64>,
     /// Watched parents (relative paths) and their pending mode.
     pub(crate) parents: BTreeMap<String, u32>,
     /// Cgroups that should have an entry but found the agent map full: they stay under their
@@ -252,6 +255,7 @@ impl<D: Datapath> State<D> {
             set: PolicySet::default(),
             installed: BTreeMap::new(),
             entries: HashMap::new(),
+            by_path: BTreeMap::new(),
             parents: BTreeMap::new(),
             unregistered: BTreeSet::new(),
             map_full: false,
@@ -460,7 +464,7 @@ impl<D: Datapath> State<D> {
         let mut anc = rel;
         while let Some((parent, _)) = anc.rsplit_once('/') {
             anc = parent;
-            let Ok(id) = cgroup::cgroup_id(&self.root.join(anc)) else {
+            let Some(&id) = self.by_path.get(anc) else {
                 continue;
             };
             if self
@@ -483,10 +487,10 @@ impl<D: Datapath> State<D> {
     fn refresh_below(&mut self, rel: &str) {
         let prefix = format!("{rel}/");
         let mut below: Vec<(u64, String)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.rel.starts_with(&prefix))
-            .map(|(id, e)| (*id, e.rel.clone()))
+            .by_path
+            .range(prefix.clone()..)
+            .take_while(|(r, _)| r.starts_with(&prefix))
+            .map(|(r, id)| (*id, r.clone()))
             .collect();
         // Outermost first, so each sees its own enclosing agents already rewritten.
         below.sort_by_key(|(_, r)| r.len());
@@ -628,6 +632,7 @@ impl<D: Datapath> State<D> {
                 entry: wanted,
             },
         );
+        self.by_path.insert(rel.to_string(), id);
         if was_agent != (wanted.kind == entry::AGENT) {
             self.refresh_below(rel);
         }
@@ -681,6 +686,12 @@ impl<D: Datapath> State<D> {
             tracing::warn!(cgroup_id = id, "removing an agent map entry: {e}");
         }
         let removed = self.entries.remove(&id);
+        if let Some(e) = &removed {
+            // Only if the path is still this cgroup's (a recreated one has another id).
+            if self.by_path.get(&e.rel) == Some(&id) {
+                self.by_path.remove(&e.rel);
+            }
+        }
         self.names.write().expect("names").agents.remove(&id);
         if let Some(e) = removed {
             if e.entry.kind == entry::AGENT {
