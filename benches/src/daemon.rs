@@ -229,8 +229,17 @@ async fn runtime_mode(args: &DaemonArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.policy)
         .with_context(|| format!("reading {}", args.policy.display()))?;
     let p = policy::parse_policy(&args.policy, &text)?;
+    let sub = policy::parse_policy(
+        std::path::Path::new("bench-runtime-sub.yaml"),
+        &crate::runtime::sub_policy_yaml(
+            &crate::runtime::agent_rel(&args.agent)?,
+            args.server.context("--server")?,
+        ),
+    )?;
     let mut opts = options(
-        PolicySource::Fixed(PolicySet { policies: vec![p] }),
+        PolicySource::Fixed(PolicySet {
+            policies: vec![p, sub],
+        }),
         &args.audit_log,
         args.wakeup_bytes,
     );

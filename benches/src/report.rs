@@ -186,6 +186,9 @@ pub struct RuntimeSummary {
     /// The agent's TCP loop with that many live grants: µs per connection, and floor / it.
     pub tcp_with_grants_us: Spread,
     pub tcp_with_grants_vs_floor: Spread,
+    /// The same loop from a sub-agent (its rule, then the agent's grant): µs, floor / it.
+    pub tcp_sub_agent_us: Spread,
+    pub tcp_sub_agent_vs_floor: Spread,
     pub reps: Vec<RuntimeRep>,
 }
 
@@ -416,6 +419,12 @@ impl Raw {
                 let f = floor_tcp.iter().find(|(r, _)| *r == rep.round)?.1;
                 Some(f / rep.figures.tcp_with_grants_ns_per_op)
             })),
+            tcp_sub_agent_us: spread_of(rt.iter().map(|r| r.figures.tcp_sub_agent_ns_per_op / 1e3)),
+            tcp_sub_agent_vs_floor: spread_of(rt.iter().filter_map(|rep| {
+                let f = floor_tcp.iter().find(|(r, _)| *r == rep.round)?.1;
+                (rep.figures.tcp_sub_agent_ns_per_op > 0.0)
+                    .then(|| f / rep.figures.tcp_sub_agent_ns_per_op)
+            })),
             reps: rt.clone(),
         };
 
@@ -535,6 +544,15 @@ impl Raw {
                 "TCP connect rate of an agent with {} live grants (allowed by one) and a rate limit / floor",
                 runtime.live_grants
             ),
+            target: format!(">= {GRANTS_TCP_VS_FLOOR:.2}"),
+            measured: format!("{:.3} [{:.3}-{:.3}]", g.median, g.min, g.max),
+            pass: g.n > 0 && g.median >= GRANTS_TCP_VS_FLOOR,
+        });
+        let g = &runtime.tcp_sub_agent_vs_floor;
+        goals.push(Goal {
+            goal: "TCP connect rate of a sub-agent (its rule, then its parent's grant among \
+                   1,000) / floor"
+                .into(),
             target: format!(">= {GRANTS_TCP_VS_FLOOR:.2}"),
             measured: format!("{:.3} [{:.3}-{:.3}]", g.median, g.min, g.max),
             pass: g.n > 0 && g.median >= GRANTS_TCP_VS_FLOOR,
@@ -827,6 +845,11 @@ impl Report {
             sp(&rt.tcp_with_grants_us, 2),
         );
         line("that rate vs floor", sp(&rt.tcp_with_grants_vs_floor, 3));
+        line(
+            "the same loop from a sub-agent inside it (its rule, then the agent's grant): µs per op",
+            sp(&rt.tcp_sub_agent_us, 2),
+        );
+        line("that rate vs floor", sp(&rt.tcp_sub_agent_vs_floor, 3));
         line(
             &format!(
                 "a grant call with about {} live grants of the agent (the last 100 made; {}): \

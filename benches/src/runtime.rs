@@ -77,6 +77,10 @@ pub struct RuntimeFigures {
     /// Live grants of the agent while the TCP loop ran.
     pub live_grants: usize,
     pub tcp_with_grants_ns_per_op: f64,
+    /// The same loop from a sub-agent inside the agent's cgroup (delegation): allowed by the
+    /// sub-agent's own rule, then by the agent's grant among its 1,000.
+    #[serde(default)]
+    pub tcp_sub_agent_ns_per_op: f64,
     pub tcp_ops: u64,
 }
 
@@ -104,6 +108,17 @@ pub fn policy_yaml(agent_rel: &str, server: SocketAddrV4) -> String {
          grantable:\n  - cidr: {GRANTABLE}\n    protocol: tcp\n\
          \x20 - cidr: {}/32\n    ports: [{}]\n    protocol: tcp\n\
          max_grant_ttl: 1h\napprove: manual\n",
+        server.ip(),
+        server.port()
+    )
+}
+
+/// A sub-agent's policy (`<agent>/sub`): the loopback server only. Each of its connects is
+/// judged by it and by the agent enclosing it (delegation).
+pub fn sub_policy_yaml(agent_rel: &str, server: SocketAddrV4) -> String {
+    format!(
+        "name: bench-runtime-sub\nmode: enforce\nagents:\n  cgroups:\n    - {agent_rel}/sub\n\
+         egress:\n  - cidr: {}/32\n    ports: [{}]\n    protocol: tcp\n",
         server.ip(),
         server.port()
     )
@@ -407,9 +422,26 @@ async fn rate(h: &Handle, p: &Params, f: &mut RuntimeFigures) -> Result<()> {
     s.n = p.tcp_ops;
     s.warmup = (p.tcp_ops / 10).max(10);
     let exe = p.exe.clone();
+    let sub_spec = s.clone();
     let r = tokio::task::spawn_blocking(move || s.run(&exe)).await??;
     f.tcp_with_grants_ns_per_op = r.ns_per_op();
     f.tcp_ops = r.ops;
+
+    // The same loop from a sub-agent: its rule, then the agent's grant (delegation).
+    let sub = p.agent.join("sub");
+    cgroup::create(&sub)?;
+    let measured = async {
+        h.register(&sub).await?;
+        let mut s = sub_spec;
+        s.cgroup = sub.clone();
+        let exe = p.exe.clone();
+        let r = tokio::task::spawn_blocking(move || s.run(&exe)).await??;
+        anyhow::Ok(r.ns_per_op())
+    }
+    .await;
+    // Its processes have exited: the cgroup goes (the controller forgets it on the event).
+    let _ = std::fs::remove_dir(&sub);
+    f.tcp_sub_agent_ns_per_op = measured.context("the sub-agent's TCP loop")?;
     Ok(())
 }
 
