@@ -235,6 +235,33 @@ impl Runtime {
     pub fn granted_agents(&self) -> BTreeSet<u64> {
         self.grants.values().map(|g| g.agent_id).collect()
     }
+
+    /// Drops the grants the kernel's tries no longer hold (`entries`, as adopted), returning
+    /// them. The tries are the truth for what stands: a grant revoked (removed from the
+    /// kernel) whose state file could not be rewritten must not come back at a restart.
+    pub fn keep_only_in_kernel(
+        &mut self,
+        entries: &[(u64, GrantPrefix, GrantSet)],
+    ) -> Vec<LiveGrant> {
+        let in_kernel: BTreeSet<(u64, u64)> = entries
+            .iter()
+            .flat_map(|(agent, _, set)| {
+                let n = (set.count as usize).min(MAX_GRANTS_PER_PREFIX);
+                set.grants[..n]
+                    .iter()
+                    .map(move |g| (*agent, u64::from(g.grant_id)))
+            })
+            .collect();
+        let gone: Vec<u64> = self
+            .grants
+            .values()
+            .filter(|g| !in_kernel.contains(&(g.agent_id, g.id)))
+            .map(|g| g.id)
+            .collect();
+        gone.iter()
+            .filter_map(|id| self.grants.remove(id))
+            .collect()
+    }
 }
 
 /// The union at `net` of every grant in `grants` that covers it.
@@ -408,6 +435,39 @@ mod tests {
             reason: "r".into(),
             by: Caller::Admin { uid: 0 },
         }
+    }
+
+    #[test]
+    fn a_restart_keeps_only_the_grants_the_kernel_still_holds() {
+        let mut rt = Runtime::default();
+        for g in [
+            grant(1, "10.0.0.0/8", &[(443, 443)]),
+            grant(2, "192.0.2.1/32", &[(0, u16::MAX)]),
+        ] {
+            rt.grants.insert(g.id, g);
+        }
+        // The kernel holds the tries of grant 1 only (grant 2 was revoked; the file lagged).
+        let entries: Vec<(u64, GrantPrefix, GrantSet)> = rt
+            .trie_for(7, None)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, set)| {
+                set.grants[..set.count as usize]
+                    .iter()
+                    .all(|g| g.grant_id == 1)
+            })
+            .map(|(p, set)| (7, p, set))
+            .collect();
+        assert!(!entries.is_empty());
+        let gone = rt.keep_only_in_kernel(&entries);
+        assert_eq!(gone.iter().map(|g| g.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(rt.grants.keys().copied().collect::<Vec<_>>(), [1]);
+        // Another agent's entry naming the same id does not keep it.
+        let mut rt2 = Runtime::default();
+        rt2.grants.insert(1, grant(1, "10.0.0.0/8", &[(443, 443)]));
+        let others: Vec<_> = entries.iter().map(|(_, p, s)| (8, *p, *s)).collect();
+        assert_eq!(rt2.keep_only_in_kernel(&others).len(), 1);
+        assert!(rt2.grants.is_empty());
     }
 
     #[test]

@@ -59,13 +59,24 @@ impl<D: Datapath> State<D> {
     /// stamped as agents register, grant tries rewritten, entries no live grant wants removed.
     pub(crate) fn restore_runtime(&mut self) {
         let file = self.enforcer.pin_dir().map(|d| grants::state_path(&d));
-        let rt = match &file {
+        let mut rt = match &file {
             Some(f) => grants::load(f).unwrap_or_else(|e| {
                 tracing::error!("runtime state not restored, starting empty: {e}");
                 Runtime::default()
             }),
             None => Runtime::default(),
         };
+        // A grant the file names but the kernel no longer holds was revoked while the file
+        // could not be rewritten (or the maps are new): it stays gone, fail closed.
+        for g in rt.keep_only_in_kernel(&self.enforcer.grant_entries()) {
+            tracing::warn!(grant = g.id, agent = %g.agent,
+                "the state file names a grant the kernel does not hold: dropped, not restored");
+            self.notice(
+                "grant-dropped",
+                json!({ "grant": g.id, "agent": g.agent, "to": g.to,
+                        "cause": "not in the kernel at restart" }),
+            );
+        }
         {
             let mut names = self.names.write().expect("names");
             for (slot, (id, intent)) in &rt.ended {
