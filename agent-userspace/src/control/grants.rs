@@ -380,40 +380,12 @@ pub fn state_path(pin_dir: &Path) -> PathBuf {
 
 /// Reads the state file; none yet is an empty state.
 pub fn load(path: &Path) -> Result<Runtime, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a runtime state file: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Runtime::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+    super::state_file::load(path, "runtime state file")
 }
 
-/// Writes the state file atomically (a temporary file renamed over it), readable by root only:
-/// it holds every agent's tasks, intents and grants, and agents run as other users.
+/// Writes the state file atomically, readable by root only.
 pub fn save(path: &Path, rt: &Runtime) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(err)?;
-        // Also when an earlier build made it with the umask's mode.
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(err)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(rt).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    std::io::Write::write_all(&mut f, &bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    super::state_file::save(path, rt)
 }
 
 #[cfg(test)]

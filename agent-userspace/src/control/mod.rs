@@ -44,6 +44,7 @@ pub mod revoke;
 pub mod runtime;
 #[cfg(test)]
 mod runtime_tests;
+mod state_file;
 mod tasks;
 #[cfg(test)]
 mod tests;

@@ -245,36 +245,12 @@ pub fn state_path(pin_dir: &Path) -> PathBuf {
 
 /// Reads the requests file; none yet is an empty book.
 pub fn load(path: &Path) -> Result<Book, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a requests file: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Book::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+    super::state_file::load(path, "requests file")
 }
 
 /// Writes the requests file atomically, root's only (it names agents and their reasons).
 pub fn save(path: &Path, book: &Book) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(err)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(book).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    std::io::Write::write_all(&mut f, &bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    super::state_file::save(path, book)
 }
 
 fn rfc3339(t: SystemTime) -> String {
