@@ -346,14 +346,19 @@ fn opaque(j: &mut Judged) {
 /// The caller's rate limit, checked before anything is looked up: every connection attempt and
 /// unconnected send pays a token, allowed or not, so a scan is slowed as much as real traffic.
 /// Over the limit (true), the call is denied (reason `rate-limit`; only recorded in audit mode).
-#[inline(never)]
+/// An agent with no limit pays one test here, no call.
+#[inline(always)]
 fn over_rate(c: &Caller) -> bool {
-    if c.pending || c.entry.rate_interval_ns == 0 {
-        return false;
-    }
+    !c.pending && c.entry.rate_interval_ns != 0 && out_of_tokens(c) != 0
+}
+
+/// The bucket itself, a function of its own (the hook's stack is full); 1 when empty (a
+/// scalar its caller uses: see `judge_into`).
+#[inline(never)]
+fn out_of_tokens(c: &Caller) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    !take_token(c.cgroup, &c.entry, now)
+    u32::from(!take_token(c.cgroup, &c.entry, now))
 }
 
 #[inline(always)]
