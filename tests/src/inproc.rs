@@ -70,28 +70,12 @@ impl Ctl {
         &mut self,
         want: impl Fn(&AuditRecord) -> bool,
     ) -> Result<AuditRecord> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.records.recv()).await {
-                Ok(Some(r)) if want(&r) => return Ok(r),
-                Ok(Some(r)) => seen.push(r),
-                _ => bail!("no matching record; saw {seen:#?}"),
-            }
-        }
+        next_record(&mut self.records, Duration::from_secs(5), want).await
     }
 
     /// The next decision record about `dst`.
     pub async fn decision_to(&mut self, dst: SocketAddr) -> Result<DecisionRecord> {
-        let ip = dst.ip().to_string();
-        let r = self
-            .wait_record(|r| {
-                r.decision
-                    .as_ref()
-                    .is_some_and(|d| d.dst == ip && d.port == dst.port())
-            })
-            .await?;
+        let r = next_decision_to(&mut self.records, dst).await?;
         Ok(r.decision.expect("a decision"))
     }
 
@@ -101,6 +85,38 @@ impl Ctl {
         }
         Ok(())
     }
+}
+
+/// Records from `records` until one matches `want` (fails after `limit`, listing what it saw).
+pub async fn next_record(
+    records: &mut mpsc::UnboundedReceiver<AuditRecord>,
+    limit: Duration,
+    want: impl Fn(&AuditRecord) -> bool,
+) -> Result<AuditRecord> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, records.recv()).await {
+            Ok(Some(r)) if want(&r) => return Ok(r),
+            Ok(Some(r)) => seen.push(r),
+            _ => bail!("no matching record; saw {seen:#?}"),
+        }
+    }
+}
+
+/// The next decision record about `dst` (within 5 s).
+pub async fn next_decision_to(
+    records: &mut mpsc::UnboundedReceiver<AuditRecord>,
+    dst: SocketAddr,
+) -> Result<AuditRecord> {
+    let ip = dst.ip().to_string();
+    next_record(records, Duration::from_secs(5), |r| {
+        r.decision
+            .as_ref()
+            .is_some_and(|d| d.dst == ip && d.port == dst.port())
+    })
+    .await
 }
 
 /// A TCP connect from a process in `cgroup`: 0 when it connected, else the errno.

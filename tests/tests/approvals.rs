@@ -17,8 +17,11 @@ use agentwall::{
     events::{AuditRecord, DecisionRecord},
     policy::{self, PolicySet},
 };
-use agentwall_tests::{probe_in, sa, sibling_exe, tcp_server, Outcome, TestCgroups, EPERM};
-use anyhow::{bail, ensure, Context, Result};
+use agentwall_tests::{
+    inproc::{self, next_decision_to, next_record},
+    probe_in, sibling_exe, tcp_server, Outcome, TestCgroups, EPERM,
+};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -137,16 +140,7 @@ impl Ctl {
         limit: Duration,
         want: impl Fn(&AuditRecord) -> bool,
     ) -> Result<AuditRecord> {
-        let deadline = Instant::now() + limit;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.records.recv()).await {
-                Ok(Some(r)) if want(&r) => return Ok(r),
-                Ok(Some(r)) => seen.push(r),
-                _ => bail!("no matching record; saw {seen:#?}"),
-            }
-        }
+        next_record(&mut self.records, limit, want).await
     }
 
     /// The next controller record of `kind`; its detail.
@@ -159,14 +153,7 @@ impl Ctl {
 
     /// The next decision record about `dst`, with its seq.
     async fn decision_to(&mut self, dst: SocketAddr) -> Result<(u64, DecisionRecord)> {
-        let ip = dst.ip().to_string();
-        let r = self
-            .wait_record(Duration::from_secs(5), |r| {
-                r.decision
-                    .as_ref()
-                    .is_some_and(|d| d.dst == ip && d.port == dst.port())
-            })
-            .await?;
+        let r = next_decision_to(&mut self.records, dst).await?;
         Ok((r.seq, r.decision.expect("a decision")))
     }
 
@@ -186,8 +173,7 @@ impl Drop for Ctl {
 
 /// A TCP connect from inside `agent`: 0 when it connected, else the errno.
 fn connect_errno(agent: &Path, to: SocketAddr) -> Result<i32> {
-    let out = tokio::task::block_in_place(|| probe_in(agent, &[format!("tcp:{}", sa(to))]))?;
-    Ok(if out[0].ok { 0 } else { out[0].errno })
+    tokio::task::block_in_place(|| inproc::connect_errno(agent, to))
 }
 
 /// An `http:` probe step on the agent socket.

@@ -3,13 +3,13 @@
 //! (403, naming the cap) and writes nothing to the kernel, while another agent still gets a grant
 //! that the kernel honours; a revoke makes room again.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 
 use agentwall::{
     api::client::{self, ClientError, Method},
     control::grants::DEFAULT_MAX_GRANTS_PER_AGENT,
 };
-use agentwall_tests::{probe_in, sa, tcp_server, Daemon, TestCgroups, EPERM};
+use agentwall_tests::{inproc::connect_errno, tcp_server, Daemon, TestCgroups, EPERM};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
@@ -31,12 +31,6 @@ fn grant(d: &Daemon, agent: &str, to: &str) -> Result<Value, ClientError> {
     let body = json!({ "agent": agent, "to": to, "protocol": "tcp", "ttl_secs": 600,
         "reason": "grant-limits test" });
     call(d, Method::POST, "/v1/grants", Some(body))
-}
-
-/// A TCP connect from inside `cgroup`: 0 when it connected, else the errno.
-fn connect_errno(cgroup: &std::path::Path, to: SocketAddr) -> Result<i32> {
-    let out = probe_in(cgroup, &[format!("tcp:{}", sa(to))])?;
-    Ok(if out[0].ok { 0 } else { out[0].errno })
 }
 
 #[test]

@@ -16,7 +16,10 @@ use agentwall::{
     events::{AuditRecord, DecisionRecord},
     policy::{self, PolicySet},
 };
-use agentwall_tests::{probe_in, sa, tcp_server, TestCgroups, EPERM};
+use agentwall_tests::{
+    inproc::{connect_errno, next_decision_to, next_record},
+    tcp_server, TestCgroups, EPERM,
+};
 use anyhow::{bail, ensure, Context, Result};
 use tokio::sync::mpsc;
 
@@ -77,28 +80,12 @@ impl Ctl {
 
     /// Records until one matches `want` (fails after 5 s).
     async fn wait_record(&mut self, want: impl Fn(&AuditRecord) -> bool) -> Result<AuditRecord> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.records.recv()).await {
-                Ok(Some(r)) if want(&r) => return Ok(r),
-                Ok(Some(r)) => seen.push(r),
-                _ => bail!("no matching record; saw {seen:#?}"),
-            }
-        }
+        next_record(&mut self.records, Duration::from_secs(5), want).await
     }
 
     /// The next decision record about `dst`.
     async fn decision_to(&mut self, dst: SocketAddr) -> Result<DecisionRecord> {
-        let ip = dst.ip().to_string();
-        let r = self
-            .wait_record(|r| {
-                r.decision
-                    .as_ref()
-                    .is_some_and(|d| d.dst == ip && d.port == dst.port())
-            })
-            .await?;
+        let r = next_decision_to(&mut self.records, dst).await?;
         Ok(r.decision.expect("a decision"))
     }
 
@@ -120,12 +107,6 @@ fn grant(agent: &str, to: SocketAddr, ttl_secs: u64, task: Option<&str>) -> Gran
         task: task.map(str::to_string),
         reason: "kernel test".into(),
     }
-}
-
-/// A TCP connect from inside the agent: 0 when it connected, else the errno.
-fn connect_errno(agent: &Path, to: SocketAddr) -> Result<i32> {
-    let out = probe_in(agent, &[format!("tcp:{}", sa(to))])?;
-    Ok(if out[0].ok { 0 } else { out[0].errno })
 }
 
 /// Connects from the agent until it is refused with EPERM (fails after `limit`); each try is a
