@@ -5,6 +5,7 @@
 
 use crate::{
     mode, proto, reason, verdict, GrantSet, RuleSet, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
+    RESOLVED_ID_BIT,
 };
 
 /// IANA protocol numbers the rules know.
@@ -44,10 +45,17 @@ pub fn match_ports(rules: &RuleSet, port: u16, protocol: u32) -> (u32, u32, u32)
     (verdict::DENY, reason::NO_PORT_MATCH, NO_RULE)
 }
 
-/// The first grant of a set (the longest grant prefix covering the address) whose ports and
-/// protocol match and whose deadline (CLOCK_BOOTTIME ns) is after `now`: its id.
+/// The first grant of a set (the longest grant prefix covering the address) that answers for
+/// chain level `level_bit` (`level::*`), whose ports and protocol match and whose deadline
+/// (CLOCK_BOOTTIME ns) is after `now`: its id. Grants and DNS resolutions alike.
 #[inline(always)]
-pub fn match_grants(set: &GrantSet, port: u16, protocol: u32, now: u64) -> Option<u32> {
+pub fn match_grants(
+    set: &GrantSet,
+    port: u16,
+    protocol: u32,
+    now: u64,
+    level_bit: u32,
+) -> Option<u32> {
     let bit = protocol_bit(protocol);
     let n = set.count as usize;
     let mut i = 0;
@@ -56,7 +64,12 @@ pub fn match_grants(set: &GrantSet, port: u16, protocol: u32, now: u64) -> Optio
             break;
         }
         let g = &set.grants[i];
-        if g.deadline_ns > now && g.protocols & bit != 0 && port >= g.port_lo && port <= g.port_hi {
+        if g.deadline_ns > now
+            && g.levels & level_bit != 0
+            && g.protocols & bit != 0
+            && port >= g.port_lo
+            && port <= g.port_hi
+        {
             return Some(g.grant_id);
         }
         i += 1;
@@ -64,14 +77,15 @@ pub fn match_grants(set: &GrantSet, port: u16, protocol: u32, now: u64) -> Optio
     None
 }
 
-/// A policy verdict with the agent's grants applied: a denial stands unless a live grant
-/// allows the destination.
+/// A policy verdict with the agent's grants applied: a denial stands unless a live grant, or an
+/// address the DNS proxy resolved for the agent (reason `HOST`), allows the destination.
 #[inline(always)]
 pub fn with_grant(policy: (u32, u32, u32), grant: Option<u32>) -> (u32, u32, u32) {
     if policy.0 == verdict::ALLOW {
         return policy;
     }
     match grant {
+        Some(id) if id & RESOLVED_ID_BIT != 0 => (verdict::ALLOW, reason::HOST, id),
         Some(id) => (verdict::ALLOW, reason::GRANT, id),
         None => policy,
     }
@@ -158,7 +172,7 @@ mod tests {
                 protocols: p,
                 port_lo: lo,
                 port_hi: hi,
-                _reserved: 0,
+                levels: crate::level::OWN,
             };
         }
         s
@@ -209,11 +223,17 @@ mod tests {
             (443, 443, proto::TCP, 7, 1_000),
             (53, 53, proto::UDP, 9, 5_000),
         ]);
-        assert_eq!(match_grants(&s, 443, IPPROTO_TCP, 999), Some(7));
-        assert_eq!(match_grants(&s, 443, IPPROTO_TCP, 1_000), None);
-        assert_eq!(match_grants(&s, 443, IPPROTO_UDP, 0), None);
-        assert_eq!(match_grants(&s, 53, IPPROTO_UDP, 4_999), Some(9));
-        assert_eq!(match_grants(&s, 54, IPPROTO_UDP, 0), None);
+        let own = crate::level::OWN;
+        assert_eq!(match_grants(&s, 443, IPPROTO_TCP, 999, own), Some(7));
+        assert_eq!(match_grants(&s, 443, IPPROTO_TCP, 1_000, own), None);
+        assert_eq!(match_grants(&s, 443, IPPROTO_UDP, 0, own), None);
+        assert_eq!(match_grants(&s, 53, IPPROTO_UDP, 4_999, own), Some(9));
+        assert_eq!(match_grants(&s, 54, IPPROTO_UDP, 0, own), None);
+        // An item answers only for the chain levels it carries.
+        assert_eq!(
+            match_grants(&s, 443, IPPROTO_TCP, 0, crate::level::bit(1)),
+            None
+        );
     }
 
     #[test]
@@ -225,6 +245,11 @@ mod tests {
             (verdict::ALLOW, reason::GRANT, 4)
         );
         assert_eq!(with_grant(NO_ADDRESS, None), NO_ADDRESS);
+        let resolved = RESOLVED_ID_BIT | 3;
+        assert_eq!(
+            with_grant(NO_ADDRESS, Some(resolved)),
+            (verdict::ALLOW, reason::HOST, resolved)
+        );
     }
 
     fn judged(verdict: u32, mode: u32, level: u32) -> Judged {

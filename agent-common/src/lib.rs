@@ -89,6 +89,12 @@ pub mod reason {
     /// More agents enclose the caller than a decision intersects (`MAX_AGENT_CHAIN`): denied,
     /// whatever the modes, so no agent escapes an enclosing agent by nesting deeper.
     pub const CHAIN_TOO_DEEP: u32 = 13;
+    /// A DNS query (TCP or UDP to port 53) steered to agentwall's DNS proxy, which judges the
+    /// name.
+    pub const DNS_PROXY: u32 = 14;
+    /// An address the DNS proxy resolved for this agent, for a name a host rule allows, before
+    /// its deadline (`Event::rule_id` is the resolution's id).
+    pub const HOST: u32 = 15;
 }
 
 /// Bits of `Event::proc_flags`: what the kernel knew about the calling process.
@@ -143,9 +149,14 @@ pub mod names {
     /// agent entry, which the controller rewrites on every task and policy change: a bucket there
     /// would refill each time.
     pub const RATE_MAP: &str = "AW_RATE";
+    /// Single-entry array: where agents' DNS is steered (`DnsConfig`).
+    pub const DNS_CONFIG_MAP: &str = "AW_DNS_CONFIG";
+    /// Socket cookie -> the agent and resolver of a steered DNS socket (`DnsSock`), written by
+    /// the programs only: how the proxy knows who asked, and how answers get their source back.
+    pub const DNS_SOCKS_MAP: &str = "AW_DNS_SOCKS";
 
     /// Every map that is pinned, so that enforcement outlives the controller.
-    pub const PINNED_MAPS: [&str; 12] = [
+    pub const PINNED_MAPS: [&str; 14] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -158,9 +169,11 @@ pub mod names {
         GRANTS_V4_MAP,
         GRANTS_V6_MAP,
         RATE_MAP,
+        DNS_CONFIG_MAP,
+        DNS_SOCKS_MAP,
     ];
     /// Every map the eBPF object defines.
-    pub const ALL_MAPS: [&str; 13] = [
+    pub const ALL_MAPS: [&str; 15] = [
         CONFIG_MAP,
         AGENTS_MAP,
         RULES_V4_MAP,
@@ -174,6 +187,8 @@ pub mod names {
         GRANTS_V4_MAP,
         GRANTS_V6_MAP,
         RATE_MAP,
+        DNS_CONFIG_MAP,
+        DNS_SOCKS_MAP,
     ];
 
     /// cgroup/connect4, connect6, sendmsg4, sendmsg6.
@@ -181,6 +196,12 @@ pub mod names {
     pub const CONNECT6_PROGRAM: &str = "connect6";
     pub const SENDMSG4_PROGRAM: &str = "sendmsg4";
     pub const SENDMSG6_PROGRAM: &str = "sendmsg6";
+    /// cgroup/recvmsg4, recvmsg6, getpeername4, getpeername6: a steered DNS socket sees its
+    /// resolver's address, not the proxy's.
+    pub const RECVMSG4_PROGRAM: &str = "recvmsg4";
+    pub const RECVMSG6_PROGRAM: &str = "recvmsg6";
+    pub const GETPEERNAME4_PROGRAM: &str = "getpeername4";
+    pub const GETPEERNAME6_PROGRAM: &str = "getpeername6";
     /// cgroup/sock_create: the socket-creation guard (inet families).
     pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
     /// cgroup/connect_unix, cgroup/sendmsg_unix (Linux 6.7+), loaded by the controller itself.
@@ -200,18 +221,26 @@ pub mod names {
     pub const FORK_TRACEPOINT: &str = "sched_process_fork";
 
     /// The sock_addr programs aya loads and attaches.
-    pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
         CONNECT4_PROGRAM,
         CONNECT6_PROGRAM,
         SENDMSG4_PROGRAM,
         SENDMSG6_PROGRAM,
+        RECVMSG4_PROGRAM,
+        RECVMSG6_PROGRAM,
+        GETPEERNAME4_PROGRAM,
+        GETPEERNAME6_PROGRAM,
     ];
     /// Every cgroup program aya loads and attaches (the Unix-socket ones are `UNIX_PROGRAMS`).
-    pub const CGROUP_PROGRAMS: [&str; 5] = [
+    pub const CGROUP_PROGRAMS: [&str; 9] = [
         CONNECT4_PROGRAM,
         CONNECT6_PROGRAM,
         SENDMSG4_PROGRAM,
         SENDMSG6_PROGRAM,
+        RECVMSG4_PROGRAM,
+        RECVMSG6_PROGRAM,
+        GETPEERNAME4_PROGRAM,
+        GETPEERNAME6_PROGRAM,
         SOCK_CREATE_PROGRAM,
     ];
     pub const UNIX_PROGRAMS: [&str; 2] = [CONNECT_UNIX_PROGRAM, SENDMSG_UNIX_PROGRAM];
@@ -222,11 +251,15 @@ pub mod names {
         (EXIT_PROGRAM, EXIT_TRACEPOINT),
     ];
     /// Every program the eBPF object defines.
-    pub const ALL_PROGRAMS: [&str; 11] = [
+    pub const ALL_PROGRAMS: [&str; 15] = [
         CONNECT4_PROGRAM,
         CONNECT6_PROGRAM,
         SENDMSG4_PROGRAM,
         SENDMSG6_PROGRAM,
+        RECVMSG4_PROGRAM,
+        RECVMSG6_PROGRAM,
+        GETPEERNAME4_PROGRAM,
+        GETPEERNAME6_PROGRAM,
         SOCK_CREATE_PROGRAM,
         CONNECT_UNIX_PROGRAM,
         SENDMSG_UNIX_PROGRAM,
@@ -470,9 +503,27 @@ pub struct Grant {
     pub protocols: u32,
     pub port_lo: u16,
     pub port_hi: u16,
-    pub _reserved: u32,
+    /// `level::*` bits: the chain levels the item answers for. A grant, and an address resolved
+    /// for the agent itself, answer for the agent whose key holds them (`level::OWN`); an
+    /// address resolved for a sub-agent also carries the bit of each enclosing agent whose host
+    /// rule allowed the name (that agent's judgement of the sub-agent's call reads the
+    /// sub-agent's key too).
+    pub levels: u32,
 }
 const _: () = assert!(size_of::<Grant>() == 24);
+
+/// Chain levels of a `Grant` (bit n: the n-th agent of the caller's chain, 0 the caller).
+pub mod level {
+    pub const OWN: u32 = 1 << 0;
+    /// The bit of chain level `n`.
+    #[inline(always)]
+    pub const fn bit(n: u32) -> u32 {
+        1 << n
+    }
+}
+
+/// `Grant::grant_id` values with this bit set are DNS resolutions (reason `HOST`), not grants.
+pub const RESOLVED_ID_BIT: u32 = 1 << 31;
 
 /// Value of the grant tries: every grant of the agent that covers the prefix.
 #[repr(C)]
@@ -586,6 +637,44 @@ pub struct Config {
     pub _reserved_heartbeat: u64,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// Single-entry array (`names::DNS_CONFIG_MAP`): where agents' DNS goes. Addresses and port are
+/// as `bpf_sock_addr` holds them (network byte order in memory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsConfig {
+    /// Non-zero: an agent's TCP and UDP to port 53 is steered to the proxy. Zero: judged by its
+    /// policy like any other port.
+    pub enabled: u32,
+    /// The proxy's port, network byte order in the low 16 bits (as `user_port`).
+    pub port: u32,
+    /// The proxy's IPv4 address (as `user_ip4`).
+    pub ip4: u32,
+    /// Non-zero: the proxy also listens at `ip6`; else an agent's IPv6 DNS is denied.
+    pub has_ip6: u32,
+    /// The proxy's IPv6 address (as `user_ip6`).
+    pub ip6: [u32; 4],
+}
+const _: () = assert!(size_of::<DnsConfig>() == 32);
+
+/// Value of `names::DNS_SOCKS_MAP` (keyed by socket cookie): a socket whose DNS was steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsSock {
+    /// The agent that asked (its entry's cgroup id).
+    pub agent: u64,
+    /// The resolver the agent addressed, as `user_ip6` holds it (an IPv4 one as
+    /// `::ffff:a.b.c.d`): what recvmsg and getpeername give back.
+    pub addr: [u32; 4],
+    /// Its port, network byte order in the low 16 bits.
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`: the family of the socket's own calls.
+    pub family: u32,
+}
+const _: () = assert!(size_of::<DnsSock>() == 32);
+
+/// Steered DNS sockets remembered at once (an LRU map: a closed socket's entry ages out).
+pub const MAX_DNS_SOCKS: u32 = 65_536;
 
 /// Value of the executable map (`names::EXES_MAP`), keyed by tgid (u32).
 #[repr(C)]
@@ -749,6 +838,8 @@ mod pod {
     unsafe impl aya::Pod for PortRule {}
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for DnsConfig {}
+    unsafe impl aya::Pod for DnsSock {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for UnixRule {}

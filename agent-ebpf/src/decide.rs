@@ -20,12 +20,13 @@ use core::intrinsics::{atomic_cxchg, AtomicOrdering};
 use agent_common::{
     action, counter, deadman,
     decide::{fold_chain, match_grants, match_ports, rate_take, with_grant, Judged, NO_ADDRESS},
-    entry, entry_flags, hook, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4,
+    entry, entry_flags, hook, level, mode, reason, sock, verdict, AgentEntry, Event, GrantKeyV4,
     GrantKeyV6, GrantSet, PrefixV4, PrefixV6, UnixEvent, UnixKey, GRANT_AGENT_BITS,
     MAX_AGENT_CHAIN, MAX_CGROUP_LEVEL, NO_RULE, POLICY_PREFIX_BITS, UNIX_PATH_MAX,
 };
 
 use crate::{
+    dns::{self, Steer},
     exec,
     maps::{
         count, AGENTS, CONFIG, EVENTS, GRANTS_V4, GRANTS_V6, HEARTBEAT, RATE, RULES_V4, RULES_V6,
@@ -195,6 +196,14 @@ const EMPTY_ENTRY: AgentEntry = AgentEntry {
 /// than its own lookups need.
 trait Ask {
     fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32);
+
+    /// An enclosing agent's judgement also reads the CALLER's key for the items that answer
+    /// for its level (`level_bit`): an address the DNS proxy resolved for the caller under a
+    /// host rule of that enclosing agent. Only destinations have such items.
+    #[inline(always)]
+    fn for_level(&mut self, _caller: u64, _level_bit: u32) -> Option<u32> {
+        None
+    }
 }
 
 /// An IPv4 destination (or an IPv4-mapped IPv6 one).
@@ -209,6 +218,17 @@ impl Ask for AskV4 {
     fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32) {
         policy_v4(e, cgroup, self.ip, self.port, self.protocol)
     }
+
+    #[inline(always)]
+    fn for_level(&mut self, caller: u64, level_bit: u32) -> Option<u32> {
+        grant_for(
+            &GRANTS_V4,
+            grant_key_v4(caller, self.ip),
+            self.port,
+            self.protocol,
+            level_bit,
+        )
+    }
 }
 
 struct AskV6 {
@@ -221,6 +241,17 @@ impl Ask for AskV6 {
     #[inline(always)]
     fn verdict(&mut self, e: &AgentEntry, cgroup: u64) -> (u32, u32, u32) {
         policy_v6(e, cgroup, self.addr, self.port, self.protocol)
+    }
+
+    #[inline(always)]
+    fn for_level(&mut self, caller: u64, level_bit: u32) -> Option<u32> {
+        grant_for(
+            &GRANTS_V6,
+            grant_key_v6(caller, self.addr),
+            self.port,
+            self.protocol,
+            level_bit,
+        )
     }
 }
 
@@ -320,7 +351,11 @@ fn judge_chain<A: Ask>(c: &Caller, ask: &mut A) -> Judged {
         if let Some(e) = unsafe { AGENTS.get(id) } {
             // Re-checked: the entry may have changed since the walk.
             if e.kind == entry::AGENT {
-                acc = fold_chain(acc, resolve(e, ask.verdict(e, id), i as u32 + 1));
+                let mut v = ask.verdict(e, id);
+                if v.0 != verdict::ALLOW {
+                    v = with_grant(v, ask.for_level(c.cgroup, level::bit(i as u32 + 1)));
+                }
+                acc = fold_chain(acc, resolve(e, v, i as u32 + 1));
                 opaque(&mut acc);
             }
         }
@@ -423,13 +458,24 @@ fn with_grants<K>(
     if denied.0 == verdict::ALLOW {
         return denied;
     }
-    // SAFETY: plain helper call. The kernel's clock decides, so grants end on time with no
-    // controller running.
+    with_grant(denied, grant_for(trie, key, port, protocol, level::OWN))
+}
+
+/// The live item under `key` (a grant, or an address the DNS proxy resolved) that answers for
+/// `level_bit` and allows `port`/`protocol`: its id.
+#[inline(always)]
+fn grant_for<K>(
+    trie: &LpmTrie<K, GrantSet>,
+    key: Key<K>,
+    port: u16,
+    protocol: u32,
+    level_bit: u32,
+) -> Option<u32> {
+    // SAFETY: plain helper call. The kernel's clock decides, so grants and resolved addresses
+    // end on time with no controller running.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let grant = trie
-        .get(&key)
-        .and_then(|set| match_grants(set, port, protocol, now));
-    with_grant(denied, grant)
+    trie.get(&key)
+        .and_then(|set| match_grants(set, port, protocol, now, level_bit))
 }
 
 #[inline(always)]
@@ -512,6 +558,13 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
         sock_type: 0,
         sock_kind: 0,
     };
+    if !c.pending && dns::is_query(ctx) {
+        match dns::steer_kind(dns::steer4(ctx, c.cgroup)) {
+            Steer::No => {}
+            Steer::Steered => return Ok(finish(hook, &c, &dest, steered(&c, verdict::ALLOW))),
+            Steer::Refused => return Ok(finish(hook, &c, &dest, steered(&c, verdict::DENY))),
+        }
+    }
     let mut ask = AskV4 {
         ip,
         port: dest.port,
@@ -523,6 +576,19 @@ pub fn inet4(ctx: &SockAddrContext, hook: u32) -> Decision {
         judge(&c, &mut ask)
     };
     Ok(finish(hook, &c, &dest, judged))
+}
+
+/// A DNS query steered to the proxy (allowed: the proxy judges the name), or one that could not
+/// be (denied). Neither pays the connection rate limit: the proxy has its own for queries.
+#[inline(always)]
+fn steered(c: &Caller, v: u32) -> Judged {
+    Judged {
+        verdict: v,
+        reason: reason::DNS_PROXY,
+        rule_id: NO_RULE,
+        mode: c.entry.mode,
+        level: 0,
+    }
 }
 
 /// What an agent's policy and grants say about an IPv4 destination.
@@ -595,6 +661,13 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> Decision {
         sock_type: 0,
         sock_kind: 0,
     };
+    if !c.pending && dns::is_query(ctx) {
+        match dns::steer_kind(dns::steer6(ctx, c.cgroup)) {
+            Steer::No => {}
+            Steer::Steered => return Ok(finish(hook, &c, &dest, steered(&c, verdict::ALLOW))),
+            Steer::Refused => return Ok(finish(hook, &c, &dest, steered(&c, verdict::DENY))),
+        }
+    }
     // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
     let mapped = words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff];
     let judged = if over_rate(&c) {

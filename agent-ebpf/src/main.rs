@@ -11,6 +11,7 @@
 #![allow(internal_features)]
 
 mod decide;
+mod dns;
 mod exec;
 mod maps;
 mod net_raw;
@@ -88,6 +89,32 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
         Ok(v) => verdict(v),
         Err(_) => SENDMSG6_ON_ERROR,
     }
+}
+
+/// A steered DNS socket's answers read as coming from the resolver it asked (dns.rs). These hooks
+/// must return 1: they rewrite, never refuse.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx);
+    ALLOW
 }
 
 #[cgroup_sock(sock_create)]

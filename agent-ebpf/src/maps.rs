@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 
 use agent_common::{
-    counter, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4, PrefixV6,
-    RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES, MAX_GRANT_PREFIXES,
-    MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, AgentEntry, Config, DnsConfig, DnsSock, ExePath, GrantKeyV4, GrantKeyV6, GrantSet,
+    PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS, MAX_DNS_SOCKS,
+    MAX_EXES, MAX_GRANT_PREFIXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 
 /// BPF_F_NO_PREALLOC: entries take memory only while a process lives.
@@ -65,6 +65,16 @@ pub static GRANTS_V6: LpmTrie<GrantKeyV6, GrantSet> =
 /// them); an evicted live entry starts again with a full burst, never with less.
 #[map(name = "AW_RATE")]
 pub static RATE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_AGENTS, 0);
+
+/// Where agents' DNS is steered (dns.rs): the controller's proxy.
+#[map(name = "AW_DNS_CONFIG")]
+pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+/// Socket cookie -> the agent and the resolver of a socket whose DNS was steered (dns.rs),
+/// written by the programs only. LRU: a closed socket's entry ages out; a live one evicted
+/// loses the answer's source rewrite (its stub resolver then drops the answer and asks again).
+#[map(name = "AW_DNS_SOCKS")]
+pub static DNS_SOCKS: LruHashMap<u64, DnsSock> = LruHashMap::with_max_entries(MAX_DNS_SOCKS, 0);
 
 /// One event per agent decision.
 #[map(name = "AW_EVENTS")]

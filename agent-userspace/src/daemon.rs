@@ -2,6 +2,7 @@
 //! reader, control socket, the control actor); stops them in order.
 
 use std::{
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
@@ -69,6 +70,30 @@ pub struct Options {
     /// Live grants one agent may hold (`--max-grants-per-agent`): the grant tries are shared,
     /// and one agent must not fill them. Over it a grant is refused (403).
     pub max_grants_per_agent: usize,
+    /// The enforcing DNS proxy (docs/dns.md): agents' port-53 traffic is steered to it. None:
+    /// no proxy, and port 53 is judged by the policy like any other port.
+    pub dns: Option<DnsOptions>,
+    /// When another controller holds the pins: ask it to stop (SIGTERM) and take over once it
+    /// has, instead of failing. The DNS proxy's sockets are bound first, so queries sent
+    /// meanwhile wait for this controller instead of failing.
+    pub takeover: bool,
+}
+
+/// The DNS proxy's addresses and upstream.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// Where allowed queries go (`--dns-upstream`; the node's resolver by default).
+    pub upstream: SocketAddr,
+    /// Loopback addresses the proxy listens on (port 0: a free one, the same for both).
+    pub listen_v4: SocketAddrV4,
+    pub listen_v6: Option<SocketAddrV6>,
+}
+
+/// Where a running DNS proxy listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsListen {
+    pub v4: SocketAddr,
+    pub v6: Option<SocketAddr>,
 }
 
 impl Options {
@@ -93,6 +118,8 @@ impl Options {
             watch_policy: true,
             request_ttl: crate::control::requests::DEFAULT_REQUEST_TTL,
             max_grants_per_agent: crate::control::grants::DEFAULT_MAX_GRANTS_PER_AGENT,
+            dns: None,
+            takeover: false,
         }
     }
 }
@@ -105,11 +132,23 @@ pub struct Handle {
     pub cgroup_root: PathBuf,
     /// Asks the event reader to reopen the audit log (SIGHUP).
     reopen: mpsc::UnboundedSender<()>,
+    /// The DNS proxy: where it listens, its stop signal and its task. It stops first, answering
+    /// what it holds, while the control actor still runs.
+    dns: Option<(
+        DnsListen,
+        watch::Sender<bool>,
+        JoinHandle<std::io::Result<()>>,
+    )>,
     /// Held while this controller serves its pins; released after the tasks have stopped.
     _lock: Option<PinLock>,
 }
 
 impl Handle {
+    /// Where the DNS proxy listens (None: no proxy).
+    pub fn dns_listen(&self) -> Option<DnsListen> {
+        self.dns.as_ref().map(|(l, _, _)| *l)
+    }
+
     /// Reopens the audit log before the next record (after a rotation, on SIGHUP).
     pub fn reopen_audit_log(&self) {
         let _ = self.reopen.send(());
@@ -312,6 +351,16 @@ impl Handle {
 
     /// Stops: detaches the programs, drains the last events, closes the socket.
     pub async fn shutdown(self) -> Result<()> {
+        if let Some((_, stop, task)) = self.dns {
+            // The proxy answers the queries it holds while the actor can still judge them.
+            let _ = stop.send(true);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!("DNS proxy: {e}"),
+                Ok(Err(e)) => tracing::warn!("DNS proxy task: {e}"),
+                Err(_) => tracing::warn!("DNS proxy: queries still in flight at shutdown"),
+            }
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             t.await.context("controller task panicked")??;
@@ -320,13 +369,67 @@ impl Handle {
     }
 }
 
+/// The pin lock of `pin_dir`, from the controller that holds it: asked to stop (SIGTERM), then
+/// waited for (it answers its last DNS queries and drains its events first).
+async fn take_over(pin_dir: &std::path::Path) -> Result<PinLock> {
+    use crate::datapath::lock::LockError;
+    let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+    let mut signalled = false;
+    loop {
+        match PinLock::acquire(pin_dir) {
+            Ok(lock) => return Ok(lock),
+            Err(LockError::Held { holder, path }) => {
+                if !signalled {
+                    let Some(h) = holder else {
+                        bail!(
+                            "{}: held by a controller in another pid namespace; cannot take over",
+                            path.display()
+                        );
+                    };
+                    tracing::info!(
+                        pid = h.pid,
+                        "taking over: asking the running controller to stop"
+                    );
+                    // SAFETY: a plain kill(2) of the pid the lock names.
+                    if unsafe { libc::kill(h.pid, libc::SIGTERM) } != 0 {
+                        bail!(
+                            "signalling controller pid {}: {}",
+                            h.pid,
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                    signalled = true;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the running controller did not stop within {TAKEOVER_WAIT:?}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How long a takeover waits for the running controller to stop.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Loads, fills the maps, attaches, and starts the tasks. Returns once enforcement is on.
 pub async fn start(opts: Options) -> Result<Handle> {
     if let Some(bpffs) = &opts.bpffs {
         loader::ensure_bpffs(bpffs)?;
     }
+    // The DNS proxy's sockets first: from here on new queries come to this controller (they
+    // wait in its sockets while a controller it takes over from finishes).
+    let dns_listeners = match &opts.dns {
+        Some(d) => Some(
+            crate::dns::proxy::Listeners::bind(d.listen_v4, d.listen_v6)
+                .with_context(|| format!("binding the DNS proxy at {}", d.listen_v4))?,
+        ),
+        None => None,
+    };
     // Before anything pinned is read or written: one controller per pin directory.
     let lock = match &opts.pin_dir {
+        Some(dir) if opts.takeover => Some(take_over(dir).await?),
         Some(dir) => Some(PinLock::acquire(dir)?),
         None => None,
     };
@@ -353,6 +456,14 @@ pub async fn start(opts: Options) -> Result<Handle> {
     })
     .context("loading eBPF programs")?;
     let ring = enforcer.take_events().context("event ring already taken")?;
+    // Agents' DNS goes to this controller's proxy from the moment the programs attach.
+    enforcer
+        .set_dns(dns_listeners.as_ref().map(|l| (l.v4, l.v6)))
+        .context("configuring DNS steering")?;
+    let dns_socks = match dns_listeners {
+        Some(_) => Some(enforcer.dns_socks().context("the DNS socket map")?),
+        None => None,
+    };
     let names = Arc::new(RwLock::new(Names::default()));
     names.write().expect("names").policies.insert(
         CONFLICT_POLICY_ID,
@@ -364,6 +475,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         },
     );
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+    let dns_notices = notice_tx.clone();
     let audit_health = crate::sinks::Health::new();
     let adopted = enforcer.adopted();
     let last_lost = enforcer.lost_reported()?;
@@ -488,7 +600,30 @@ pub async fn start(opts: Options) -> Result<Handle> {
     tasks.push(tokio::spawn(async move {
         state.run(cmd_rx, change_rx, shutdown_rx, rescan).await
     }));
+    let dns = match (dns_listeners, dns_socks, &opts.dns) {
+        (Some(listeners), Some(socks), Some(d)) => {
+            let listen = DnsListen {
+                v4: SocketAddr::V4(listeners.v4),
+                v6: listeners.v6.map(SocketAddr::V6),
+            };
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let upstream = crate::dns::upstream::Upstream::new(d.upstream);
+            tracing::info!(listen = %listen.v4, v6 = ?listen.v6, upstream = %d.upstream,
+                "DNS proxy serving; agents' DNS is steered to it");
+            let task = tokio::spawn(crate::dns::proxy::serve(
+                listeners,
+                cmd_tx.clone(),
+                socks,
+                upstream,
+                dns_notices,
+                stop_rx,
+            ));
+            Some((listen, stop_tx, task))
+        }
+        _ => None,
+    };
     Ok(Handle {
+        dns,
         commands: cmd_tx,
         shutdown: shutdown_tx,
         tasks,

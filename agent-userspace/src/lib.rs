@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod events;
 pub mod identity;
 pub mod policy;

@@ -187,6 +187,24 @@ struct RunArgs {
     #[arg(long, default_value_t = crate::control::grants::DEFAULT_MAX_GRANTS_PER_AGENT as u64,
           value_parser = clap::value_parser!(u64).range(1..=agent_common::MAX_GRANT_PREFIXES as u64))]
     max_grants_per_agent: u64,
+    /// Where the DNS proxy sends the queries agents may make (ADDR:PORT; default: the first
+    /// nameserver of /etc/resolv.conf, read once at start).
+    #[arg(long)]
+    dns_upstream: Option<std::net::SocketAddr>,
+    /// Loopback address the DNS proxy listens on; agents' DNS is steered there in the kernel.
+    #[arg(long, default_value_t = crate::dns::proxy::DEFAULT_LISTEN_V4)]
+    dns_listen: std::net::SocketAddrV4,
+    /// No IPv6 listener (agents' IPv6 DNS is then refused); by default [::1] on the same port.
+    #[arg(long)]
+    no_dns_ipv6: bool,
+    /// No DNS proxy: agents' port-53 traffic is judged by their policies like any other port,
+    /// and host-name rules allow nothing.
+    #[arg(long)]
+    no_dns: bool,
+    /// Another controller serves these pins: ask it to stop and take over (an upgrade or a
+    /// restart with no DNS query lost: this one's proxy sockets take new queries first).
+    #[arg(long)]
+    takeover: bool,
 }
 
 #[derive(Args)]
@@ -602,6 +620,29 @@ async fn run(a: RunArgs) -> Result<()> {
     opts.rescan = Duration::from_millis(a.rescan_ms.max(10));
     opts.request_ttl = Duration::from_secs(a.request_ttl);
     opts.max_grants_per_agent = a.max_grants_per_agent as usize;
+    opts.takeover = a.takeover;
+    opts.dns = if a.no_dns {
+        None
+    } else {
+        let upstream = match a.dns_upstream {
+            Some(u) => u,
+            None => crate::dns::upstream::system_resolver().context(
+                "no nameserver in /etc/resolv.conf: give --dns-upstream ADDR:PORT (or --no-dns)",
+            )?,
+        };
+        Some(daemon::DnsOptions {
+            upstream,
+            listen_v4: a.dns_listen,
+            listen_v6: (!a.no_dns_ipv6).then(|| {
+                std::net::SocketAddrV6::new(
+                    std::net::Ipv6Addr::LOCALHOST,
+                    a.dns_listen.port(),
+                    0,
+                    0,
+                )
+            }),
+        })
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;

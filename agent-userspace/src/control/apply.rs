@@ -134,11 +134,15 @@ impl<D: Datapath> State<D> {
                 tracing::warn!(policy_id = inst.id, "removing old rules: {e}");
             }
         }
-        // Selectors, modes and names are all the controller needs from here on; the rules live
-        // in the kernel. Freed heap goes back to the system (a 100k-rule load peaks high).
+        // Selectors, modes, names and host rules (the DNS proxy judges names here) are all the
+        // controller needs from here on; the address rules live in the kernel. Freed heap goes
+        // back to the system (a 100k-rule load peaks high).
         for p in &mut self.set.policies {
-            p.rules = Vec::new();
+            p.rules.retain(|r| r.is_host_rule());
+            p.rules.shrink_to_fit();
         }
+        // Names resolved under the old policies: kept only if the new ones still allow them.
+        self.rejudge_resolved();
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only returns free heap pages to the kernel.
         unsafe {

@@ -132,7 +132,7 @@ pub fn judge(
     }
     with_grant(
         policy,
-        grants.and_then(|g| match_grants(g, port, protocol, now)),
+        grants.and_then(|g| match_grants(g, port, protocol, now, agent_common::level::OWN)),
     )
 }
 
@@ -146,6 +146,8 @@ pub fn reason_name(r: u32) -> &'static str {
         reason::GRANT => "grant",
         reason::RATE_LIMIT => "rate-limit",
         reason::CHAIN_TOO_DEEP => "deny:chain-too-deep",
+                reason::DNS_PROXY => "dns-proxy",
+                reason::HOST => "host",
         _ => "unknown",
     }
 }
@@ -228,11 +230,25 @@ impl<D: Datapath> State<D> {
         // The order the kernel decides in: the rate limit first, then the agent's policy and
         // grants, then each enclosing agent's (delegation), the first enforced denial winning.
         let level = |e: &AgentEntry, cgroup: u64, own: bool, n: u32| -> Result<_, ControlError> {
-            let decided = if own && e.kind != entry::AGENT {
+            let mut decided = if own && e.kind != entry::AGENT {
                 (verdict::DENY, reason::PENDING_IDENTITY, NO_RULE)
             } else {
                 self.policy_verdict(e, cgroup, addr, port, protocol, now)?
             };
+            // An enclosing agent also reads the caller's items for its level: addresses the DNS
+            // proxy resolved for the caller under this agent's host rule.
+            if !own && decided.0 != verdict::ALLOW {
+                let found = self
+                    .enforcer
+                    .lookup_grants(id, addr)
+                    .map_err(|e| ControlError::Internal(e.to_string()))?;
+                decided = with_grant(
+                    decided,
+                    found.and_then(|g| {
+                        match_grants(&g, port, protocol, now, agent_common::level::bit(n))
+                    }),
+                );
+            }
             let ((v, r, rule), m, dm) = apply_deadman(e, decided, beat, now);
             Ok((
                 Judged {

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{proto, Grant, GrantSet, MAX_GRANTS_PER_PREFIX};
+use agent_common::{proto, Grant, GrantSet, MAX_GRANTS_PER_PREFIX, RESOLVED_ID_BIT};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -124,12 +124,43 @@ pub fn ports_text(ports: &[(u16, u16)]) -> String {
         .join(",")
 }
 
+/// One item of an address the DNS proxy resolved for an agent (control/dns.rs): the ports of one
+/// host rule, for the chain levels whose rule it is, until a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedItem {
+    /// `RESOLVED_ID_BIT | n`: one id per agent and name (what names the host in records).
+    pub id: u32,
+    pub ports: (u16, u16),
+    pub protocols: u32,
+    /// `level::*` bits.
+    pub levels: u32,
+    pub deadline_ns: u64,
+}
+
+impl ResolvedItem {
+    fn grant(&self) -> Grant {
+        Grant {
+            deadline_ns: self.deadline_ns,
+            grant_id: self.id,
+            protocols: self.protocols,
+            port_lo: self.ports.0,
+            port_hi: self.ports.1,
+            levels: self.levels,
+        }
+    }
+}
+
 /// What the controller holds, and persists, about tasks and grants.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Runtime {
     /// Agent cgroup id -> its current task.
     pub tasks: BTreeMap<u64, Task>,
     pub grants: BTreeMap<u64, LiveGrant>,
+    /// Agent -> address -> what the DNS proxy resolved there. Not in the state file (a thousand
+    /// lookups a second must not each rewrite it): the pinned tries hold them, and a restart
+    /// adopts them from there (`adopt_resolved`).
+    #[serde(skip)]
+    pub resolved: BTreeMap<u64, BTreeMap<IpAddr, Vec<ResolvedItem>>>,
     /// Ended tasks by slot, for naming late records (bounded).
     pub ended: BTreeMap<u32, (String, String)>,
     pub last_grant_id: u64,
@@ -164,13 +195,39 @@ impl Runtime {
         extra: Option<&LiveGrant>,
     ) -> Result<BTreeMap<GrantPrefix, GrantSet>, ControlError> {
         let grants = self.nets_of(agent, extra);
+        let resolved = self.resolved.get(&agent);
         let mut out = BTreeMap::new();
-        for (net, _) in &grants {
-            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(prefix_of(net)) {
-                e.insert(union_at(&grants, net)?);
+        let hosts = resolved
+            .into_iter()
+            .flat_map(|r| r.keys())
+            .map(|a| IpNet::from(*a));
+        for net in grants.iter().map(|(n, _)| *n).chain(hosts) {
+            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(prefix_of(&net)) {
+                e.insert(union_at(&grants, resolved_at(resolved, &net), &net)?);
             }
         }
         Ok(out)
+    }
+
+    /// What the entry of one resolved address of `agent` must hold now (None: nothing; no grant
+    /// names that host prefix and nothing is resolved there).
+    pub fn resolved_entry(
+        &self,
+        agent: u64,
+        addr: IpAddr,
+    ) -> Result<(GrantPrefix, Option<GrantSet>), ControlError> {
+        let net = IpNet::from(addr);
+        let grants = self.nets_of(agent, None);
+        let resolved = self.resolved.get(&agent);
+        let at = resolved_at(resolved, &net);
+        let named = at.is_some_and(|v| !v.is_empty())
+            || grants.iter().any(|(n, _)| prefix_of(n) == prefix_of(&net));
+        let set = if named {
+            Some(union_at(&grants, at, &net)?)
+        } else {
+            None
+        };
+        Ok((prefix_of(&net), set))
     }
 
     /// The entries of `g`'s agent that adding or removing `g` changes: its own prefix and every
@@ -183,18 +240,24 @@ impl Runtime {
         extra: Option<&LiveGrant>,
     ) -> Result<BTreeMap<GrantPrefix, Option<GrantSet>>, ControlError> {
         let grants = self.nets_of(g.agent_id, extra);
+        let resolved = self.resolved.get(&g.agent_id);
         let outer = g.net();
         let mut out = BTreeMap::new();
         out.insert(prefix_of(&outer), None);
-        for (net, _) in &grants {
-            if covers(&outer, net) {
-                out.insert(prefix_of(net), None);
+        let hosts = resolved
+            .into_iter()
+            .flat_map(|r| r.keys())
+            .map(|a| IpNet::from(*a));
+        for net in grants.iter().map(|(n, _)| *n).chain(hosts) {
+            if covers(&outer, &net) {
+                out.insert(prefix_of(&net), None);
             }
         }
         for (prefix, set) in out.iter_mut() {
             let net = net_of(prefix);
-            if grants.iter().any(|(n, _)| prefix_of(n) == *prefix) {
-                *set = Some(union_at(&grants, &net)?);
+            let at = resolved_at(resolved, &net);
+            if grants.iter().any(|(n, _)| prefix_of(n) == *prefix) || at.is_some() {
+                *set = Some(union_at(&grants, at, &net)?);
             }
         }
         Ok(out)
@@ -231,9 +294,43 @@ impl Runtime {
         Ok(())
     }
 
-    /// Every agent with a grant.
+    /// Every agent with a grant or a resolved address.
     pub fn granted_agents(&self) -> BTreeSet<u64> {
-        self.grants.values().map(|g| g.agent_id).collect()
+        self.grants
+            .values()
+            .map(|g| g.agent_id)
+            .chain(self.resolved.keys().copied())
+            .collect()
+    }
+
+    /// Takes the live resolved addresses the kernel's tries hold (a restart: the proxy of the
+    /// last controller wrote them) as this controller's own; their names are not known here.
+    pub fn adopt_resolved(&mut self, entries: &[(u64, GrantPrefix, GrantSet)], now: u64) -> usize {
+        let mut n = 0;
+        for (agent, prefix, set) in entries {
+            let addr = match *prefix {
+                GrantPrefix::V4(32, a) => IpAddr::from(a),
+                GrantPrefix::V6(128, a) => IpAddr::from(a),
+                _ => continue,
+            };
+            let count = (set.count as usize).min(MAX_GRANTS_PER_PREFIX);
+            let items: Vec<ResolvedItem> = set.grants[..count]
+                .iter()
+                .filter(|g| g.grant_id & RESOLVED_ID_BIT != 0 && g.deadline_ns > now)
+                .map(|g| ResolvedItem {
+                    id: g.grant_id,
+                    ports: (g.port_lo, g.port_hi),
+                    protocols: g.protocols,
+                    levels: g.levels,
+                    deadline_ns: g.deadline_ns,
+                })
+                .collect();
+            if !items.is_empty() {
+                n += 1;
+                self.resolved.entry(*agent).or_default().insert(addr, items);
+            }
+        }
+        n
     }
 
     /// Drops the grants the kernel's tries no longer hold (`entries`, as adopted), returning
@@ -249,6 +346,7 @@ impl Runtime {
                 let n = (set.count as usize).min(MAX_GRANTS_PER_PREFIX);
                 set.grants[..n]
                     .iter()
+                    .filter(|g| g.grant_id & RESOLVED_ID_BIT == 0)
                     .map(move |g| (*agent, u64::from(g.grant_id)))
             })
             .collect();
@@ -264,8 +362,42 @@ impl Runtime {
     }
 }
 
-/// The union at `net` of every grant in `grants` that covers it.
-fn union_at(grants: &[(IpNet, &LiveGrant)], net: &IpNet) -> Result<GrantSet, ControlError> {
+/// The resolved items at `net` when it is a host prefix.
+fn resolved_at<'a>(
+    resolved: Option<&'a BTreeMap<IpAddr, Vec<ResolvedItem>>>,
+    net: &IpNet,
+) -> Option<&'a Vec<ResolvedItem>> {
+    if net.prefix_len() != net.max_prefix_len() {
+        return None;
+    }
+    resolved?.get(&net.addr())
+}
+
+/// The union at `net` of every grant in `grants` that covers it, then the items resolved at
+/// exactly that address, latest deadline first, as many as fit: grants come first (a grant is
+/// refused when grants alone overflow; a resolved item that does not fit is only dropped, and
+/// the agent resolves the name again).
+fn union_at(
+    grants: &[(IpNet, &LiveGrant)],
+    resolved: Option<&Vec<ResolvedItem>>,
+    net: &IpNet,
+) -> Result<GrantSet, ControlError> {
+    let mut set = union_of_grants(grants, net)?;
+    if let Some(items) = resolved {
+        let mut items: Vec<&ResolvedItem> = items.iter().collect();
+        items.sort_by_key(|i| std::cmp::Reverse(i.deadline_ns));
+        for i in items {
+            if set.count as usize == MAX_GRANTS_PER_PREFIX {
+                break;
+            }
+            set.grants[set.count as usize] = i.grant();
+            set.count += 1;
+        }
+    }
+    Ok(set)
+}
+
+fn union_of_grants(grants: &[(IpNet, &LiveGrant)], net: &IpNet) -> Result<GrantSet, ControlError> {
     let mut set = GrantSet {
         count: 0,
         _reserved: 0,
@@ -286,7 +418,7 @@ fn union_at(grants: &[(IpNet, &LiveGrant)], net: &IpNet) -> Result<GrantSet, Con
                 protocols: c.protocols,
                 port_lo: *lo,
                 port_hi: *hi,
-                _reserved: 0,
+                levels: agent_common::level::OWN,
             };
             set.count += 1;
         }
@@ -549,6 +681,7 @@ mod tests {
                 id: 0,
                 name: None,
                 nets: vec!["127.0.0.0/8".parse().unwrap()],
+                hosts: Vec::new(),
                 ports: vec![(1000, 2000)],
                 protocols: proto::TCP,
             }],

@@ -31,6 +31,7 @@ use crate::{
 };
 
 pub mod apply;
+pub mod dns;
 #[cfg(test)]
 mod delegation_tests;
 pub mod explain;
@@ -150,6 +151,18 @@ pub enum Command {
         by: Caller,
         reply: RuntimeReply<RequestInfo>,
     },
+    /// The DNS proxy (control/dns.rs): may this agent resolve this name; and an allowed
+    /// answer's addresses, to write before the answer is released.
+    DnsQuery {
+        agent: u64,
+        name: String,
+        reply: oneshot::Sender<dns::NameVerdict>,
+    },
+    DnsAnswer {
+        plan: dns::WritePlan,
+        answers: Vec<dns::Answered>,
+        reply: oneshot::Sender<dns::Written>,
+    },
 }
 
 /// The reply channel of a runtime-control command.
@@ -226,6 +239,8 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) agent_socket: Option<String>,
     /// Live grants one agent may hold (`Options::max_grants_per_agent`).
     pub(crate) max_grants_per_agent: usize,
+    /// The DNS proxy's query buckets and resolution ids (control/dns.rs).
+    pub(crate) dns: dns::DnsState,
 }
 
 impl<D: Datapath> State<D> {
@@ -274,6 +289,7 @@ impl<D: Datapath> State<D> {
             requests: Default::default(),
             agent_socket: None,
             max_grants_per_agent: grants::DEFAULT_MAX_GRANTS_PER_AGENT,
+            dns: dns::DnsState::new(),
         })
         .map(|mut s: Self| {
             s.restore_runtime();
@@ -341,6 +357,10 @@ impl<D: Datapath> State<D> {
                         let _ = reply.send(self.approve(id, ttl_secs, by));
                     }
                     Command::Deny { id, reason, by, reply } => { let _ = reply.send(self.deny(id, reason, by)); }
+                    Command::DnsQuery { agent, name, reply } => { let _ = reply.send(self.judge_name(agent, &name)); }
+                    Command::DnsAnswer { plan, answers, reply } => {
+                        let _ = reply.send(self.write_answer(&plan, &answers));
+                    }
                 },
                 Some(change) = changes.recv() => self.on_change(change),
                 Some(result) = prepared.recv() => pushes.finish(&mut self, result, &prepared_tx),
@@ -349,6 +369,7 @@ impl<D: Datapath> State<D> {
                 _ = expiry.tick() => {
                     self.expire();
                     self.expire_requests();
+                    self.expire_resolved();
                 }
                 _ = heartbeat.tick(), if beat_task.is_none() => {
                     if let Err(e) = self.enforcer.heartbeat() {

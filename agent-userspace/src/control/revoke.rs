@@ -7,27 +7,17 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
     io,
-    mem::size_of,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    net::IpAddr,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::Path,
 };
 
 use agent_common::proto;
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u32 = 10;
 const TCP_ESTABLISHED: u32 = 1;
+
+use crate::datapath::sock_diag::{addr_of, dump, open, send_destroy, DiagReq};
 
 /// What a revoked grant allowed: its destination, ports and protocols.
 pub trait Target: Sync {
@@ -38,59 +28,6 @@ impl Target for super::grants::LiveGrant {
     fn covers(&self, addr: IpAddr, port: u16, protocol: u32) -> bool {
         super::grants::LiveGrant::covers(self, addr, port, protocol)
     }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u8; 16],
-    dst: [u8; 16],
-    iface: u32,
-    cookie: [u32; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct DiagReq {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct DiagMsg {
-    family: u8,
-    state: u8,
-    timer: u8,
-    retrans: u8,
-    id: SockId,
-    expires: u32,
-    rqueue: u32,
-    wqueue: u32,
-    uid: u32,
-    inode: u32,
-}
-
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: DiagReq,
 }
 
 /// Destroys the agent's sockets that `targets` cover; returns how many. The agent is the
@@ -220,154 +157,4 @@ fn destroy_here(inodes: &HashSet<u64>, targets: &[&dyn Target]) -> io::Result<u6
         }
     }
     Ok(n)
-}
-
-fn addr_of(family: u8, raw: &[u8; 16]) -> IpAddr {
-    if family == libc::AF_INET as u8 {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    } else {
-        let v6 = Ipv6Addr::from(*raw);
-        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-    }
-}
-
-fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket call.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send(nl: &OwnedFd, ty: u16, flags: u16, req: &DiagReq) -> io::Result<()> {
-    let msg = Request {
-        hdr: NlMsgHdr {
-            len: size_of::<Request>() as u32,
-            ty,
-            flags,
-            seq: 1,
-            pid: 0,
-        },
-        req: *req,
-    };
-    // SAFETY: `msg` is plain data of the given size.
-    let rc = unsafe {
-        libc::send(
-            nl.as_raw_fd(),
-            &msg as *const Request as *const libc::c_void,
-            size_of::<Request>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads netlink messages until `done` says stop; each message is (type, payload).
-fn receive(
-    nl: &OwnedFd,
-    mut each: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe {
-            libc::recv(
-                nl.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut rest = &buf[..n as usize];
-        while rest.len() >= size_of::<NlMsgHdr>() {
-            // SAFETY: at least a header's bytes; read unaligned.
-            let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(rest.as_ptr() as *const _) };
-            let len = hdr.len as usize;
-            if len < size_of::<NlMsgHdr>() || len > rest.len() {
-                return Err(io::Error::other("malformed netlink message"));
-            }
-            if let Some(done) = each(hdr.ty, &rest[size_of::<NlMsgHdr>()..len]) {
-                return done;
-            }
-            rest = &rest[(len + 3) & !3..];
-            if rest.len() < size_of::<NlMsgHdr>() {
-                break;
-            }
-        }
-    }
-}
-
-fn error_code(payload: &[u8]) -> i32 {
-    payload
-        .get(..4)
-        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn dump(nl: &OwnedFd, req: &DiagReq) -> io::Result<Vec<DiagMsg>> {
-    send(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, req)?;
-    let mut out = Vec::new();
-    receive(nl, |ty, payload| match ty {
-        NLMSG_DONE => Some(Ok(())),
-        NLMSG_ERROR => Some(Err(io::Error::from_raw_os_error(-error_code(payload)))),
-        SOCK_DIAG_BY_FAMILY if payload.len() >= size_of::<DiagMsg>() => {
-            // SAFETY: enough bytes for the plain-data struct; read unaligned.
-            out.push(unsafe { std::ptr::read_unaligned(payload.as_ptr() as *const DiagMsg) });
-            None
-        }
-        _ => None,
-    })?;
-    Ok(out)
-}
-
-fn send_destroy(nl: &OwnedFd, req: &DiagReq) -> io::Result<()> {
-    send(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, req)?;
-    receive(nl, |ty, payload| match ty {
-        NLMSG_ERROR => Some(match error_code(payload) {
-            0 => Ok(()),
-            e => Err(io::Error::from_raw_os_error(-e)),
-        }),
-        _ => None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_netlink_structs_have_the_kernel_sizes() {
-        assert_eq!(size_of::<SockId>(), 48);
-        assert_eq!(size_of::<DiagReq>(), 56);
-        assert_eq!(size_of::<DiagMsg>(), 72);
-        assert_eq!(size_of::<NlMsgHdr>(), 16);
-    }
-
-    #[test]
-    fn addresses_read_as_the_family_says() {
-        let mut raw = [0u8; 16];
-        raw[..4].copy_from_slice(&[127, 0, 0, 1]);
-        assert_eq!(
-            addr_of(libc::AF_INET as u8, &raw),
-            IpAddr::from([127, 0, 0, 1])
-        );
-        let mapped = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]).octets();
-        assert_eq!(
-            addr_of(libc::AF_INET6 as u8, &mapped),
-            IpAddr::from([127, 0, 0, 1])
-        );
-    }
 }

@@ -38,7 +38,7 @@ pub(crate) struct RuntimeState {
     /// Where `rt` is persisted (pinned controllers only).
     file: Option<PathBuf>,
     /// What this controller wrote to the grant tries.
-    written: BTreeMap<(u64, GrantPrefix), GrantSet>,
+    pub(crate) written: BTreeMap<(u64, GrantPrefix), GrantSet>,
 }
 
 /// Who ended something by itself.
@@ -76,6 +76,11 @@ impl<D: Datapath> State<D> {
                 json!({ "grant": g.id, "agent": g.agent, "to": g.to,
                         "cause": "not in the kernel at restart" }),
             );
+        }
+        // Addresses the last controller's DNS proxy resolved stay allowed until their deadlines.
+        let adopted = rt.adopt_resolved(&self.enforcer.grant_entries(), boottime_ns());
+        if adopted > 0 {
+            tracing::info!(addresses = adopted, "adopted the resolved addresses in the kernel");
         }
         {
             let mut names = self.names.write().expect("names");

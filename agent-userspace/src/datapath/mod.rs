@@ -6,7 +6,7 @@ use std::{
     ffi::CString,
     fs::File,
     io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -24,8 +24,9 @@ use aya::{
 use thiserror::Error;
 
 use agent_common::{
-    counter, names, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4,
-    PrefixV6, RuleSet, UnixKey, UnixRule, GRANT_AGENT_BITS, POLICY_PREFIX_BITS, UNIX_PATH_MAX,
+    counter, names, AgentEntry, Config, DnsConfig, DnsSock, ExePath, GrantKeyV4, GrantKeyV6,
+    GrantSet, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, GRANT_AGENT_BITS, POLICY_PREFIX_BITS,
+    UNIX_PATH_MAX,
 };
 
 use crate::policy::CompiledPolicy;
@@ -36,6 +37,7 @@ pub mod fake;
 pub mod kernel_state;
 pub mod lock;
 pub mod pin;
+pub mod sock_diag;
 pub mod socket_guard;
 pub mod sys;
 pub mod unix_hooks;
@@ -175,6 +177,24 @@ pub struct Enforcer {
     exes: HashMap<MapData, u32, ExePath>,
     /// The exec tracker is loaded (this kernel's BTF has what it reads).
     exec_tracking: bool,
+    /// Where agents' DNS is steered (AW_DNS_CONFIG).
+    dns_config: Array<MapData, DnsConfig>,
+    /// Steered DNS sockets (AW_DNS_SOCKS), written by the programs; the proxy reads them through
+    /// its own handle (`dns_socks`).
+    dns_socks: HashMap<MapData, u64, DnsSock>,
+}
+
+/// A read handle to the steered DNS sockets (AW_DNS_SOCKS), for the DNS proxy: who asked, from
+/// the kernel. The proxy's own, so a lookup never waits for the control actor.
+pub struct DnsSocks {
+    map: HashMap<MapData, u64, DnsSock>,
+}
+
+impl DnsSocks {
+    /// The agent and resolver of the steered socket with this cookie.
+    pub fn get(&self, cookie: u64) -> Option<DnsSock> {
+        self.map.get(&cookie, 0).ok()
+    }
 }
 
 /// Signals liveness to the dead-man switches with its own handle to the heartbeat map, so a
@@ -339,6 +359,8 @@ impl Enforcer {
         let counters = take_map!(ebpf, names::COUNTERS_MAP);
         let events = Some(take_map!(ebpf, names::EVENTS_MAP));
         let exes = take_map!(ebpf, names::EXES_MAP);
+        let dns_config = take_map!(ebpf, names::DNS_CONFIG_MAP);
+        let dns_socks = take_map!(ebpf, names::DNS_SOCKS_MAP);
         let mut heartbeat = Heartbeat {
             map: take_map!(ebpf, names::HEARTBEAT_MAP),
         };
@@ -369,7 +391,56 @@ impl Enforcer {
             heartbeat_spare,
             exes,
             exec_tracking,
+            dns_config,
+            dns_socks,
         })
+    }
+
+    /// Steers agents' DNS to the proxy at these addresses (None: no steering; port-53 traffic
+    /// is judged by the policy like any other).
+    pub fn set_dns(
+        &mut self,
+        to: Option<(SocketAddrV4, Option<SocketAddrV6>)>,
+    ) -> Result<(), LoaderError> {
+        let value = match to {
+            None => DnsConfig::default(),
+            Some((v4, v6)) => DnsConfig {
+                enabled: 1,
+                port: u32::from(v4.port().to_be()),
+                ip4: u32::from_ne_bytes(v4.ip().octets()),
+                has_ip6: u32::from(v6.is_some()),
+                ip6: v6.map_or([0; 4], |a| {
+                    let o = a.ip().octets();
+                    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+                }),
+            },
+        };
+        if let Some((v4, Some(v6))) = to {
+            if v4.port() != v6.port() {
+                return Err(LoaderError::Other(format!(
+                    "the DNS proxy listens on one port for both families ({v4} and {v6} differ)"
+                )));
+            }
+        }
+        self.dns_config
+            .set(0, value, 0)
+            .map_err(|e| LoaderError::Map(names::DNS_CONFIG_MAP, e))
+    }
+
+    /// A handle of its own to the steered DNS sockets, for the proxy.
+    pub fn dns_socks(&self) -> Result<DnsSocks, LoaderError> {
+        use aya::maps::IterableMap;
+        let fd = self
+            .dns_socks
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| LoaderError::Other(format!("duplicating the DNS socket map fd: {e}")))?;
+        let data = MapData::from_fd(fd).map_err(|e| LoaderError::Map(names::DNS_SOCKS_MAP, e))?;
+        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .map_err(|e| LoaderError::Map(names::DNS_SOCKS_MAP, e))?;
+        Ok(DnsSocks { map })
     }
 
     /// Attaches every program to `cgroup` (the cgroup2 root in production) with bpf links,

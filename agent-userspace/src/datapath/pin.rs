@@ -3,7 +3,7 @@
 //! pinned link in one step, and removing it all.
 //!
 //! Layout, under one versioned directory (bumped when the set of maps or programs, or a map's
-//! layout, changes): `<bpffs>/agentwall/v6/maps/<MAP>` and `<bpffs>/agentwall/v6/links/<PROGRAM>`.
+//! layout, changes): `<bpffs>/agentwall/v7/maps/<MAP>` and `<bpffs>/agentwall/v7/links/<PROGRAM>`.
 //! v1 had no Unix-socket programs and no AW_UNIX map; v2 had no packet-socket guard
 //! (`net_raw_use`) and 8 bytes less per event (no `action`); v3 had no exec tracker
 //! (`exec_track`, `fork_track`, `exit_track`, map AW_EXES), kept the dead-man heartbeat in
@@ -11,7 +11,9 @@
 //! without the process fields (128 bytes, 648 now) in a 16 MiB ring; v4 had no grant tries
 //! (AW_GRANTS_V4/V6) and 32-byte agent entries (no task slot); v5 had 40-byte agent entries (no
 //! rate limit: 56 bytes now), no AW_RATE map and 648-byte events (no chain of agents: 680 now).
-//! A v6 controller migrates a v5 one like any older layout: its own maps, agents re-registered,
+//! v6 had no DNS steering (AW_DNS_CONFIG, AW_DNS_SOCKS, recvmsg and getpeername programs) and
+//! grant items without chain levels (`Grant::levels`).
+//! A v7 controller migrates a v6 one like any older layout: its own maps, agents re-registered,
 //! then each link switched in one step and the old ring drained.
 
 use std::{
@@ -22,9 +24,9 @@ use std::{
 };
 
 use agent_common::{
-    counter, names, AgentEntry, Config, ExePath, GrantKeyV4, GrantKeyV6, GrantSet, PrefixV4,
-    PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS, MAX_EXES,
-    MAX_GRANT_PREFIXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
+    counter, names, AgentEntry, Config, DnsConfig, DnsSock, ExePath, GrantKeyV4, GrantKeyV6,
+    GrantSet, PrefixV4, PrefixV6, RuleSet, UnixKey, UnixRule, EVENT_RING_BYTES, MAX_AGENTS,
+    MAX_DNS_SOCKS, MAX_EXES, MAX_GRANT_PREFIXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS,
 };
 use aya::maps::{MapInfo, MapType};
 use thiserror::Error;
@@ -32,7 +34,7 @@ use thiserror::Error;
 use super::sys;
 
 /// Version of the pinned layout; a controller never reuses maps pinned under another version.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// The default pin directory under a bpffs mount.
 pub fn default_dir(bpffs: &Path) -> PathBuf {
@@ -136,6 +138,20 @@ pub fn expected_maps(ring_bytes: Option<u32>) -> [MapSpec; names::PINNED_MAPS.le
             key_size: s(size_of::<u64>()),
             value_size: s(size_of::<u64>()),
             max_entries: MAX_AGENTS,
+        },
+        MapSpec {
+            name: names::DNS_CONFIG_MAP,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: s(size_of::<DnsConfig>()),
+            max_entries: 1,
+        },
+        MapSpec {
+            name: names::DNS_SOCKS_MAP,
+            map_type: MapType::LruHash,
+            key_size: s(size_of::<u64>()),
+            value_size: s(size_of::<DnsSock>()),
+            max_entries: MAX_DNS_SOCKS,
         },
     ]
 }
@@ -376,7 +392,7 @@ mod tests {
     fn the_default_dir_is_versioned() {
         assert_eq!(
             default_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/agentwall/v6")
+            PathBuf::from("/sys/fs/bpf/agentwall/v7")
         );
     }
 

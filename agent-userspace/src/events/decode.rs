@@ -158,6 +158,8 @@ impl Decision {
                 reason::GRANT => "grant",
                 reason::RATE_LIMIT => "rate-limit",
                 reason::CHAIN_TOO_DEEP => "deny:chain-too-deep",
+                reason::DNS_PROXY => "dns-proxy",
+                reason::HOST => "host",
                 _ => "unknown",
             },
             rule_id: (e.rule_id != NO_RULE).then_some(e.rule_id),

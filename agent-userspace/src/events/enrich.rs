@@ -215,6 +215,20 @@ impl Enricher {
                 None => format!("cgroup-id:{id}"),
             }),
             decided_by_policy: decider.and_then(|(_, a)| a.map(|a| a.policy.clone())),
+            host: (d.unix_path.is_none() && d.socket.is_none())
+                .then(|| {
+                    let ip = match d.dst {
+                        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(d.dst, Into::into),
+                        ip => ip,
+                    };
+                    names.host_of(
+                        d.agent_cgroup_id,
+                        ip,
+                        d.rule_id.filter(|_| d.reason == "host"),
+                    )
+                })
+                .flatten()
+                .map(str::to_string),
         };
         drop(names);
         let seq = self.next_seq();

@@ -36,6 +36,10 @@ pub struct Names {
     /// Task slots the kernel stamps into events -> the task (kept after the task ends, for
     /// events still in flight; slots are never reused).
     pub tasks: HashMap<u32, TaskMeta>,
+    /// Names the DNS proxy resolved: id (`RESOLVED_ID_BIT | n`) -> host name, and each agent's
+    /// live resolved addresses -> the id of the latest name that resolved there.
+    pub hosts: HashMap<u32, String>,
+    pub resolved: HashMap<(u64, std::net::IpAddr), u32>,
 }
 
 /// A task as records name it.
@@ -46,6 +50,20 @@ pub struct TaskMeta {
 }
 
 impl Names {
+    /// The host name an agent resolved `addr` as (reason `host`: the resolution `rule_id`).
+    pub fn host_of(
+        &self,
+        agent: u64,
+        addr: std::net::IpAddr,
+        resolution: Option<u32>,
+    ) -> Option<&str> {
+        let id = match resolution {
+            Some(id) => id,
+            None => *self.resolved.get(&(agent, addr))?,
+        };
+        self.hosts.get(&id).map(String::as_str)
+    }
+
     pub fn rule_name(&self, policy_id: u32, rule_id: u32) -> Option<&str> {
         self.policies
             .get(&policy_id)?

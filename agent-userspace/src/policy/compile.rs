@@ -17,8 +17,20 @@
 //! its own, and an entry can serve a TCP run and a UDP run only when the two are identical.
 //! An inherited run is never split (coverage only grows down the tree), so merging the
 //! enclosing entry's runs instead of all its rules gives the same ranges and ids.
+//!
+//! Two cuts close side doors around the DNS proxy (docs/policy.md, "Host names"):
+//! - Port 853 (DNS over TLS / QUIC) is taken out of every rule's ranges unless the rule lists
+//!   853 as a single port ([`Rule::effective_ports`]).
+//! - A well-known DoH/DoT endpoint address ([`super::doh::ENDPOINT_ADDRS`]) covered by a
+//!   network wider than a host route gets a host-route entry of its own that inherits the
+//!   covering rules without ports 443 and 853; only a rule naming the address exactly (/32,
+//!   /128) allows those. Such an entry is a leaf, so the runs it splits are never inherited.
+//!
+//! Host rules (`host`/`hosts`) contribute no prefix: their addresses come from the DNS proxy at
+//! run time.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use agent_common::{
@@ -26,7 +38,30 @@ use agent_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::{Policy, Rule, UnixTarget};
+use super::{doh, Policy, Rule, UnixTarget};
+
+/// DNS over TLS (and over QUIC): allowed only by a rule that lists it as a single port.
+pub const DOT_PORT: u16 = 853;
+/// HTTPS: closed to DoH endpoint addresses unless a rule names the address exactly.
+pub const DOH_PORT: u16 = 443;
+
+/// `ranges` (sorted, disjoint) without `port`.
+pub(super) fn cut_port(ranges: &[(u16, u16)], port: u16) -> Vec<(u16, u16)> {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(lo, hi) in ranges {
+        if port < lo || port > hi {
+            out.push((lo, hi));
+            continue;
+        }
+        if lo < port {
+            out.push((lo, port - 1));
+        }
+        if port < hi {
+            out.push((port + 1, hi));
+        }
+    }
+    out
+}
 
 /// A policy as the kernel's tries hold it: one entry per distinct prefix, sorted by (address,
 /// prefix length). Prefix lengths count the address only (the loader adds the 32 policy-id
@@ -92,7 +127,7 @@ struct Run {
 }
 
 /// Merged runs of each protocol, sorted, disjoint and not adjacent.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Runs {
     tcp: Vec<Run>,
     udp: Vec<Run>,
@@ -117,10 +152,9 @@ fn merge_runs(mut items: Vec<Run>) -> Vec<Run> {
 impl Runs {
     fn of_rule(rule: &Rule) -> Runs {
         let runs = merge_runs(
-            rule.ports
-                .iter()
-                .filter(|(lo, hi)| lo <= hi)
-                .map(|&(lo, hi)| Run {
+            rule.effective_ports()
+                .into_iter()
+                .map(|(lo, hi)| Run {
                     lo: lo.into(),
                     hi: hi.into(),
                     id: rule.id,
@@ -148,6 +182,37 @@ impl Runs {
         Runs {
             tcp: merge_runs(tcp),
             udp: merge_runs(udp),
+        }
+    }
+
+    /// These runs without the DoH and DoT ports, of both protocols.
+    fn without_resolver_ports(&self) -> Runs {
+        let cut = |runs: &[Run]| -> Vec<Run> {
+            let mut out = Vec::with_capacity(runs.len() + 2);
+            for r in runs {
+                let mut lo = r.lo;
+                for port in [u32::from(DOH_PORT), u32::from(DOT_PORT)] {
+                    if port < lo || port > r.hi {
+                        continue;
+                    }
+                    if lo < port {
+                        out.push(Run {
+                            lo,
+                            hi: port - 1,
+                            id: r.id,
+                        });
+                    }
+                    lo = port + 1;
+                }
+                if lo <= r.hi {
+                    out.push(Run { lo, ..*r });
+                }
+            }
+            out
+        };
+        Runs {
+            tcp: cut(&self.tcp),
+            udp: cut(&self.udp),
         }
     }
 
@@ -246,6 +311,7 @@ fn classify(net: &IpNet) -> (bool, Prefix) {
 
 /// Compiles a policy into trie entries. See the module documentation for the semantics.
 pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
+    // Host rules have no networks, so they add no pair below; their runs are unused.
     let rule_runs: Vec<Runs> = policy.rules.iter().map(Runs::of_rule).collect();
     let mut v4: Vec<(Prefix, usize)> = Vec::new();
     let mut v6: Vec<(Prefix, usize)> = Vec::new();
@@ -338,6 +404,18 @@ impl Family {
     }
 }
 
+/// The rule index of a DoH endpoint address's host route, added whether or not a rule names it.
+const ENDPOINT: usize = usize::MAX;
+
+/// Whether a host-length prefix of `family` is a DoH endpoint address.
+fn is_endpoint(prefix: Prefix, family: Family) -> bool {
+    prefix.len == family.bits()
+        && doh::is_endpoint_addr(match family {
+            Family::V4 => IpAddr::from((prefix.addr as u32).to_be_bytes()),
+            Family::V6 => IpAddr::from(prefix.addr.to_be_bytes()),
+        })
+}
+
 /// The stack sweep over one family's (prefix, rule index) pairs.
 fn sweep(
     policy: &Policy,
@@ -349,14 +427,27 @@ fn sweep(
     pairs.dedup();
     let distinct =
         pairs.windows(2).filter(|w| w[0].0 != w[1].0).count() + usize::from(!pairs.is_empty());
+    let too_many = |count: usize| CompileError::TooManyPrefixes {
+        policy: policy.name.clone(),
+        path: policy.source.clone(),
+        family: family.name(),
+        count,
+        max: family.max_prefixes(),
+    };
     if distinct > family.max_prefixes() {
-        return Err(CompileError::TooManyPrefixes {
-            policy: policy.name.clone(),
-            path: policy.source.clone(),
-            family: family.name(),
-            count: distinct,
-            max: family.max_prefixes(),
-        });
+        return Err(too_many(distinct));
+    }
+    // Every endpoint address of the family, as a candidate host route: kept below only where a
+    // wider network opens 443 or 853 to it.
+    if !pairs.is_empty() {
+        for addr in doh::ENDPOINT_ADDRS {
+            let (v4, prefix) = classify(&IpNet::from(*addr));
+            if v4 == matches!(family, Family::V4) {
+                pairs.push((prefix, ENDPOINT));
+            }
+        }
+        pairs.sort_unstable();
+        pairs.dedup();
     }
 
     let bits = family.bits();
@@ -370,10 +461,22 @@ fn sweep(
         {
             stack.pop();
         }
-        let own = group.iter().map(|&(_, index)| &rule_runs[index]);
-        let runs = match stack.last() {
-            Some((_, enclosing)) => Runs::union(own.chain(std::iter::once(enclosing))),
-            None => Runs::union(own),
+        let own = group
+            .iter()
+            .filter(|&&(_, index)| index != ENDPOINT)
+            .map(|&(_, index)| &rule_runs[index]);
+        let enclosing = stack.last().map(|(_, runs)| runs);
+        let runs = if is_endpoint(prefix, family) {
+            // Only rules naming the address exactly open 443 and 853 to it.
+            let carved = enclosing.map(Runs::without_resolver_ports);
+            let only_candidate = group.iter().all(|&(_, index)| index == ENDPOINT);
+            if only_candidate && carved.as_ref() == enclosing {
+                // Nothing to close (or nothing covers it): the enclosing entry decides.
+                continue;
+            }
+            Runs::union(own.chain(carved.as_ref()))
+        } else {
+            Runs::union(own.chain(enclosing))
         };
         let rules = runs.port_rules();
         if rules.len() > MAX_PORT_RULES {
@@ -391,7 +494,45 @@ fn sweep(
         out.push((prefix, set));
         stack.push((prefix, runs));
     }
+    if out.len() > family.max_prefixes() {
+        return Err(too_many(out.len()));
+    }
     Ok(out)
+}
+
+impl Policy {
+    /// What the CIDR rules say about a connection to `dst`, straight from the rules: the
+    /// reference the compiled tries must agree with. Addresses the DNS proxy opens for host
+    /// rules at run time are not part of it. `protocol` is an `agent_common::proto` bit.
+    /// Returns the lowest id of the rules that allow it.
+    pub fn cidr_rule_allowing(&self, dst: IpAddr, port: u16, protocol: u32) -> Option<u32> {
+        let dst = match dst {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(dst, IpAddr::V4),
+            v4 => v4,
+        };
+        let (is_v4, addr) = match dst {
+            IpAddr::V4(a) => (true, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (false, u128::from(a)),
+        };
+        let bits = if is_v4 { 32 } else { 128 };
+        let resolver_port = port == DOH_PORT || port == DOT_PORT;
+        let endpoint = resolver_port && doh::is_endpoint_addr(dst);
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.protocols & protocol != 0
+                    && r.ports.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+                    && (port != DOT_PORT || r.names_dot_port())
+                    && r.nets.iter().any(|n| {
+                        let (v4, pre) = classify(n);
+                        v4 == is_v4
+                            && mask(pre.len, bits) & (pre.addr ^ addr) == 0
+                            && (!endpoint || pre.len == bits)
+                    })
+            })
+            .map(|r| r.id)
+            .min()
+    }
 }
 
 /// The port rules of one compiled entry, for people: `tcp 443 (rule 0), any 53 (rule 2)`.
@@ -505,6 +646,7 @@ mod tests {
             agent_socket: true,
             pending: Default::default(),
             grants: Default::default(),
+            dns: Default::default(),
             capabilities: Vec::new(),
             agents: vec![CgroupSelector::new("t").unwrap()],
             rules: rules
@@ -514,6 +656,7 @@ mod tests {
                     id: id as u32,
                     name: None,
                     nets: nets.iter().map(|n| parse_net(n).unwrap()).collect(),
+                    hosts: Vec::new(),
                     ports: ports.to_vec(),
                     protocols: *protocols,
                 })
@@ -580,24 +723,9 @@ mod tests {
     }
 
     /// What the policy means: allowed iff some rule's network, ports and protocol all match.
+    /// (The reference, [`Policy::cidr_rule_allowing`], with its 853 and DoH-address cuts.)
     fn policy_allows(p: &Policy, dst: IpAddr, port: u16, protocol: u32) -> bool {
-        let dst = match dst {
-            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(dst, IpAddr::V4),
-            v4 => v4,
-        };
-        p.rules.iter().any(|r| {
-            r.protocols & protocol != 0
-                && r.ports.iter().any(|&(lo, hi)| lo <= port && port <= hi)
-                && r.nets.iter().any(|n| match (classify(n), dst) {
-                    ((true, pre), IpAddr::V4(a)) => {
-                        mask(pre.len, 32) & (pre.addr ^ u128::from(u32::from(a))) == 0
-                    }
-                    ((false, pre), IpAddr::V6(a)) => {
-                        mask(pre.len, 128) & (pre.addr ^ u128::from(a)) == 0
-                    }
-                    _ => false,
-                })
-        })
+        p.cidr_rule_allowing(dst, port, protocol).is_some()
     }
 
     #[test]
@@ -705,14 +833,17 @@ mod tests {
             v4(&c, "10.0.0.0/8"),
             [pr(80, 100, TCP, 0), pr(102, 102, TCP, 0)]
         );
-        // Extremes do not overflow.
+        // Extremes do not overflow (853 is cut: see dot_port_is_cut_unless_listed).
         let c = compile(&policy(&[(
             &["10.0.0.0/8"],
             &[(65535, 65535), (0, 0), (1, 65534)],
             UDP,
         )]))
         .unwrap();
-        assert_eq!(v4(&c, "10.0.0.0/8"), [pr(0, 65535, UDP, 0)]);
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(0, 852, UDP, 0), pr(854, 65535, UDP, 0)]
+        );
     }
 
     #[test]
@@ -876,8 +1007,15 @@ mod tests {
         )
         .unwrap();
         let c = compile(&p).unwrap();
-        assert_eq!(v4(&c, "192.0.2.1/32"), [pr(0, 65535, ALL, 0)]);
-        assert_eq!(v6(&c, "2001:db8::1/128"), [pr(0, 65535, TCP, 1)]);
+        // Every port but 853 (DNS over TLS), which only a rule listing it allows.
+        assert_eq!(
+            v4(&c, "192.0.2.1/32"),
+            [pr(0, 852, ALL, 0), pr(854, 65535, ALL, 0)]
+        );
+        assert_eq!(
+            v6(&c, "2001:db8::1/128"),
+            [pr(0, 852, TCP, 1), pr(854, 65535, TCP, 1)]
+        );
     }
 
     #[test]
@@ -955,6 +1093,7 @@ mod tests {
                     id,
                     name: None,
                     nets,
+                    hosts: Vec::new(),
                     ports,
                     protocols: [TCP, UDP, ALL][rng.below(3) as usize],
                 });
@@ -994,6 +1133,257 @@ mod tests {
                 if let Some(id) = kernel {
                     // The id is one of the rules that contributed to the matched range.
                     assert!((id as usize) < p.rules.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_port_is_cut_unless_listed() {
+        let c = compile(&policy(&[
+            (&["10.0.0.0/8"], &[(1, 65535)], ALL),
+            (&["10.1.0.0/16"], &[(853, 853)], TCP),
+            (&["10.2.0.0/16"], &[(443, 443), (853, 853)], UDP),
+            (&["10.3.0.0/16"], &[(850, 860)], TCP),
+        ]))
+        .unwrap();
+        assert_eq!(
+            v4(&c, "10.0.0.0/8"),
+            [pr(1, 852, ALL, 0), pr(854, 65535, ALL, 0)]
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let decide = |a: &str, port, protocol| kernel_decides(&c, ip(a), port, protocol);
+        // "1-65535" does not cover 853; "853" does, for its own networks and protocol.
+        assert_eq!(decide("10.9.0.1", 853, TCP), None);
+        assert_eq!(decide("10.9.0.1", 852, TCP), Some(0));
+        assert_eq!(decide("10.9.0.1", 854, UDP), Some(0));
+        // (Merged with rule 0's ranges on either side, the run keeps the lowest id.)
+        assert_eq!(decide("10.1.0.1", 853, TCP), Some(0));
+        assert_eq!(
+            v4(&c, "10.1.0.0/16"),
+            [
+                pr(1, 852, UDP, 0),
+                pr(1, 65535, TCP, 0),
+                pr(854, 65535, UDP, 0)
+            ]
+        );
+        assert_eq!(decide("10.1.0.1", 853, UDP), None);
+        assert_eq!(decide("10.2.0.1", 853, UDP), Some(0));
+        assert_eq!(decide("10.2.0.1", 443, UDP), Some(0));
+        // A range containing 853 is not a listing of it.
+        assert_eq!(decide("10.3.0.1", 853, TCP), None);
+        assert_eq!(decide("10.3.0.1", 855, TCP), Some(0));
+        for (a, port, protocol) in [
+            ("10.9.0.1", 853, TCP),
+            ("10.1.0.1", 853, TCP),
+            ("10.1.0.1", 853, UDP),
+            ("10.2.0.1", 853, UDP),
+            ("10.3.0.1", 853, TCP),
+        ] {
+            let p = policy(&[
+                (&["10.0.0.0/8"], &[(1, 65535)], ALL),
+                (&["10.1.0.0/16"], &[(853, 853)], TCP),
+                (&["10.2.0.0/16"], &[(443, 443), (853, 853)], UDP),
+                (&["10.3.0.0/16"], &[(850, 860)], TCP),
+            ]);
+            assert_eq!(
+                policy_allows(&p, ip(a), port, protocol),
+                decide(a, port, protocol).is_some(),
+                "{a} {port} {protocol}"
+            );
+        }
+    }
+
+    #[test]
+    fn doh_endpoint_addresses_need_a_rule_naming_them() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let wide = policy(&[
+            (&["0.0.0.0/0"], &[(443, 443)], TCP),
+            (&["::/0"], &[(443, 443), (853, 853)], ALL),
+        ]);
+        let c = compile(&wide).unwrap();
+        for (dst, port, protocol, allowed) in [
+            ("93.184.216.34", 443, TCP, true),
+            ("1.1.1.1", 443, TCP, false),
+            ("::ffff:1.1.1.1", 443, TCP, false),
+            ("8.8.8.8", 443, TCP, false),
+            ("2001:db8::1", 443, UDP, true),
+            ("2001:db8::1", 853, TCP, true),
+            ("2606:4700:4700::1111", 443, TCP, false),
+            ("2606:4700:4700::1111", 853, UDP, false),
+            ("2620:fe::fe", 853, TCP, false),
+        ] {
+            assert_eq!(
+                kernel_decides(&c, ip(dst), port, protocol).is_some(),
+                allowed,
+                "{dst} {port}\n{c}"
+            );
+            assert_eq!(
+                policy_allows(&wide, ip(dst), port, protocol),
+                allowed,
+                "{dst} {port}"
+            );
+        }
+        // Each endpoint address has a host route that allows nothing.
+        assert_eq!(v4(&c, "1.1.1.1/32"), []);
+        assert_eq!(v6(&c, "2606:4700:4700::1111/128"), []);
+        assert_eq!(c.v4.len(), 1 + ENDPOINT_V4);
+
+        // Named exactly (in any form), the address is open to that rule's ports.
+        let named = policy(&[
+            (&["0.0.0.0/0"], &[(443, 443)], TCP),
+            (&["1.1.1.1/32"], &[(0, 65535)], TCP),
+            (&["::ffff:8.8.8.8"], &[(443, 443), (853, 853)], TCP),
+        ]);
+        let c = compile(&named).unwrap();
+        for (dst, port, allowed) in [
+            ("1.1.1.1", 443, true),
+            ("1.1.1.1", 853, false),
+            ("1.1.1.1", 80, true),
+            ("8.8.8.8", 443, true),
+            ("8.8.8.8", 853, true),
+            ("8.8.4.4", 443, false),
+            ("93.184.216.34", 443, true),
+        ] {
+            assert_eq!(
+                kernel_decides(&c, ip(dst), port, TCP).is_some(),
+                allowed,
+                "{dst} {port}\n{c}"
+            );
+            assert_eq!(
+                policy_allows(&named, ip(dst), port, TCP),
+                allowed,
+                "{dst} {port}"
+            );
+        }
+        assert_eq!(kernel_decides(&c, ip("1.1.1.1"), 443, TCP), Some(1));
+
+        // Nothing to close: no extra entries.
+        let c = compile(&policy(&[(&["0.0.0.0/0"], &[(53, 53)], UDP)])).unwrap();
+        assert_eq!(c.v4.len(), 1);
+        // Ports around 443 stay open to an endpoint address.
+        let c = compile(&policy(&[(&["1.0.0.0/8"], &[(400, 900)], TCP)])).unwrap();
+        assert_eq!(
+            v4(&c, "1.1.1.1/32"),
+            [
+                pr(400, 442, TCP, 0),
+                pr(444, 852, TCP, 0),
+                pr(854, 900, TCP, 0)
+            ]
+        );
+    }
+
+    const ENDPOINT_V4: usize = {
+        let mut n = 0;
+        let mut i = 0;
+        while i < doh::ENDPOINT_ADDRS.len() {
+            if doh::ENDPOINT_ADDRS[i].is_ipv4() {
+                n += 1;
+            }
+            i += 1;
+        }
+        n
+    };
+
+    #[test]
+    fn cutting_doh_ports_can_reach_the_port_rule_limit() {
+        let mut ports: Vec<(u16, u16)> = (1..=14).map(|i| (i * 10, i * 10)).collect();
+        ports.push((400, 900));
+        // 16 port rules at 0.0.0.0/0 (400-900 is two, around 853); 17 at 1.1.1.1.
+        let e = compile(&policy(&[(&["0.0.0.0/0"], &ports, TCP)])).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                CompileError::TooManyPortRules { prefix, count: 17, .. }
+                    if prefix.to_string() == "1.0.0.1/32"
+            ),
+            "{e}"
+        );
+    }
+
+    /// Rules around DoH endpoint addresses and port 853, with host rules mixed in: the tries
+    /// decide what the reference says.
+    #[test]
+    fn compiled_decisions_match_the_rules_around_resolvers() {
+        let nets = [
+            "0.0.0.0/0",
+            "1.0.0.0/8",
+            "1.1.1.0/24",
+            "1.1.1.0/31",
+            "1.1.1.1/32",
+            "8.8.8.8/32",
+            "::ffff:1.1.1.1/128",
+            "::ffff:1.0.0.0/104",
+            "10.0.0.0/8",
+            "::/0",
+            "2606:4700:4700::/48",
+            "2606:4700:4700::1111/128",
+        ];
+        let port_sets: [&[(u16, u16)]; 7] = [
+            &[(443, 443)],
+            &[(853, 853)],
+            &[(443, 443), (853, 853)],
+            &[(440, 860)],
+            &[(0, 65535)],
+            &[(80, 80), (850, 853)],
+            &[(444, 852)],
+        ];
+        let dsts = [
+            "1.1.1.1",
+            "1.1.1.0",
+            "1.1.1.2",
+            "1.0.0.1",
+            "8.8.8.8",
+            "8.8.4.4",
+            "93.184.216.34",
+            "10.1.1.1",
+            "::ffff:1.1.1.1",
+            "2606:4700:4700::1111",
+            "2606:4700:4700::1001",
+            "2606:4700:4700::1",
+            "2001:db8::1",
+        ]
+        .map(|s| s.parse::<IpAddr>().unwrap());
+        let probe_ports = [0u16, 80, 442, 443, 444, 852, 853, 854, 860, 65535];
+        let mut rng = Lcg(11);
+        for round in 0..300 {
+            let mut p = policy(&[]);
+            for id in 0..(1 + rng.below(6)) {
+                let host_rule = rng.below(5) == 0;
+                p.rules.push(Rule {
+                    id,
+                    name: None,
+                    nets: if host_rule {
+                        Vec::new()
+                    } else {
+                        (0..(1 + rng.below(2)))
+                            .map(|_| {
+                                parse_net(nets[rng.below(nets.len() as u32) as usize]).unwrap()
+                            })
+                            .collect()
+                    },
+                    hosts: if host_rule {
+                        vec![crate::policy::HostPattern::parse("one.one.one.one").unwrap()]
+                    } else {
+                        Vec::new()
+                    },
+                    ports: port_sets[rng.below(port_sets.len() as u32) as usize].to_vec(),
+                    protocols: [TCP, UDP, ALL][rng.below(3) as usize],
+                });
+            }
+            let c = match compile(&p) {
+                Ok(c) => c,
+                Err(e) => panic!("round {round}: {e}\n{p}"),
+            };
+            for dst in dsts {
+                for port in probe_ports {
+                    for protocol in [TCP, UDP] {
+                        assert_eq!(
+                            kernel_decides(&c, dst, port, protocol).is_some(),
+                            policy_allows(&p, dst, port, protocol),
+                            "round {round}: {dst} {port} {protocol}\n{p}\n{c}"
+                        );
+                    }
                 }
             }
         }

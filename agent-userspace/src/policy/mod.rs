@@ -21,12 +21,15 @@ mod capacity;
 mod compile;
 #[cfg(test)]
 mod dir_tests;
+pub mod doh;
+pub mod host;
 mod raw;
 #[cfg(test)]
 mod tests;
 
 pub use capacity::{check_capacity, CapacityError, Family, Usage};
-pub use compile::{allow_agent_socket, compile, CompileError, CompiledPolicy};
+pub use compile::{allow_agent_socket, compile, CompileError, CompiledPolicy, DOT_PORT};
+pub use host::{normalize_name, HostPattern};
 
 /// Largest policy file accepted, in bytes. A policy with 100,000 rules is about 5 MiB.
 pub const MAX_POLICY_FILE_BYTES: u64 = 32 << 20;
@@ -240,8 +243,12 @@ pub struct Rule {
     /// 0-based index in the file's `egress` list; reported by the kernel as `rule_id`.
     pub id: u32,
     pub name: Option<String>,
-    /// As written (host bits are never set; IPv4-mapped IPv6 networks stay IPv6 here).
+    /// As written (host bits are never set; IPv4-mapped IPv6 networks stay IPv6 here). Empty
+    /// for a host rule.
     pub nets: Vec<IpNet>,
+    /// `host` / `hosts`, normalized; empty for a CIDR rule. A host rule opens no address by
+    /// itself: the DNS proxy adds the addresses an agent resolves through it.
+    pub hosts: Vec<HostPattern>,
     /// Inclusive ranges as written; `[(0, 65535)]` when `ports` is omitted.
     pub ports: Vec<(u16, u16)>,
     /// `agent_common::proto` bits.
@@ -271,6 +278,8 @@ pub struct Policy {
     pub capabilities: Vec<&'static str>,
     /// What may be granted at run time, for how long, and how agents' own requests are approved.
     pub grants: GrantScope,
+    /// How the DNS proxy answers and how long resolved addresses stay open (`dns:`).
+    pub dns: DnsPolicy,
     /// The file it was read from.
     pub source: PathBuf,
 }
@@ -297,6 +306,131 @@ pub fn parse_protocol(s: &str) -> Result<u32, String> {
             "unknown protocol {}: expected \"tcp\", \"udp\" or \"any\"",
             raw::quoted(s)
         )),
+    }
+}
+
+/// The `dns:` block: how the DNS proxy treats these agents' queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// The answer to a query for a name no rule allows.
+    pub denied_answer: DeniedAnswer,
+    /// Floor for a resolved address's lifetime, in seconds (`ttl_min`, default 5 s).
+    pub ttl_min_secs: u32,
+    /// Ceiling, in seconds (`ttl_max`, default 1 h, at most 1 day).
+    pub ttl_max_secs: u32,
+    /// Added after the clamped TTL, in seconds (`grace`, default 10 s).
+    pub grace_secs: u32,
+    /// Most addresses kept per name and agent (1 to 64, default 16).
+    pub max_addresses_per_name: u32,
+    /// Queries per second each agent may send (default: no limit).
+    pub query_rate: Option<RateLimit>,
+}
+
+/// Longest `dns.ttl_max` (and `ttl_min`), in seconds.
+pub const MAX_DNS_TTL_SECS: u32 = 86_400;
+/// Longest `dns.grace`, in seconds.
+pub const MAX_DNS_GRACE_SECS: u32 = 3_600;
+/// Largest `dns.max_addresses_per_name`.
+pub const MAX_ADDRESSES_PER_NAME: u32 = 64;
+
+impl Default for DnsPolicy {
+    fn default() -> Self {
+        DnsPolicy {
+            denied_answer: DeniedAnswer::Refused,
+            ttl_min_secs: 5,
+            ttl_max_secs: 3_600,
+            grace_secs: 10,
+            max_addresses_per_name: 16,
+            query_rate: None,
+        }
+    }
+}
+
+impl DnsPolicy {
+    /// How long an address resolved with `ttl` seconds stays open: the TTL clamped to
+    /// `[ttl_min, ttl_max]`, plus the grace.
+    pub fn lifetime_secs(&self, ttl: u32) -> u32 {
+        ttl.clamp(self.ttl_min_secs, self.ttl_max_secs)
+            .saturating_add(self.grace_secs)
+    }
+}
+
+/// What a denied query gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DeniedAnswer {
+    /// RCODE 5, REFUSED.
+    #[default]
+    Refused,
+    /// RCODE 3, NXDOMAIN.
+    NxDomain,
+}
+
+impl DeniedAnswer {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DeniedAnswer::Refused => "refused",
+            DeniedAnswer::NxDomain => "nxdomain",
+        }
+    }
+}
+
+impl fmt::Display for DeniedAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Rule {
+    /// Whether the destination is `host` / `hosts` rather than networks.
+    pub fn is_host_rule(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
+    /// Whether the rule lists the DNS-over-TLS port on its own (`853`, or `443,853`): only then
+    /// does it allow 853 (see [`Rule::effective_ports`]).
+    pub fn names_dot_port(&self) -> bool {
+        self.ports.contains(&(DOT_PORT, DOT_PORT))
+    }
+
+    /// The port ranges the rule allows in force: `ports` without 853 (DNS over TLS and QUIC),
+    /// unless the rule lists 853 itself as a single port. Sorted, merged. The kernel tries and
+    /// the addresses the DNS proxy opens for a host rule use these.
+    pub fn effective_ports(&self) -> Vec<(u16, u16)> {
+        let mut ranges: Vec<(u16, u16)> = self
+            .ports
+            .iter()
+            .copied()
+            .filter(|(lo, hi)| lo <= hi)
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len() + 1);
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        if self.names_dot_port() {
+            return merged;
+        }
+        compile::cut_port(&merged, DOT_PORT)
+    }
+}
+
+impl Policy {
+    /// The egress rules whose `host`/`hosts` cover `name` (as [`normalize_name`] gives it), in
+    /// rule order. A wildcard never covers a well-known DoH/DoT endpoint name ([`doh`]): only
+    /// an exact `host:` naming it does.
+    pub fn host_rules<'a>(&'a self, name: &str) -> Vec<&'a Rule> {
+        let endpoint = doh::is_endpoint_name(name);
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.hosts
+                    .iter()
+                    .any(|h| (!endpoint || h.is_exact()) && h.matches(name))
+            })
+            .collect()
     }
 }
 
@@ -951,6 +1085,12 @@ impl fmt::Display for Rule {
                 f.write_str(", ")?;
             }
             write!(f, "{net}")?;
+        }
+        for (i, host) in self.hosts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{host}")?;
         }
         write!(f, ", protocol {}, ", protocols_name(self.protocols))?;
         if self.ports == [(0, u16::MAX)] {

@@ -27,6 +27,7 @@ use serde_saphyr::budget::BudgetBreach;
 use serde_saphyr::options::DuplicateKeyPolicy;
 use serde_saphyr::{MessageFormatter, Spanned};
 
+use super::host::HostPattern;
 use super::{CgroupSelector, Mode, Policy, PolicyError, Rule, MAX_POLICY_FILE_BYTES};
 
 /// Deepest nesting a policy needs is 4 (document, `egress`, a rule, `ports`); leave some room.
@@ -41,6 +42,8 @@ const MAX_RULE_NAME: usize = 128;
 pub(super) const MAX_RULES: usize = MAX_PREFIXES_V4 as usize;
 /// Most networks in one rule's `cidrs`: as many as both tries hold.
 pub(super) const MAX_RULE_NETWORKS: usize = (MAX_PREFIXES_V4 + MAX_PREFIXES_V6) as usize;
+/// Most names in one rule's `hosts`.
+pub(super) const MAX_RULE_HOSTS: usize = 256;
 /// Most entries in one rule's `ports` (a compiled prefix holds 16 merged ranges anyway).
 pub(super) const MAX_PORT_ENTRIES: usize = 1024;
 /// Most `agents.cgroups` selectors in one policy: the agent map's capacity.
@@ -293,6 +296,133 @@ struct RawPolicy {
     /// Whether an agent's own request inside `grantable` is granted at once (default: manual).
     #[serde(default)]
     approve: ApproveMode,
+    /// The DNS proxy's answers and resolved addresses' lifetimes (default: [`DnsPolicy`]).
+    dns: Option<Spanned<RawDns>>,
+}
+
+/// `dns:`; every key optional.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    denied_answer: Option<DnsDeniedAnswer>,
+    ttl_min: Option<DnsDuration>,
+    ttl_max: Option<DnsDuration>,
+    grace: Option<DnsDuration>,
+    max_addresses_per_name: Option<AddressesPerName>,
+    query_rate: Option<RawRateLimit>,
+}
+
+impl RawDns {
+    fn into_dns(self, source: &Path, at: Loc) -> Result<super::DnsPolicy, PolicyError> {
+        let default = super::DnsPolicy::default();
+        let dns = super::DnsPolicy {
+            denied_answer: self.denied_answer.map_or(default.denied_answer, |a| a.0),
+            ttl_min_secs: self.ttl_min.map_or(default.ttl_min_secs, |d| d.0),
+            ttl_max_secs: self.ttl_max.map_or(default.ttl_max_secs, |d| d.0),
+            grace_secs: self.grace.map_or(default.grace_secs, |d| d.0),
+            max_addresses_per_name: self
+                .max_addresses_per_name
+                .map_or(default.max_addresses_per_name, |n| n.0),
+            query_rate: self.query_rate.map(RawRateLimit::into_rate_limit),
+        };
+        if dns.ttl_max_secs == 0 {
+            return Err(invalid(
+                source,
+                at,
+                "dns.ttl_max must be at least 1s".into(),
+            ));
+        }
+        if dns.ttl_min_secs > dns.ttl_max_secs {
+            return Err(invalid(
+                source,
+                at,
+                format!(
+                    "dns.ttl_min ({}s) is above dns.ttl_max ({}s)",
+                    dns.ttl_min_secs, dns.ttl_max_secs
+                ),
+            ));
+        }
+        if dns.grace_secs > super::MAX_DNS_GRACE_SECS {
+            return Err(invalid(
+                source,
+                at,
+                format!(
+                    "dns.grace ({}s) is longer than {}s",
+                    dns.grace_secs,
+                    super::MAX_DNS_GRACE_SECS
+                ),
+            ));
+        }
+        Ok(dns)
+    }
+}
+
+/// `ttl_min`, `ttl_max`, `grace`: a humantime duration of whole seconds, 0 to 1 day.
+struct DnsDuration(u32);
+
+impl<'de> Deserialize<'de> for DnsDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| {
+            let d = humantime::parse_duration(s)
+                .map_err(|e| format!("dns duration {}: {e}", quoted(s)))?;
+            if d.subsec_nanos() != 0 {
+                return Err(format!("dns duration {}: use whole seconds", quoted(s)));
+            }
+            match u32::try_from(d.as_secs()) {
+                Ok(secs) if secs <= super::MAX_DNS_TTL_SECS => Ok(DnsDuration(secs)),
+                _ => Err(format!("dns duration {} out of range: 0s to 1d", quoted(s))),
+            }
+        })
+    }
+}
+
+/// `denied_answer: refused | nxdomain`.
+struct DnsDeniedAnswer(super::DeniedAnswer);
+
+impl<'de> Deserialize<'de> for DnsDeniedAnswer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| match s {
+            "refused" => Ok(DnsDeniedAnswer(super::DeniedAnswer::Refused)),
+            "nxdomain" => Ok(DnsDeniedAnswer(super::DeniedAnswer::NxDomain)),
+            _ => Err(format!(
+                "unknown denied_answer {}: expected \"refused\" or \"nxdomain\"",
+                quoted(s)
+            )),
+        })
+    }
+}
+
+/// `max_addresses_per_name`: 1 to 64.
+struct AddressesPerName(u32);
+
+impl<'de> Deserialize<'de> for AddressesPerName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(deserializer)?;
+        if (1..=u64::from(super::MAX_ADDRESSES_PER_NAME)).contains(&n) {
+            Ok(AddressesPerName(n as u32))
+        } else {
+            Err(de::Error::custom(format!(
+                "max_addresses_per_name {n} out of range: 1 to {}",
+                super::MAX_ADDRESSES_PER_NAME
+            )))
+        }
+    }
+}
+
+/// One entry of `host` / `hosts`.
+struct HostName(HostPattern);
+
+impl<'de> Deserialize<'de> for HostName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_string(deserializer, |s| HostPattern::parse(s).map(HostName))
+    }
+}
+
+struct HostsLimit;
+impl Limit for HostsLimit {
+    const MAX: usize = MAX_RULE_HOSTS;
+    const LIST: &'static str = "hosts";
+    const ITEMS: &'static str = "names";
 }
 
 /// `max_grant_ttl`: a humantime duration of 1 s to 30 days.
@@ -410,6 +540,15 @@ struct RawRateLimit {
     burst: Option<RateCount>,
 }
 
+impl RawRateLimit {
+    fn into_rate_limit(self) -> super::RateLimit {
+        super::RateLimit {
+            per_second: self.per_second.0,
+            burst: self.burst.map_or(self.per_second.0, |b| b.0),
+        }
+    }
+}
+
 /// 1 to 1,000,000 (calls per second, or in a burst).
 struct RateCount(u32);
 
@@ -476,6 +615,8 @@ struct RawRule {
     name: Option<Spanned<RuleName>>,
     cidr: Option<Spanned<Net>>,
     cidrs: Option<Spanned<Bounded<Net, NetworksLimit>>>,
+    host: Option<Spanned<HostName>>,
+    hosts: Option<Spanned<Bounded<Spanned<HostName>, HostsLimit>>>,
     ports: Option<Spanned<Ports>>,
     #[serde(default)]
     protocol: Protocol,
@@ -529,10 +670,17 @@ impl RawPolicy {
             agents.push(selector);
         }
 
-        let rules = rules_of(source, egress.0)?;
+        let rules = rules_of(source, egress.0, Hosts::Allowed)?;
         let grantable = match self.grantable {
-            Some(list) => rules_of(source, list.0)?,
+            Some(list) => rules_of(source, list.0, Hosts::Refused)?,
             None => Vec::new(),
+        };
+        let dns = match self.dns {
+            Some(dns) => {
+                let at = Loc::of(&dns);
+                dns.value.into_dns(source, at)?
+            }
+            None => super::DnsPolicy::default(),
         };
         let max_grant_ttl = self.max_grant_ttl.map(|t| t.value.0);
         if !grantable.is_empty() && max_grant_ttl.is_none() {
@@ -553,10 +701,7 @@ impl RawPolicy {
                 after_secs: d.after_seconds.0,
                 fallback: d.fallback.0,
             }),
-            rate_limit: self.rate_limit.map(|r| super::RateLimit {
-                per_second: r.per_second.0,
-                burst: r.burst.map_or(r.per_second.0, |b| b.0),
-            }),
+            rate_limit: self.rate_limit.map(RawRateLimit::into_rate_limit),
             unix: self.unix.0.into_iter().map(|e| e.0).collect(),
             agent_socket: self.agent_socket.unwrap_or(true),
             capabilities: self.capabilities.0.iter().fold(Vec::new(), |mut kept, c| {
@@ -571,14 +716,26 @@ impl RawPolicy {
                 max_ttl_secs: max_grant_ttl.unwrap_or(0),
                 approve: self.approve.0,
             },
+            dns,
             source: source.to_path_buf(),
         };
         Ok((policy, locations))
     }
 }
 
+/// Whether a list may hold host rules (`grantable` may not: a grant names addresses).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    Allowed,
+    Refused,
+}
+
 /// The rules of an `egress` or `grantable` list; a rule's id is its index in the list.
-fn rules_of(source: &Path, list: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, PolicyError> {
+fn rules_of(
+    source: &Path,
+    list: Vec<Spanned<RawRule>>,
+    hosts_ok: Hosts,
+) -> Result<Vec<Rule>, PolicyError> {
     let mut rules = Vec::with_capacity(list.len());
     let mut rule_names: HashMap<String, Loc> = HashMap::new();
     for (index, raw) in list.into_iter().enumerate() {
@@ -604,7 +761,62 @@ fn rules_of(source: &Path, list: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, Pol
             }
             None => None,
         };
+        let hosts = match (raw.host, raw.hosts) {
+            (None, None) => Vec::new(),
+            (Some(host), None) => vec![host],
+            (None, Some(hosts)) if hosts.value.0.is_empty() => {
+                return Err(invalid(
+                    source,
+                    Loc::of(&hosts),
+                    "hosts is empty; list at least one name".into(),
+                ))
+            }
+            (None, Some(hosts)) => hosts.value.0,
+            (Some(_), Some(hosts)) => {
+                return Err(invalid(
+                    source,
+                    Loc::of(&hosts),
+                    "a rule has either `host` or `hosts`, not both".into(),
+                ))
+            }
+        };
+        if let Some(first) = hosts.first() {
+            if hosts_ok == Hosts::Refused {
+                return Err(invalid(
+                    source,
+                    Loc::of(first),
+                    "host rules cannot be granted; grant the addresses".into(),
+                ));
+            }
+            if raw.cidr.is_some() || raw.cidrs.is_some() {
+                return Err(invalid(
+                    source,
+                    Loc::of(first),
+                    "a rule has one kind of destination: `cidr`/`cidrs` or `host`/`hosts`, \
+                     not both (write two rules)"
+                        .into(),
+                ));
+            }
+        }
+        let mut seen_hosts: HashMap<&HostPattern, Loc> = HashMap::new();
+        for host in &hosts {
+            let at = Loc::of(host);
+            if let Some(first) = seen_hosts.insert(&host.value.0, at) {
+                return Err(invalid(
+                    source,
+                    at,
+                    format!(
+                        "host {} is listed twice (first at {}:{})",
+                        quoted(&host.value.0.to_string()),
+                        first.line,
+                        first.column
+                    ),
+                ));
+            }
+        }
+        let hosts: Vec<HostPattern> = hosts.into_iter().map(|h| h.value.0).collect();
         let nets = match (raw.cidr, raw.cidrs) {
+            (None, None) if !hosts.is_empty() => Vec::new(),
             (Some(net), None) => vec![net.value.0],
             (None, Some(nets)) if nets.value.0.is_empty() => {
                 return Err(invalid(
@@ -625,7 +837,9 @@ fn rules_of(source: &Path, list: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, Pol
                 return Err(invalid(
                     source,
                     rule_at,
-                    "rule has no destination: add `cidr: <network>` or `cidrs: [...]`".into(),
+                    "rule has no destination: add `cidr: <network>`, `cidrs: [...]`, \
+                     `host: <name>` or `hosts: [...]`"
+                        .into(),
                 ))
             }
         };
@@ -644,6 +858,7 @@ fn rules_of(source: &Path, list: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, Pol
             id,
             name,
             nets,
+            hosts,
             ports,
             protocols: raw.protocol.0,
         });

@@ -604,7 +604,7 @@ fn error_rule_shape() {
         &format!("{HEAD}  - cidr: 10.0.0.0/8\n    protcol: tcp\n"),
         6,
         5,
-        "unknown field `protcol`, expected one of name, cidr, cidrs, ports, protocol",
+        "unknown field `protcol`, expected one of name, cidr, cidrs, host, hosts, ports, protocol",
     );
     assert_error(
         "name: t\nagents:\n  cgroups: [a]\negres: []\n",
@@ -1474,4 +1474,276 @@ fn error_unix_entries() {
     ok(format!("/{}", "a".repeat(106)));
     ok(format!("/{}/", "a".repeat(106)));
     ok(format!("@{}", "a".repeat(106)));
+}
+
+// ---------------------------------------------------------------- host names
+
+#[test]
+fn host_rules_parse_normalize_and_open_no_prefix() {
+    let p = parse(&format!(
+        "{HEAD}  - host: API.Example.com.\n    ports: 443\n    protocol: tcp\n  - name: wild\n    \
+         hosts: [\"*.example.org\", \"**.cdn.example.net\", dns.google]\n  - cidr: 10.0.0.0/8\n    \
+         ports: 80\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        p.rules[0].hosts,
+        [HostPattern::Exact("api.example.com".into())]
+    );
+    assert!(p.rules[0].nets.is_empty() && p.rules[0].is_host_rule());
+    assert_eq!(
+        (p.rules[0].ports.as_slice(), p.rules[0].protocols),
+        (&[(443, 443)][..], TCP)
+    );
+    assert_eq!(
+        p.rules[1].hosts,
+        [
+            HostPattern::OneLabel("example.org".into()),
+            HostPattern::AnyDepth("cdn.example.net".into()),
+            HostPattern::Exact("dns.google".into()),
+        ]
+    );
+    assert!(!p.rules[2].is_host_rule());
+    let shown = p.to_string();
+    assert!(
+        shown.contains("rule 0: api.example.com, protocol tcp, port 443"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "rule 1 (wild): *.example.org, **.cdn.example.net, dns.google, protocol any, all ports"
+        ),
+        "{shown}"
+    );
+    // Host rules open nothing by themselves: only the CIDR rule has an entry.
+    let c = compile(&p).unwrap();
+    assert_eq!(c.v4.len(), 1);
+    assert!(c.v6.is_empty());
+
+    let ids = |name: &str| p.host_rules(name).iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids("api.example.com"), [0]);
+    assert_eq!(ids("a.example.com"), [] as [u32; 0]);
+    assert_eq!(ids("a.example.org"), [1]);
+    assert_eq!(ids("a.b.example.org"), [] as [u32; 0]);
+    assert_eq!(ids("example.org"), [] as [u32; 0]);
+    assert_eq!(ids("x.cdn.example.net"), [1]);
+    assert_eq!(ids("x.y.z.cdn.example.net"), [1]);
+    assert_eq!(ids("cdn.example.net"), [] as [u32; 0]);
+    // Named exactly, a DoH endpoint is allowed (on purpose: see docs/policy.md).
+    assert_eq!(ids("dns.google"), [1]);
+}
+
+#[test]
+fn a_wildcard_never_covers_a_doh_endpoint() {
+    let p = parse(&format!(
+        "{HEAD}  - hosts: [\"*.google.com\", \"**.dns.google\", \"*.cloudflare-dns.com\", \
+         \"**.nextdns.io\", \"**.quad9.net\"]\n  - host: mozilla.cloudflare-dns.com\n"
+    ))
+    .unwrap();
+    let ids = |name: &str| p.host_rules(name).iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids("www.google.com"), [0]);
+    assert_eq!(ids("dns.google.com"), [] as [u32; 0]);
+    assert_eq!(ids("x.dns.google"), [0]);
+    assert_eq!(ids("dns64.dns.google"), [] as [u32; 0]);
+    assert_eq!(ids("chrome.cloudflare-dns.com"), [] as [u32; 0]);
+    assert_eq!(ids("abc123.dns.nextdns.io"), [] as [u32; 0]);
+    assert_eq!(ids("dns.quad9.net"), [] as [u32; 0]);
+    assert_eq!(ids("www.quad9.net"), [0]);
+    assert_eq!(ids("mozilla.cloudflare-dns.com"), [1]);
+}
+
+#[test]
+fn error_host_names() {
+    let at = |yaml: &str, line, column, needle| {
+        assert_error(&format!("{HEAD}{yaml}"), line, column, needle)
+    };
+    at("  - host: \"*\"\n", 5, 11, "would allow every name");
+    at("  - host: \"**\"\n", 5, 11, "would allow every name");
+    at(
+        "  - hosts: [a.com, \"*.com\"]\n",
+        5,
+        20,
+        "wildcard over a top-level domain",
+    );
+    at(
+        "  - host: \"**.com\"\n",
+        5,
+        11,
+        "wildcard over a top-level domain",
+    );
+    at("  - host: api*.x.com\n", 5, 11, "whole first label");
+    at("  - host: a.*.x.com\n", 5, 11, "whole first label");
+    at("  - host: \"*x.com\"\n", 5, 11, "whole first label");
+    at("  - host: a..com\n", 5, 11, "empty label");
+    at(
+        "  - host: 192.0.2.1\n",
+        5,
+        11,
+        "is an IP address; write it as `cidr: 192.0.2.1`",
+    );
+    at("  - host: \"2001:db8::1\"\n", 5, 11, "is an IP address");
+    at(
+        "  - host: bücher.de\n",
+        5,
+        11,
+        "write IDNs in punycode (xn--...)",
+    );
+    at("  - host: a_b.x-.com\n", 5, 11, "starts or ends with '-'");
+    at("  - host: a!.com\n", 5, 11, "character '!' is not allowed");
+    at(
+        &format!("  - host: {}.com\n", "a".repeat(64)),
+        5,
+        11,
+        "longer than 63",
+    );
+    // In a block list: the entry itself.
+    at(
+        "  - hosts:\n      - ok.example.com\n      - -bad.example.com\n",
+        7,
+        9,
+        "starts or ends with '-'",
+    );
+    at(
+        "  - hosts: [a.com, A.com.]\n",
+        5,
+        20,
+        "host \"a.com\" is listed twice (first at 5:13)",
+    );
+    at("  - hosts: []\n", 5, 12, "hosts is empty");
+    at(
+        "  - host: a.com\n    hosts: [b.com]\n",
+        6,
+        12,
+        "either `host` or `hosts`, not both",
+    );
+    at(
+        "  - cidr: 10.0.0.0/8\n    host: a.com\n",
+        6,
+        11,
+        "one kind of destination",
+    );
+    at(
+        "  - hosts: [b.com]\n    cidrs: [10.0.0.0/8]\n",
+        5,
+        13,
+        "one kind of destination",
+    );
+    at(
+        "  - name: x\n    ports: 443\n",
+        5,
+        5,
+        "`host: <name>` or `hosts: [...]`",
+    );
+    let many: Vec<String> = (0..=256).map(|i| format!("h{i}.example.com")).collect();
+    let (line, _, message) = error_at(&format!("{HEAD}  - hosts: [{}]\n", many.join(", ")));
+    assert_eq!(
+        (line, message.as_str()),
+        (5, "hosts has more than 256 names")
+    );
+    // A grant names addresses: host rules are not grantable.
+    assert_error(
+        "name: t\nagents:\n  cgroups: [a]\negress: []\ngrantable:\n  - cidr: 10.0.0.0/8\n  - \
+         host: a.example.com\nmax_grant_ttl: 1h\n",
+        7,
+        11,
+        "host rules cannot be granted; grant the addresses",
+    );
+}
+
+#[test]
+fn the_dns_block_has_defaults_and_limits() {
+    let base = "name: t\nagents:\n  cgroups: [a]\negress: []\n";
+    let p = parse(base).unwrap();
+    assert_eq!(p.dns, DnsPolicy::default());
+    assert_eq!(
+        p.dns,
+        DnsPolicy {
+            denied_answer: DeniedAnswer::Refused,
+            ttl_min_secs: 5,
+            ttl_max_secs: 3600,
+            grace_secs: 10,
+            max_addresses_per_name: 16,
+            query_rate: None,
+        }
+    );
+    assert_eq!(p.dns.lifetime_secs(0), 15);
+    assert_eq!(p.dns.lifetime_secs(300), 310);
+    assert_eq!(p.dns.lifetime_secs(u32::MAX), 3610);
+
+    let p = parse(&format!(
+        "{base}dns:\n  denied_answer: nxdomain\n  ttl_min: 1m\n  ttl_max: 1day\n  grace: 0s\n  \
+         max_addresses_per_name: 64\n  query_rate: {{per_second: 50, burst: 100}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        p.dns,
+        DnsPolicy {
+            denied_answer: DeniedAnswer::NxDomain,
+            ttl_min_secs: 60,
+            ttl_max_secs: 86_400,
+            grace_secs: 0,
+            max_addresses_per_name: 64,
+            query_rate: Some(RateLimit {
+                per_second: 50,
+                burst: 100
+            }),
+        }
+    );
+    // Only some keys: the rest default; a burst defaults to the rate.
+    let p = parse(&format!(
+        "{base}dns:\n  ttl_max: 30s\n  query_rate: {{per_second: 7}}\n"
+    ))
+    .unwrap();
+    assert_eq!((p.dns.ttl_min_secs, p.dns.ttl_max_secs), (5, 30));
+    assert_eq!(p.dns.query_rate.unwrap().burst, 7);
+
+    let at = |yaml: &str, line, column, needle| {
+        assert_error(&format!("{base}{yaml}"), line, column, needle)
+    };
+    at(
+        "dns:\n  ttl_min: 2h\n",
+        6,
+        3,
+        "dns.ttl_min (7200s) is above dns.ttl_max (3600s)",
+    );
+    at(
+        "dns:\n  ttl_max: 0s\n",
+        6,
+        3,
+        "dns.ttl_max must be at least 1s",
+    );
+    at(
+        "dns:\n  grace: 2h\n",
+        6,
+        3,
+        "dns.grace (7200s) is longer than 3600s",
+    );
+    at("dns:\n  ttl_max: 2d\n", 6, 12, "out of range: 0s to 1d");
+    at("dns:\n  ttl_min: 500ms\n", 6, 12, "use whole seconds");
+    at("dns:\n  grace: soon\n", 6, 10, "dns duration \"soon\"");
+    at(
+        "dns:\n  denied_answer: drop\n",
+        6,
+        18,
+        "unknown denied_answer \"drop\"",
+    );
+    at(
+        "dns:\n  max_addresses_per_name: 0\n",
+        6,
+        27,
+        "out of range: 1 to 64",
+    );
+    at(
+        "dns:\n  max_addresses_per_name: 65\n",
+        6,
+        27,
+        "out of range: 1 to 64",
+    );
+    at(
+        "dns:\n  query_rate: {per_second: 0}\n",
+        6,
+        28,
+        "out of range",
+    );
+    at("dns:\n  ttl: 5s\n", 6, 3, "unknown field `ttl`");
 }

@@ -94,4 +94,8 @@ pub struct DecisionRecord {
     pub decided_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_by_policy: Option<String>,
+    /// The host name the agent resolved this address as, through agentwall's DNS proxy (the
+    /// name whose answer allowed it, for reason `host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
