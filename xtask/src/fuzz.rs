@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz`: the cargo-fuzz (libFuzzer) targets of `fuzz/`, each for a bounded time.
 //!
-//! The three targets run at once (libFuzzer is single-threaded; these machines have 2 cores),
+//! The targets run at once (libFuzzer is single-threaded; these machines have 2 cores),
 //! each with a time limit (`-max_total_time`), a memory limit (`-rss_limit_mb`) and a limit per
 //! input (`-timeout`, which catches hangs). Seeds come from `fuzz/corpus-seed/TARGET`
 //! (committed); new inputs go to `fuzz/corpus/TARGET` (ignored by git, kept between runs);
@@ -23,7 +23,12 @@ use anyhow::{bail, Context, Result};
 use crate::util::{cargo, display, run, workspace_root};
 
 /// Every fuzz target of `fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 3] = ["policy_parse", "policy_compile", "event_decode"];
+pub const TARGETS: [&str; 4] = [
+    "policy_parse",
+    "policy_compile",
+    "event_decode",
+    "dns_input",
+];
 /// Seconds per target of `cargo xtask fuzz`.
 pub const DEFAULT_SECONDS: u64 = 20;
 /// Seconds per target in `cargo xtask test`.

@@ -49,6 +49,24 @@ const TARGETS: &[(&str, &str)] = &[
     // A tool the agent starts connects and exits at once: the record still names the program
     // that made the call and the agent process that started it (captured in the kernel).
     ("tool", "127.0.0.2:8443"),
+    // Host names: the agent asks a resolver address where nothing listens; the kernel steers the
+    // query to agentwall's DNS proxy, which answers an allowed name (and opens its address for
+    // this agent only) and refuses any other, never asking upstream.
+    ("dns", "api.tools.demo"),
+    ("tcp", "127.0.0.3:8443"),
+    ("dns", "exfil.attacker.demo"),
+    // The address the refused name has upstream: no resolution opened it.
+    ("tcp", "127.0.0.4:8443"),
+];
+
+/// The resolver address the demo agent asks: nothing listens there, so only the kernel's
+/// steering to the proxy answers (and nothing leaves loopback if it did not).
+const DEMO_RESOLVER: &str = "127.0.0.153:53";
+
+/// The demo zone, served by a stand-in upstream resolver on loopback.
+const DEMO_ZONE: &[(&str, [u8; 4])] = &[
+    ("api.tools.demo", [127, 0, 0, 3]),
+    ("exfil.attacker.demo", [127, 0, 0, 4]),
 ];
 
 /// Where the demo's Unix sockets live (the demo policy lists tools.sock).
@@ -63,6 +81,7 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
         .map(|s| s.pattern.clone())
         .context("the demo policy selects no cgroup")?;
     let _servers = Servers::start()?;
+    let upstream = DemoResolver::start().await?;
     let socket = std::env::temp_dir().join(format!("agentwall-demo-{}.sock", std::process::id()));
     let (tap, mut records) = mpsc::unbounded_channel();
     let mut opts = Options::new(PolicySource::Fixed(PolicySet {
@@ -71,6 +90,11 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     opts.audit_log = Some(audit_log.clone());
     opts.control_socket = Some(socket.clone());
     opts.tap = Some(tap);
+    opts.dns = Some(daemon::DnsOptions {
+        upstream: upstream.addr,
+        listen_v4: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
+        listen_v6: None,
+    });
     let handle = daemon::start(opts).await?;
     let root = handle.cgroup_root.clone();
     let (parent, name) = selector
@@ -212,17 +236,22 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
     let _ = std::fs::remove_dir(root.join(parent));
 
     println!("\naudit records (full JSON in {}):", audit_log.display());
-    let mut n = 0;
+    let (mut n, mut dns) = (0, 0);
     while let Ok(rec) = records.try_recv() {
         n += usize::from(rec.decision.is_some());
+        dns += usize::from(rec.kind == "dns");
         print_record(&rec);
     }
-    if !status.success() || outside.is_err() || n != TARGETS.len() {
+    let queries = TARGETS.iter().filter(|(p, _)| *p == "dns").count();
+    let forwarded = upstream.asked.load(std::sync::atomic::Ordering::Relaxed);
+    if !status.success() || outside.is_err() || n != TARGETS.len() || dns != queries {
         bail!(
-            "demo did not go as expected: agent {status}, {n} records for {} attempts",
+            "demo did not go as expected: agent {status}, {n} records for {} attempts, {dns} DNS \
+             records for {queries} queries",
             TARGETS.len()
         );
     }
+    println!("the upstream resolver was asked {forwarded} time(s): the refused name never left agentwall");
     Ok(())
 }
 
@@ -265,7 +294,45 @@ fn print_record(rec: &AuditRecord) {
                 .as_deref()
                 .map(|t| format!(" task={t}"))
                 .unwrap_or_default()
+                + &d.host
+                    .as_deref()
+                    .map(|h| format!(" host={h}"))
+                    .unwrap_or_default()
         ),
+        None if rec.kind == "dns" => {
+            let d = rec.detail.clone().unwrap_or_default();
+            let answers: Vec<String> = d["answers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    format!(
+                        "{} (open {}s)",
+                        a["addr"].as_str().unwrap_or("?"),
+                        a["open_secs"]
+                    )
+                })
+                .collect();
+            println!(
+                "  #{:<3} dns      {} {} agent={} {} {} reason={}{}{}",
+                rec.seq,
+                d["type"].as_str().unwrap_or("?"),
+                d["name"].as_str().unwrap_or("?"),
+                d["agent"].as_str().unwrap_or("?"),
+                d["decision"].as_str().unwrap_or("?"),
+                d["rcode"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?"),
+                d["rule_name"]
+                    .as_str()
+                    .map(|r| format!(" rule={r}"))
+                    .unwrap_or_default(),
+                if answers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" answers={}", answers.join(","))
+                }
+            )
+        }
         None if rec.kind == "lost" => {
             println!("  #{:<3} lost {} events", rec.seq, rec.lost.unwrap_or(0))
         }
@@ -285,6 +352,17 @@ pub fn agent() -> Result<()> {
             "unix" => UnixStream::connect(target).map(|_| ()),
             "packet" => packet_socket(),
             "tool" => run_tool(target),
+            "dns" => match resolve(target) {
+                Ok(addrs) => {
+                    println!(
+                        "agent (pid {}) -> dns {target} via {DEMO_RESOLVER}: {}",
+                        std::process::id(),
+                        addrs
+                    );
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
             "tcp" => {
                 let addr: SocketAddr = target.parse()?;
                 TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ())
@@ -312,6 +390,113 @@ pub fn agent() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One A query for `name` to DEMO_RESOLVER, as a stub resolver sends it: the answer's
+/// addresses, or its rcode.
+fn resolve(name: &str) -> std::io::Result<String> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut q = Message::new();
+    q.set_id(0x4157)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(
+            Name::from_ascii(name).map_err(std::io::Error::other)?,
+            RecordType::A,
+        ));
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.connect(DEMO_RESOLVER)?;
+    sock.send(&q.to_vec().map_err(std::io::Error::other)?)?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf)?;
+    let reply = Message::from_vec(&buf[..n]).map_err(std::io::Error::other)?;
+    let addrs: Vec<String> = reply
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    Ok(if addrs.is_empty() {
+        format!(
+            "{} (no address: the name is not allowed)",
+            reply.response_code()
+        )
+    } else {
+        format!("{} (answered by agentwall's DNS proxy)", addrs.join(", "))
+    })
+}
+
+/// A stand-in upstream resolver for the demo zone, on loopback: answers A queries for the zone's
+/// names and counts what it was asked (NXDOMAIN for any other name).
+struct DemoResolver {
+    addr: SocketAddr,
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DemoResolver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DemoResolver {
+    async fn start() -> Result<Self> {
+        use hickory_proto::{
+            op::{Message, MessageType, ResponseCode},
+            rr::{rdata::A, Name, RData, Record},
+        };
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let addr = sock.local_addr()?;
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = asked.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut r = Message::new();
+                r.set_id(q.id())
+                    .set_message_type(MessageType::Response)
+                    .set_op_code(q.op_code())
+                    .set_recursion_desired(q.recursion_desired())
+                    .set_recursion_available(true)
+                    .add_queries(q.queries().to_vec());
+                let name = q.queries().first().map(|x| x.name().to_ascii());
+                let found = DEMO_ZONE.iter().find(|(n, _)| {
+                    name.as_deref()
+                        .is_some_and(|q| q.trim_end_matches('.').eq_ignore_ascii_case(n))
+                });
+                match found {
+                    Some((n, ip)) => {
+                        if let Ok(owner) = Name::from_ascii(format!("{n}.")) {
+                            r.add_answer(Record::from_rdata(
+                                owner,
+                                30,
+                                RData::A(A::from(std::net::Ipv4Addr::from(*ip))),
+                            ));
+                        }
+                    }
+                    None => {
+                        r.set_response_code(ResponseCode::NXDomain);
+                    }
+                }
+                if let Ok(bytes) = r.to_vec() {
+                    let _ = sock.send_to(&bytes, peer).await;
+                }
+            }
+        });
+        Ok(Self { addr, asked, task })
+    }
 }
 
 /// Starts a tool (this binary's `demo-tool`) that connects to `target` once and exits.
@@ -384,7 +569,7 @@ impl Servers {
                     .with_context(|| format!("making {target} reachable for the agent"))?;
                 continue;
             }
-            if *proto == "packet" || *proto == "tool" {
+            if *proto == "packet" || *proto == "tool" || *proto == "dns" {
                 continue;
             }
             let mut addr: SocketAddr = target.parse()?;
