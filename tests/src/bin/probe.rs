@@ -45,7 +45,20 @@
 //!   bpf-next-prog        BPF_PROG_GET_NEXT_ID (what a process needs to find and detach programs)
 //!   exec:PROGRAM[,ARG...]    replace this process with PROGRAM (execv; steps after it are
 //!                        not run, and the ones before have been printed)
-//! ADDR is a socket address: 127.0.0.1:80, [::1]:80, [::ffff:127.0.0.1]:80.
+//!   dns:SERVER,NAME,TYPE     a DNS query as glibc sends it: UDP socket, connect, send,
+//!                        recvfrom; value: the reply's rcode, detail: JSON {"rcode", "answers"
+//!                        (addresses), "ttls", "from" (recvfrom's address), "peer" (getpeername)}
+//!   dnsu:SERVER,NAME,TYPE    the same as musl sends it: unconnected sendto, recvfrom ("peer"
+//!                        is null)
+//!   dnst:SERVER,NAME,TYPE    the same over TCP (2-byte length framing); "from" is the peer
+//!   dnsraw:SERVER,HEX    the bytes HEX in one datagram on a connected UDP socket; value: the
+//!                        bytes received back (0 when nothing came), detail: {"reply": hex}
+//!   dnsbig:SERVER,N      one N-byte datagram: a query for big.test A padded with zeros; as dnsraw
+//!   dnstraw:SERVER,HEX   the bytes HEX on a TCP connection (framing is the caller's), then
+//!                        shutdown(SHUT_WR); value: the bytes read back until EOF (0 on none)
+//!   dnstbig:SERVER,N     one TCP frame of N bytes (N <= 65535) as dnsbig's; as dnstraw
+//! ADDR is a socket address: 127.0.0.1:80, [::1]:80, [::ffff:127.0.0.1]:80. SERVER is one
+//! too; TYPE is A or AAAA. The DNS steps wait 2 s for a reply.
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
 
@@ -221,6 +234,13 @@ fn step(held: &mut Held, spec: &str) -> io::Result<i64> {
             Ok(0)
         }
         "exec" => exec(arg),
+        "dns" => dns::query(arg, dns::Via::Connected),
+        "dnsu" => dns::query(arg, dns::Via::Unconnected),
+        "dnst" => dns::query(arg, dns::Via::Tcp),
+        "dnsraw" => dns::raw_arg(arg, false),
+        "dnstraw" => dns::raw_arg(arg, true),
+        "dnsbig" => dns::big(arg, false),
+        "dnstbig" => dns::big(arg, true),
         "write" => {
             let (path, text) = arg
                 .split_once(',')
@@ -776,4 +796,228 @@ fn exec(arg: &str) -> io::Result<i64> {
     // SAFETY: NUL-terminated strings and a null-terminated argv that outlive the call.
     unsafe { libc::execv(argv[0], argv.as_ptr()) };
     Err(io::Error::last_os_error())
+}
+
+/// The DNS steps: queries built and replies read with hickory-proto, sent the ways stub
+/// resolvers send them.
+mod dns {
+    use std::{
+        io::{self, Read, Write},
+        net::{SocketAddr, TcpStream, UdpSocket},
+        time::Duration,
+    };
+
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    use super::{addr, DETAIL};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    pub enum Via {
+        /// connect, send, recvfrom (glibc).
+        Connected,
+        /// sendto, recvfrom (musl).
+        Unconnected,
+        /// TCP, 2-byte length framing.
+        Tcp,
+    }
+
+    fn invalid(what: impl std::fmt::Display) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
+    }
+
+    /// A recursive query for NAME/TYPE with a fresh id.
+    fn build(name: &str, ty: &str) -> io::Result<(u16, Vec<u8>)> {
+        let rtype = match ty {
+            "A" => RecordType::A,
+            "AAAA" => RecordType::AAAA,
+            _ => return Err(invalid(format!("TYPE is A or AAAA, not {ty}"))),
+        };
+        let mut name = Name::from_ascii(name).map_err(invalid)?;
+        name.set_fqdn(true);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let id = (nanos ^ std::process::id().rotate_left(16)) as u16;
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(name, rtype));
+        Ok((id, m.to_vec().map_err(invalid)?))
+    }
+
+    /// A socket as stub resolvers make it: no bind, the kernel picks the source at connect or
+    /// send.
+    fn socket(server: &SocketAddr, tcp: bool) -> io::Result<Socket> {
+        let (ty, proto) = if tcp {
+            (Type::STREAM, Protocol::TCP)
+        } else {
+            (Type::DGRAM, Protocol::UDP)
+        };
+        let s = Socket::new(Domain::for_address(*server), ty, Some(proto))?;
+        s.set_read_timeout(Some(WAIT))?;
+        s.set_write_timeout(Some(WAIT))?;
+        Ok(s)
+    }
+
+    fn udp(server: &SocketAddr, connect: bool) -> io::Result<UdpSocket> {
+        let s = socket(server, false)?;
+        if connect {
+            s.connect(&(*server).into())?;
+        }
+        Ok(s.into())
+    }
+
+    fn tcp(server: &SocketAddr) -> io::Result<TcpStream> {
+        let s = socket(server, true)?;
+        s.connect_timeout(&(*server).into(), WAIT)?;
+        Ok(s.into())
+    }
+
+    /// `SERVER,NAME,TYPE`: value is the reply's rcode; the detail names the answers and where
+    /// the reply seemed to come from.
+    pub fn query(arg: &str, via: Via) -> io::Result<i64> {
+        let mut parts = arg.splitn(3, ',');
+        let (Some(server), Some(name), Some(ty)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid("SERVER,NAME,TYPE"));
+        };
+        let server = addr(server)?;
+        let (id, q) = build(name, ty)?;
+        let mut buf = vec![0u8; 65535];
+        let (reply, from, peer) = match via {
+            Via::Connected | Via::Unconnected => {
+                let connected = matches!(via, Via::Connected);
+                let s = udp(&server, connected)?;
+                if connected {
+                    s.send(&q)?;
+                } else {
+                    s.send_to(&q, server)?;
+                }
+                let (n, from) = s.recv_from(&mut buf)?;
+                let peer = connected.then(|| s.peer_addr()).transpose()?;
+                (&buf[..n], from, peer)
+            }
+            Via::Tcp => {
+                let mut s = tcp(&server)?;
+                let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&q);
+                s.write_all(&framed)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let n = u16::from_be_bytes(len) as usize;
+                s.read_exact(&mut buf[..n])?;
+                let peer = s.peer_addr()?;
+                (&buf[..n], peer, Some(peer))
+            }
+        };
+        let m = Message::from_vec(reply).map_err(|e| io::Error::other(format!("reply: {e}")))?;
+        if m.id() != id || m.message_type() != MessageType::Response {
+            return Err(io::Error::other(format!(
+                "not the reply to query {id}: id {}, {:?}",
+                m.id(),
+                m.message_type()
+            )));
+        }
+        let mut answers = Vec::new();
+        let mut ttls = Vec::new();
+        for r in m.answers() {
+            match r.data() {
+                RData::A(a) => answers.push(a.0.to_string()),
+                RData::AAAA(a) => answers.push(a.0.to_string()),
+                _ => continue,
+            }
+            ttls.push(r.ttl());
+        }
+        *DETAIL.lock().expect("detail") = serde_json::json!({
+            "rcode": rcode_name(u16::from(m.response_code())),
+            "answers": answers,
+            "ttls": ttls,
+            "from": from.to_string(),
+            "peer": peer.map(|p| p.to_string()),
+        })
+        .to_string();
+        Ok(u16::from(m.response_code()) as i64)
+    }
+
+    /// The mnemonic of RFC 1035 and 2136 (what dig prints and records carry).
+    fn rcode_name(code: u16) -> String {
+        match code {
+            0 => "NOERROR".into(),
+            1 => "FORMERR".into(),
+            2 => "SERVFAIL".into(),
+            3 => "NXDOMAIN".into(),
+            4 => "NOTIMP".into(),
+            5 => "REFUSED".into(),
+            n => n.to_string(),
+        }
+    }
+
+    /// `SERVER,HEX`.
+    pub fn raw_arg(arg: &str, over_tcp: bool) -> io::Result<i64> {
+        let (server, hex) = arg.split_once(',').ok_or_else(|| invalid("SERVER,HEX"))?;
+        let bytes = hex::decode(hex).map_err(invalid)?;
+        raw(&addr(server)?, &bytes, over_tcp)
+    }
+
+    /// `SERVER,N`: N bytes (one datagram, or one TCP frame) holding a query for big.test A and
+    /// zeros after it.
+    pub fn big(arg: &str, over_tcp: bool) -> io::Result<i64> {
+        let (server, n) = arg.split_once(',').ok_or_else(|| invalid("SERVER,N"))?;
+        let n: usize = n.parse().map_err(invalid)?;
+        if n > 65535 {
+            return Err(invalid("N is at most 65535"));
+        }
+        let (_, mut msg) = build("big.test", "A")?;
+        msg.resize(n.max(msg.len()), 0);
+        msg.truncate(n);
+        if over_tcp {
+            let mut framed = (n as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&msg);
+            msg = framed;
+        }
+        raw(&addr(server)?, &msg, over_tcp)
+    }
+
+    /// Sends `bytes` and reads what comes back within the wait: one datagram, or a TCP stream
+    /// to its end (after shutting down writing). Nothing back is 0, not an error; a refused
+    /// port or connection is an error (nothing was steered there).
+    fn raw(server: &SocketAddr, bytes: &[u8], over_tcp: bool) -> io::Result<i64> {
+        let timed_out = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        };
+        let mut got = Vec::new();
+        if over_tcp {
+            let mut s = tcp(server)?;
+            s.write_all(bytes)?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            match s.read_to_end(&mut got) {
+                Ok(_) => {}
+                // A peer that closes on bad input may reset instead of ending cleanly.
+                Err(e) if timed_out(&e) || e.kind() == io::ErrorKind::ConnectionReset => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            let s = udp(server, true)?;
+            s.send(bytes)?;
+            let mut buf = vec![0u8; 65535];
+            match s.recv(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if timed_out(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        *DETAIL.lock().expect("detail") =
+            serde_json::json!({ "reply": hex::encode(&got) }).to_string();
+        Ok(got.len() as i64)
+    }
 }
