@@ -563,6 +563,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_port_fails_at_once_not_at_the_deadline() {
+        let closed = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let started = std::time::Instant::now();
+        let e = upstream(addr, Duration::from_secs(30))
+            .exchange(&client_query(6), false)
+            .await
+            .unwrap_err();
+        let UpstreamError::Io { source, .. } = &e else {
+            panic!("{e}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let e = upstream(addr, Duration::from_secs(30))
+            .exchange(&client_query(6), true)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("over TCP: cannot connect"), "{e}");
+    }
+
+    #[tokio::test]
     async fn frames_are_length_prefixed_and_bounded() {
         let (mut a, mut b) = tokio::io::duplex(1 << 17);
         write_frame(&mut a, b"abc").await.unwrap();
