@@ -43,8 +43,10 @@ use crate::{
 /// Where the proxy listens unless `agentwall run --dns-listen` says otherwise (loopback only:
 /// the kernel steers agents here; nothing else should reach it).
 pub const DEFAULT_LISTEN_V4: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1053);
-/// Queries the proxy holds at once (each waits for its upstream answer).
+/// Queries the proxy holds at once (each waits for its upstream answer), and of those, how many
+/// one agent may hold: one agent's flood of slow names must not starve the others' lookups.
 const MAX_IN_FLIGHT: usize = 4096;
+const MAX_IN_FLIGHT_PER_AGENT: usize = 128;
 /// TCP connections served at once, and how long one may sit idle.
 const MAX_TCP: usize = 256;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -196,6 +198,39 @@ struct Ctx {
     socks: DnsSocks,
     upstream: Upstream,
     notices: mpsc::UnboundedSender<Notice>,
+    /// Queries in flight per agent.
+    busy: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+}
+
+/// One agent's query in flight, counted until dropped.
+struct InFlight<'a> {
+    ctx: &'a Ctx,
+    agent: u64,
+}
+
+impl<'a> InFlight<'a> {
+    /// None when the agent already has MAX_IN_FLIGHT_PER_AGENT queries in flight.
+    fn take(ctx: &'a Ctx, agent: u64) -> Option<InFlight<'a>> {
+        let mut busy = ctx.busy.lock().expect("in-flight counts");
+        let n = busy.entry(agent).or_default();
+        if *n >= MAX_IN_FLIGHT_PER_AGENT {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight { ctx, agent })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.ctx.busy.lock().expect("in-flight counts");
+        if let Some(n) = busy.get_mut(&self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.agent);
+            }
+        }
+    }
 }
 
 /// Serves queries on `listeners` until `stop`; then answers what the sockets already hold and
@@ -213,6 +248,7 @@ pub async fn serve(
         socks,
         upstream,
         notices,
+        busy: Default::default(),
     });
     let mut servers = JoinSet::new();
     for u in listeners.udp {
@@ -383,6 +419,10 @@ async fn handle(
         // Not a query the kernel steered: a process that is no agent, or a socket whose entry
         // aged out. Answered REFUSED, never forwarded.
         rec.reason = "not-steered";
+        return Some(ctx.refuse(rec, &query, ResponseCode::Refused, None));
+    };
+    let Some(_slot) = InFlight::take(ctx, agent) else {
+        rec.reason = "too-many-in-flight";
         return Some(ctx.refuse(rec, &query, ResponseCode::Refused, None));
     };
     let Some(name) = policy::normalize_name(&query.name) else {
