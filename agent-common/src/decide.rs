@@ -4,8 +4,8 @@
 //! values: no helpers, no maps, bounded loops the verifier accepts.
 
 use crate::{
-    mode, proto, reason, verdict, GrantSet, RuleSet, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES, NO_RULE,
-    RESOLVED_ID_BIT,
+    mode, proto, reason, verdict, GrantSet, RuleSet, MAX_GRANTS_PER_PREFIX, MAX_PORT_RULES,
+    NO_RULE, RESOLVED_ID_BIT,
 };
 
 /// IANA protocol numbers the rules know.

@@ -129,7 +129,7 @@ fn read(field: &u32) -> u32 {
 unsafe fn remember(sa: *mut bpf_sock_addr, sock: &DnsSock) -> bool {
     // SAFETY: the caller's; the helper takes a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
-    DNS_SOCKS.insert(&cookie, sock, 0).is_ok()
+    DNS_SOCKS.insert(cookie, sock, 0).is_ok()
 }
 
 pub(crate) const STEER_NO: u32 = 0;
@@ -163,7 +163,7 @@ pub(crate) fn restore4(ctx: &SockAddrContext) {
             return;
         }
         let cookie = bpf_get_socket_cookie(sa as *mut c_void);
-        if let Some(s) = DNS_SOCKS.get(&cookie) {
+        if let Some(s) = DNS_SOCKS.get(cookie) {
             core::ptr::write_volatile(&mut (*sa).user_ip4, s.addr[3]);
             core::ptr::write_volatile(&mut (*sa).user_port, s.port);
         }
@@ -193,7 +193,7 @@ pub(crate) fn restore6(ctx: &SockAddrContext) {
             return;
         }
         let cookie = bpf_get_socket_cookie(sa as *mut c_void);
-        if let Some(s) = DNS_SOCKS.get(&cookie) {
+        if let Some(s) = DNS_SOCKS.get(cookie) {
             set_ip6(sa, &s.addr);
             core::ptr::write_volatile(&mut (*sa).user_port, s.port);
         }

@@ -89,6 +89,13 @@ pub struct DnsOptions {
     pub listen_v6: Option<SocketAddrV6>,
 }
 
+/// The running DNS proxy: where it listens, its stop signal, its task.
+type ProxyTask = (
+    DnsListen,
+    watch::Sender<bool>,
+    JoinHandle<std::io::Result<()>>,
+);
+
 /// Where a running DNS proxy listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsListen {
@@ -134,11 +141,7 @@ pub struct Handle {
     reopen: mpsc::UnboundedSender<()>,
     /// The DNS proxy: where it listens, its stop signal and its task. It stops first, answering
     /// what it holds, while the control actor still runs.
-    dns: Option<(
-        DnsListen,
-        watch::Sender<bool>,
-        JoinHandle<std::io::Result<()>>,
-    )>,
+    dns: Option<Box<ProxyTask>>,
     /// Held while this controller serves its pins; released after the tasks have stopped.
     _lock: Option<PinLock>,
 }
@@ -146,7 +149,7 @@ pub struct Handle {
 impl Handle {
     /// Where the DNS proxy listens (None: no proxy).
     pub fn dns_listen(&self) -> Option<DnsListen> {
-        self.dns.as_ref().map(|(l, _, _)| *l)
+        self.dns.as_ref().map(|p| p.0)
     }
 
     /// Reopens the audit log before the next record (after a rotation, on SIGHUP).
@@ -351,7 +354,7 @@ impl Handle {
 
     /// Stops: detaches the programs, drains the last events, closes the socket.
     pub async fn shutdown(self) -> Result<()> {
-        if let Some((_, stop, task)) = self.dns {
+        if let Some((_, stop, task)) = self.dns.map(|b| *b) {
             // The proxy answers the queries it holds while the actor can still judge them.
             let _ = stop.send(true);
             match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
@@ -618,7 +621,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
                 dns_notices,
                 stop_rx,
             ));
-            Some((listen, stop_tx, task))
+            Some(Box::new((listen, stop_tx, task)))
         }
         _ => None,
     };

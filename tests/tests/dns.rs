@@ -1043,7 +1043,10 @@ async fn a_sub_agents_name_needs_every_enclosing_agent_and_opens_nothing_for_the
     );
 
     let r = resolve(&sub, "dns", RESOLVER, "tool-only.test", "A")?;
-    assert_eq!(r.rcode, REFUSED, "the enclosing agent's policy does not name it");
+    assert_eq!(
+        r.rcode, REFUSED,
+        "the enclosing agent's policy does not name it"
+    );
     assert_eq!(c.upstream.queries("tool-only.test"), 0, "never forwarded");
     let d = c.dns_record("tool-only.test", "deny").await?;
     assert_eq!(d["decided_by"], "agent", "{d}");

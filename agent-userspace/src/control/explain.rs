@@ -146,8 +146,8 @@ pub fn reason_name(r: u32) -> &'static str {
         reason::GRANT => "grant",
         reason::RATE_LIMIT => "rate-limit",
         reason::CHAIN_TOO_DEEP => "deny:chain-too-deep",
-                reason::DNS_PROXY => "dns-proxy",
-                reason::HOST => "host",
+        reason::DNS_PROXY => "dns-proxy",
+        reason::HOST => "host",
         _ => "unknown",
     }
 }

@@ -31,9 +31,9 @@ use crate::{
 };
 
 pub mod apply;
-pub mod dns;
 #[cfg(test)]
 mod delegation_tests;
+pub mod dns;
 pub mod explain;
 #[cfg(test)]
 mod explain_tests;

@@ -80,7 +80,10 @@ impl<D: Datapath> State<D> {
         // Addresses the last controller's DNS proxy resolved stay allowed until their deadlines.
         let adopted = rt.adopt_resolved(&self.enforcer.grant_entries(), boottime_ns());
         if adopted > 0 {
-            tracing::info!(addresses = adopted, "adopted the resolved addresses in the kernel");
+            tracing::info!(
+                addresses = adopted,
+                "adopted the resolved addresses in the kernel"
+            );
         }
         {
             let mut names = self.names.write().expect("names");
