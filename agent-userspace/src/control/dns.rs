@@ -306,11 +306,20 @@ impl<D: Datapath> State<D> {
             *at = before;
             return Err(e);
         }
+        // Since when: a record of an earlier call to the address must not name the host.
+        let since = self
+            .names
+            .read()
+            .expect("names")
+            .resolved
+            .get(&(agent, addr))
+            .filter(|(old, _)| *old == id)
+            .map_or_else(boottime_ns, |(_, t)| *t);
         self.names
             .write()
             .expect("names")
             .resolved
-            .insert((agent, addr), id);
+            .insert((agent, addr), (id, since));
         Ok(())
     }
 

@@ -224,6 +224,7 @@ impl Enricher {
                     names.host_of(
                         d.agent_cgroup_id,
                         ip,
+                        d.boot_ns,
                         d.rule_id.filter(|_| d.reason == "host"),
                     )
                 })

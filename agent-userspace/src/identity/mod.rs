@@ -37,9 +37,10 @@ pub struct Names {
     /// events still in flight; slots are never reused).
     pub tasks: HashMap<u32, TaskMeta>,
     /// Names the DNS proxy resolved: id (`RESOLVED_ID_BIT | n`) -> host name, and each agent's
-    /// live resolved addresses -> the id of the latest name that resolved there.
+    /// live resolved addresses -> the id of the latest name that resolved there, and since when
+    /// (CLOCK_BOOTTIME ns).
     pub hosts: HashMap<u32, String>,
-    pub resolved: HashMap<(u64, std::net::IpAddr), u32>,
+    pub resolved: HashMap<(u64, std::net::IpAddr), (u32, u64)>,
 }
 
 /// A task as records name it.
@@ -50,16 +51,23 @@ pub struct TaskMeta {
 }
 
 impl Names {
-    /// The host name an agent resolved `addr` as (reason `host`: the resolution `rule_id`).
+    /// The host name an agent had resolved `addr` as at `at_ns` (reason `host`: the resolution
+    /// `rule_id` names it).
     pub fn host_of(
         &self,
         agent: u64,
         addr: std::net::IpAddr,
+        at_ns: u64,
         resolution: Option<u32>,
     ) -> Option<&str> {
         let id = match resolution {
             Some(id) => id,
-            None => *self.resolved.get(&(agent, addr))?,
+            None => {
+                self.resolved
+                    .get(&(agent, addr))
+                    .filter(|(_, since)| *since <= at_ns)?
+                    .0
+            }
         };
         self.hosts.get(&id).map(String::as_str)
     }
