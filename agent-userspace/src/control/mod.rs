@@ -34,6 +34,8 @@ pub mod apply;
 #[cfg(test)]
 mod delegation_tests;
 pub mod dns;
+#[cfg(test)]
+mod dns_tests;
 pub mod explain;
 #[cfg(test)]
 mod explain_tests;
