@@ -104,6 +104,11 @@ impl DnsState {
             ..Default::default()
         }
     }
+
+    /// New ids after `last` (the highest id adopted from the kernel at a restart).
+    pub(crate) fn continue_after(&mut self, last: u32) {
+        self.next_id = self.next_id.max(last);
+    }
 }
 
 impl<D: Datapath> State<D> {

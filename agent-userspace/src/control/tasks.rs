@@ -85,6 +85,15 @@ impl<D: Datapath> State<D> {
                 "adopted the resolved addresses in the kernel"
             );
         }
+        // New resolution ids start past the adopted ones: a reused id would name another host.
+        let last_id = rt
+            .resolved
+            .values()
+            .flat_map(|m| m.values().flatten())
+            .map(|i| i.id & !agent_common::RESOLVED_ID_BIT)
+            .max()
+            .unwrap_or(0);
+        self.dns.continue_after(last_id);
         {
             let mut names = self.names.write().expect("names");
             for (slot, (id, intent)) in &rt.ended {
