@@ -134,8 +134,12 @@ fn demo_policy() {
                 vec![(8080, 8080)],
                 TCP
             ),
+            (4, "tools-api", vec![], vec![(8443, 8443)], TCP),
         ]
     );
+    // By name: the demo zone only.
+    assert_eq!(p.rules[4].hosts.len(), 1);
+    assert_eq!(p.rules[4].hosts[0].to_string(), "api.tools.demo");
     // Only loopback destinations.
     for rule in &p.rules {
         for net in &rule.nets {
@@ -199,7 +203,16 @@ fn example_policy() {
         p.agents.iter().map(|a| a.is_literal()).collect::<Vec<_>>(),
         [true, false, false]
     );
-    assert_eq!(p.rules.len(), 5);
+    assert_eq!(p.rules.len(), 6);
+    assert_eq!(
+        p.rules[5]
+            .hosts
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>(),
+        ["api.example.com", "*.storage.example.com"]
+    );
+    assert_eq!(p.dns.query_rate.map(|r| r.per_second), Some(50));
     assert_eq!(
         p.unix,
         [
@@ -257,11 +270,10 @@ fn example_policy() {
     // Shown briefly.
     let shown = p.to_string();
     assert!(shown.contains("policy example-research (audit"), "{shown}");
-    assert!(
-        shown.contains("rule 1 (dns): 198.51.100.53/32, 2001:db8::53/128, protocol any, port 53")
-    );
+    assert!(shown
+        .contains("rule 1 (syslog): 198.51.100.53/32, 2001:db8::53/128, protocol any, port 514"));
     assert!(c.to_string().contains(
-        "198.51.100.53/32: tcp+udp 53 (rule 1), udp 5000-5010 (rule 4), udp 6000 (rule 4)"
+        "198.51.100.53/32: tcp+udp 514 (rule 1), udp 5000-5010 (rule 4), udp 6000 (rule 4)"
     ));
 }
 
