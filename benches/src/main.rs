@@ -13,11 +13,13 @@
 //! (`daemon`): loading, memory, single trie updates, and how soon new cgroups that a policy
 //! selects are registered; then runtime control (`runtime`): grant and revoke latency as the
 //! kernel decides, revoke to reset of a live connection, and the connect rate with 1,000 live
-//! grants.
+//! grants. After the rounds, the DNS proxy's rows (`dns`): lookup latency against the upstream
+//! asked directly, the proxy's time split, saturation, and a controller restart under load.
 
 mod cleanup;
 mod configs;
 mod daemon;
+mod dns;
 mod load;
 mod report;
 mod rules;
@@ -70,7 +72,8 @@ struct Cli {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/latest.json")]
     json: PathBuf,
-    /// Run only these rows (`runtime`: the floor's TCP row and the runtime-control rows).
+    /// Run only these rows (`runtime`: the floor's TCP row and the runtime-control rows;
+    /// `dns`: the DNS proxy's rows).
     #[arg(long, value_enum)]
     only: Option<Only>,
 }
@@ -82,6 +85,9 @@ pub enum Only {
     /// Grant and revoke latency, revoke to reset, the connect rate with live grants, and the
     /// floor's TCP connect that rate is compared with.
     Runtime,
+    /// The DNS proxy: lookup latency against the upstream asked directly, the proxy's time
+    /// split, queries/s at saturation, and queries failed across a controller restart.
+    Dns,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +96,8 @@ enum Internal {
     Load(load::LoadArgs),
     #[command(name = "__daemon", hide = true)]
     Daemon(daemon::DaemonArgs),
+    #[command(name = "__dnsload", hide = true)]
+    DnsLoad(dns::LoadArgs),
 }
 
 /// What is measured.
@@ -186,9 +194,15 @@ impl Workload {
 }
 
 fn main() -> ExitCode {
+    // Started as `agentwall` (dns.rs's restart row): the agentwall binary's main, whole.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("agentwall")) {
+        return agentwall::cli::main();
+    }
     let cli = Cli::parse();
     let result = match cli.internal {
         Some(Internal::Load(a)) => load::main(a),
+        Some(Internal::DnsLoad(a)) => dns::load_main(a),
         Some(Internal::Daemon(a)) => {
             init_tracing();
             daemon::child_main(a)
@@ -383,7 +397,7 @@ async fn bench(
     // `--only runtime` runs none of the rule configurations: no rule policies to generate.
     let sizes = match only {
         None => vec![plan.small_rules, plan.large_rules],
-        Some(Only::Runtime) => Vec::new(),
+        Some(Only::Runtime | Only::Dns) => Vec::new(),
     };
     for n in sizes {
         let cidrs = rules::cidrs(n);
@@ -506,13 +520,66 @@ async fn bench(
     .collect();
 
     println!("agentwall-bench: {}", machine.line());
-    println!(
-        "agentwall-bench: {} rounds of {} configurations; client on CPU {client_cpu}, servers on \
-         CPU {server_cpu}; cgroups under {}",
-        plan.rounds,
-        configs.len(),
-        base.display()
-    );
+    if only == Some(Only::Dns) {
+        println!(
+            "agentwall-bench: the DNS proxy rows only; clients on CPU {client_cpu}, upstream and \
+             controller on CPU {server_cpu}; cgroups under {}",
+            base.display()
+        );
+    } else {
+        println!(
+            "agentwall-bench: {} rounds of {} configurations; client on CPU {client_cpu}, servers \
+             on CPU {server_cpu}; cgroups under {}",
+            plan.rounds,
+            configs.len(),
+            base.display()
+        );
+    }
+
+    if only == Some(Only::Dns) {
+        let d = dns_rows(&ctx, &plan).await?;
+        servers.stop();
+        let mut o = String::new();
+        o.push_str(&format!(
+            "agentwall bench ({}), DNS rows\nmachine: {}\ncommand: cargo xtask bench{} --only dns\n\n",
+            if quick { "quick" } else { "full" },
+            machine.line(),
+            if quick { " --quick" } else { "" }
+        ));
+        o.push_str(&d.render());
+        o.push_str("\n| goal | target | measured | result |\n|---|---|---|---|\n");
+        for g in d.goals() {
+            o.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                g.goal,
+                g.target,
+                g.measured,
+                if g.pass { "PASS" } else { "MISS" }
+            ));
+        }
+        o.push_str(&format!(
+            "\nRan in {:.0} s. MISS marks a goal not met in this run, it does not fail the bench.\n",
+            t0.elapsed().as_secs_f64()
+        ));
+        println!();
+        print!("{o}");
+        if let Some(parent) = json.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let out = serde_json::json!({
+            "schema": 1,
+            "command": format!("cargo xtask bench{} --only dns", if quick { " --quick" } else { "" }),
+            "started_unix": started_unix,
+            "machine": machine,
+            "dns": d,
+            "goals": d.goals(),
+        });
+        std::fs::write(&json, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        println!("JSON: {}", json.display());
+        cleanup::run_all();
+        return Ok(());
+    }
 
     let mut samples = Vec::new();
     let mut setups = Vec::new();
@@ -594,6 +661,10 @@ async fn bench(
             idle_wait_s,
         });
     }
+    let dns = match only {
+        None => Some(dns_rows(&ctx, &plan).await?),
+        Some(_) => None,
+    };
     servers.stop();
 
     let mut mode = if quick { " --quick" } else { "" }.to_string();
@@ -613,6 +684,7 @@ async fn bench(
         control,
         runtime: runtime_reps,
         rounds,
+        dns,
         started_unix,
         duration_s: t0.elapsed().as_secs_f64(),
         command: format!("cargo xtask bench{mode}"),
@@ -628,6 +700,13 @@ async fn bench(
     println!("JSON: {}", json.display());
     cleanup::run_all();
     Ok(())
+}
+
+/// The DNS proxy's rows (dns.rs), once per run after the rounds.
+async fn dns_rows(ctx: &Arc<Ctx>, plan: &Plan) -> Result<dns::DnsSummary> {
+    eprintln!("agentwall-bench: the DNS proxy rows");
+    let _ = wait_for_idle(plan.idle_wait_s).await;
+    dns::measure(ctx, plan).await.context("the DNS proxy rows")
 }
 
 /// Waits until other processes use less than FOREIGN_CPU_WARN of one CPU over a second, for at

@@ -115,6 +115,8 @@ pub struct Raw {
     pub control: Vec<ControlRep>,
     pub runtime: Vec<RuntimeRep>,
     pub rounds: Vec<RoundInfo>,
+    /// The DNS proxy's rows (not with `--only`).
+    pub dns: Option<crate::dns::DnsSummary>,
     pub started_unix: u64,
     pub duration_s: f64,
     pub command: String,
@@ -245,6 +247,8 @@ pub struct Report {
     /// CPU time other processes used during the whole run.
     pub foreign_cpu_s: f64,
     pub goals: Vec<Goal>,
+    /// The DNS proxy's rows (not with `--only`).
+    pub dns: Option<crate::dns::DnsSummary>,
     pub setups: Vec<SetupRecord>,
     pub samples: Vec<Sample>,
 }
@@ -588,6 +592,9 @@ impl Raw {
         if self.plan.only == Some(crate::Only::Runtime) {
             goals.truncate(runtime_goals);
         }
+        if let Some(d) = &self.dns {
+            goals.extend(d.goals());
+        }
         let mut cpu_per_decision = Vec::new();
         for c in &self.configs {
             let (cpu, d) = self
@@ -619,6 +626,7 @@ impl Raw {
             rounds: self.rounds,
             foreign_cpu_s,
             goals,
+            dns: self.dns,
             setups: self.setups,
             samples: self.samples,
         }
@@ -902,6 +910,10 @@ impl Report {
                     es.iter().map(|e| e.catch_up_ms_max).fold(0.0, f64::max)
                 );
             }
+        }
+        if let Some(d) = &self.dns {
+            let _ = writeln!(o);
+            o.push_str(&d.render());
         }
         let _ = writeln!(o);
         let _ = writeln!(o, "| goal | target | measured | result |");

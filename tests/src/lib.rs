@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 pub mod audit;
+pub mod dns_load;
 pub mod dns_server;
 pub mod inproc;
 pub mod wait;

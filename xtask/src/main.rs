@@ -65,7 +65,9 @@ enum Cmd {
         #[arg(long)]
         rounds: Option<usize>,
         /// Only these rows: `runtime` (grant/revoke latency, revoke to reset, the connect rate
-        /// with live grants, and the floor's TCP row it is compared with).
+        /// with live grants, and the floor's TCP row it is compared with); `dns` (the DNS
+        /// proxy: lookup latency against the upstream asked directly, the proxy's time split,
+        /// queries/s at saturation, queries failed across a controller restart).
         #[arg(long)]
         only: Option<String>,
         /// Further arguments for agentwall-bench (e.g. `-- --idle-wait 60`).

@@ -22,7 +22,7 @@ use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 
@@ -47,6 +47,10 @@ pub const DEFAULT_LISTEN_V4: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr
 /// one agent may hold: one agent's flood of slow names must not starve the others' lookups.
 const MAX_IN_FLIGHT: usize = 4096;
 const MAX_IN_FLIGHT_PER_AGENT: usize = 128;
+/// Past its 128, an agent's queries wait for its own to finish, up to this many; only beyond is
+/// one REFUSED. A burst is served, not refused: a takeover's backlog (every query sent while the
+/// new controller started, 1,000/s for a second) is one agent's burst.
+const MAX_WAITING_PER_AGENT: usize = 2048;
 /// TCP connections served at once, and how long one may sit idle.
 const MAX_TCP: usize = 256;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -198,33 +202,47 @@ struct Ctx {
     socks: DnsSocks,
     upstream: Upstream,
     notices: mpsc::UnboundedSender<Notice>,
-    /// Queries in flight per agent.
-    busy: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    /// Per agent: its in-flight slots, and its queries holding or waiting for one.
+    busy: std::sync::Mutex<std::collections::HashMap<u64, (Arc<Semaphore>, usize)>>,
 }
 
-/// One agent's query in flight, counted until dropped.
+/// One agent's query, counted until dropped; in flight once it holds one of the agent's slots.
 struct InFlight<'a> {
     ctx: &'a Ctx,
     agent: u64,
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl<'a> InFlight<'a> {
-    /// None when the agent already has MAX_IN_FLIGHT_PER_AGENT queries in flight.
-    fn take(ctx: &'a Ctx, agent: u64) -> Option<InFlight<'a>> {
-        let mut busy = ctx.busy.lock().expect("in-flight counts");
-        let n = busy.entry(agent).or_default();
-        if *n >= MAX_IN_FLIGHT_PER_AGENT {
-            return None;
-        }
-        *n += 1;
-        Some(InFlight { ctx, agent })
+    /// Waits for one of the agent's MAX_IN_FLIGHT_PER_AGENT slots; None when
+    /// MAX_WAITING_PER_AGENT of its queries already wait.
+    async fn take(ctx: &'a Ctx, agent: u64) -> Option<InFlight<'a>> {
+        let slots = {
+            let mut busy = ctx.busy.lock().expect("in-flight counts");
+            let (slots, n) = busy
+                .entry(agent)
+                .or_insert_with(|| (Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_AGENT)), 0));
+            if *n >= MAX_IN_FLIGHT_PER_AGENT + MAX_WAITING_PER_AGENT {
+                return None;
+            }
+            *n += 1;
+            slots.clone()
+        };
+        // Counted from here, so a waiter dropped with its task is uncounted too.
+        let mut this = InFlight {
+            ctx,
+            agent,
+            _slot: None,
+        };
+        this._slot = Some(slots.acquire_owned().await.ok()?);
+        Some(this)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut busy = self.ctx.busy.lock().expect("in-flight counts");
-        if let Some(n) = busy.get_mut(&self.agent) {
+        if let Some((_, n)) = busy.get_mut(&self.agent) {
             *n -= 1;
             if *n == 0 {
                 busy.remove(&self.agent);
@@ -421,7 +439,7 @@ async fn handle(
         rec.reason = "not-steered";
         return Some(ctx.refuse(rec, &query, ResponseCode::Refused, None));
     };
-    let Some(_slot) = InFlight::take(ctx, agent) else {
+    let Some(_slot) = InFlight::take(ctx, agent).await else {
         rec.reason = "too-many-in-flight";
         return Some(ctx.refuse(rec, &query, ResponseCode::Refused, None));
     };
