@@ -35,6 +35,12 @@ pub(crate) enum Steer {
     Refused,
 }
 
+/// Where agents' DNS goes, when steering is on.
+#[inline(always)]
+fn steering() -> Option<&'static DnsConfig> {
+    DNS_CONFIG.get(0).filter(|c| c.enabled != 0)
+}
+
 /// A DNS query: TCP or UDP to port 53.
 #[inline(always)]
 pub(crate) fn is_query(ctx: &SockAddrContext) -> bool {
@@ -47,12 +53,9 @@ pub(crate) fn is_query(ctx: &SockAddrContext) -> bool {
 /// stacks are full. Returns a `STEER_*` as a scalar its caller uses (see decide::judge_into).
 #[inline(never)]
 pub(crate) fn steer4(ctx: &SockAddrContext, agent: u64) -> u32 {
-    let Some(cfg) = DNS_CONFIG.get(0) else {
+    let Some(cfg) = steering() else {
         return STEER_NO;
     };
-    if cfg.enabled == 0 {
-        return STEER_NO;
-    }
     let sa = ctx.sock_addr;
     // SAFETY: a valid context; these fields are readable and writable in connect4 and sendmsg4.
     unsafe {
@@ -75,12 +78,9 @@ pub(crate) fn steer4(ctx: &SockAddrContext, agent: u64) -> u32 {
 /// mapped address), any other to the IPv6 one, or is refused when there is none.
 #[inline(never)]
 pub(crate) fn steer6(ctx: &SockAddrContext, agent: u64) -> u32 {
-    let Some(cfg) = DNS_CONFIG.get(0) else {
+    let Some(cfg) = steering() else {
         return STEER_NO;
     };
-    if cfg.enabled == 0 {
-        return STEER_NO;
-    }
     let sa = ctx.sock_addr;
     // SAFETY: a valid context; these fields are readable and writable in connect6 and sendmsg6.
     unsafe {
@@ -150,16 +150,13 @@ pub(crate) fn steer_kind(v: u32) -> Steer {
 /// two compares.
 #[inline(always)]
 pub(crate) fn restore4(ctx: &SockAddrContext) {
-    let Some(cfg) = DNS_CONFIG.get(0) else {
+    let Some(cfg) = steering() else {
         return;
     };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: a valid context; recvmsg4 and getpeername4 may read and write these fields.
     unsafe {
-        if cfg.enabled == 0
-            || read(&(*sa).user_ip4) != cfg.ip4
-            || read(&(*sa).user_port) != cfg.port
-        {
+        if read(&(*sa).user_ip4) != cfg.ip4 || read(&(*sa).user_port) != cfg.port {
             return;
         }
         let cookie = bpf_get_socket_cookie(sa as *mut c_void);
@@ -174,13 +171,13 @@ pub(crate) fn restore4(ctx: &SockAddrContext) {
 /// IPv4-mapped address.
 #[inline(always)]
 pub(crate) fn restore6(ctx: &SockAddrContext) {
-    let Some(cfg) = DNS_CONFIG.get(0) else {
+    let Some(cfg) = steering() else {
         return;
     };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: as in restore4.
     unsafe {
-        if cfg.enabled == 0 || read(&(*sa).user_port) != cfg.port {
+        if read(&(*sa).user_port) != cfg.port {
             return;
         }
         let ip = [

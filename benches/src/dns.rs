@@ -18,7 +18,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -40,7 +40,12 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{cleanup, configs::Ctx, report::Plan, stats, sys};
+use crate::{
+    cleanup,
+    configs::Ctx,
+    report::{Pct, Plan},
+    stats, sys,
+};
 
 /// Goals (issue 11): at 1,000 queries/s, the proxy's p50 within 100 µs and p99 within 1 ms of
 /// the upstream queried directly; no query failed across a controller restart.
@@ -95,27 +100,6 @@ impl DnsPlan {
                 saturated_ms: 5_000,
                 restart_ms: 15_000,
             }
-        }
-    }
-}
-
-/// Percentiles of a pooled sample, µs.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Pct {
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub n: usize,
-}
-
-impl Pct {
-    fn of(v: &[f64]) -> Pct {
-        let p = |q| stats::percentile(v, q).unwrap_or(f64::NAN);
-        Pct {
-            p50: p(50.0),
-            p99: p(99.0),
-            max: p(100.0),
-            n: v.len(),
         }
     }
 }
@@ -377,28 +361,6 @@ fn spec(ctx: &Ctx, server: SocketAddr, agent: bool, rate: u32, ms: u64) -> LoadS
     }
 }
 
-/// Sets the CPU affinity of every thread of this process (threads made later inherit it).
-fn pin_process(cpus: &[usize]) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for c in cpus {
-        // SAFETY: `c` is below CPU_SETSIZE (it came from the kernel's affinity mask).
-        unsafe { libc::CPU_SET(*c, &mut set) };
-    }
-    for task in std::fs::read_dir("/proc/self/task")? {
-        let Ok(tid) = task?.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        // SAFETY: a thread of this process and a valid set; a thread gone meanwhile is ESRCH.
-        let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
-        let e = std::io::Error::last_os_error();
-        if rc != 0 && e.raw_os_error() != Some(libc::ESRCH) {
-            return Err(e).with_context(|| format!("pinning thread {tid} to CPUs {cpus:?}"));
-        }
-    }
-    Ok(())
-}
-
 /// Every DNS row: the in-process controller's rows, then the restart.
 pub async fn measure(ctx: &Arc<Ctx>, plan: &Plan) -> Result<DnsSummary> {
     let dp = DnsPlan::of(plan);
@@ -406,7 +368,7 @@ pub async fn measure(ctx: &Arc<Ctx>, plan: &Plan) -> Result<DnsSummary> {
     let agent_rel = cgroup::relative(&cgroup::cgroup2_mount()?, &ctx.agent)?;
     // The upstream, the controller and this process on the server CPU; the clients on theirs.
     let all = sys::allowed_cpus()?;
-    pin_process(&[ctx.server_cpu])?;
+    sys::pin_process(&[ctx.server_cpu])?;
     let r = inproc(ctx, &dp, &agent_rel, upstream.addr()).await;
     let r = match r {
         Ok(mut s) => restart(ctx, &dp, &agent_rel, upstream.addr())
@@ -418,7 +380,7 @@ pub async fn measure(ctx: &Arc<Ctx>, plan: &Plan) -> Result<DnsSummary> {
             }),
         Err(e) => Err(e),
     };
-    pin_process(&all)?;
+    sys::pin_process(&all)?;
     r
 }
 
@@ -542,17 +504,6 @@ async fn inproc(
     result
 }
 
-/// A UDP and TCP port of 127.0.0.1 free for both (the restart's two controllers share it).
-fn free_dns_port() -> Result<u16> {
-    for _ in 0..32 {
-        let u = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = u.local_addr()?.port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port of 127.0.0.1 free for both UDP and TCP")
-}
 
 /// The restart's files and pins; removed when dropped (pins by the library's uninstall, so a
 /// failed run leaves no programs attached).
@@ -670,7 +621,7 @@ fn restart_blocking(
         dir,
     };
     std::fs::write(&f.policy, policy_yaml(agent_rel))?;
-    let port = free_dns_port()?;
+    let port = agentwall_tests::dns_load::free_dns_port()?;
     let mut a = controller(ctx, &f, upstream, port, false, "a.log")?;
     let log = |name: &str| std::fs::read_to_string(f.dir.join(name)).unwrap_or_default();
     let ready = until(

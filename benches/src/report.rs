@@ -204,7 +204,7 @@ pub struct Pct {
 }
 
 impl Pct {
-    fn of(v: &[f64]) -> Pct {
+    pub fn of(v: &[f64]) -> Pct {
         let p = |q| stats::percentile(v, q).unwrap_or(f64::NAN);
         Pct {
             p50: p(50.0),

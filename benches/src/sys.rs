@@ -214,6 +214,28 @@ impl Machine {
     }
 }
 
+/// Sets the CPU affinity of every thread of this process (threads made later inherit it).
+pub fn pin_process(cpus: &[usize]) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cpus {
+        // SAFETY: `c` is below CPU_SETSIZE (it came from the kernel's affinity mask).
+        unsafe { libc::CPU_SET(*c, &mut set) };
+    }
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let Ok(tid) = task?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: a thread of this process and a valid set; a thread gone meanwhile is ESRCH.
+        let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
+        let e = std::io::Error::last_os_error();
+        if rc != 0 && e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e).with_context(|| format!("pinning thread {tid} to CPUs {cpus:?}"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -457,3 +457,16 @@ pub fn main_with(spec_json: Option<String>) -> Result<()> {
     println!("{}", serde_json::to_string(&rep)?);
     Ok(())
 }
+
+/// A port of 127.0.0.1 free for both UDP and TCP (two controllers' `--dns-listen` share it).
+pub fn free_dns_port() -> anyhow::Result<u16> {
+    use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+    for _ in 0..32 {
+        let u = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = u.local_addr()?.port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port of 127.0.0.1 free for both UDP and TCP")
+}

@@ -124,3 +124,24 @@ pub fn connect_errno(cgroup: &Path, to: SocketAddr) -> Result<i32> {
     let out = probe_in(cgroup, &[format!("tcp:{}", sa(to))])?;
     Ok(if out[0].ok { 0 } else { out[0].errno })
 }
+
+/// Connects from `agent` until refused with EPERM (fails after `limit`): how long that took.
+/// Each try is a probe process asking the kernel, which paces the loop.
+pub fn wait_denied(
+    agent: &std::path::Path,
+    to: std::net::SocketAddr,
+    limit: std::time::Duration,
+) -> anyhow::Result<std::time::Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        match connect_errno(agent, to)? {
+            crate::EPERM => return Ok(start.elapsed()),
+            0 => {}
+            e => anyhow::bail!("connect to {to} failed with errno {e}, not EPERM"),
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "{to} still connected {limit:?} later"
+        );
+    }
+}

@@ -288,8 +288,12 @@ impl Drop for Sysctls {
 /// A TCP listener on a loopback address with a free port. A thread accepts and closes every
 /// connection so the backlog never fills, however many connects a test makes.
 pub fn tcp_server(ip: &str) -> Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(SocketAddr::new(ip.parse()?, 0))
-        .with_context(|| format!("binding TCP on {ip}"))?;
+    tcp_server_at(SocketAddr::new(ip.parse()?, 0))
+}
+
+/// The same at exactly `at` (a fixed port).
+pub fn tcp_server_at(at: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(at).with_context(|| format!("binding TCP on {at}"))?;
     let a = l.local_addr()?;
     let acceptor = l.try_clone()?;
     std::thread::spawn(move || {

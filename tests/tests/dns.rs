@@ -8,7 +8,7 @@
 //! follow, and the records.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -20,8 +20,8 @@ use agentwall::{
 };
 use agentwall_tests::{
     dns_server::{DnsServer, Rec},
-    inproc::{connect_errno, next_decision_to, next_record},
-    probe, probe_in, tcp_server, Outcome, TestCgroups, EPERM,
+    inproc::{connect_errno, next_decision_to, next_record, wait_denied},
+    probe, probe_in, tcp_server, tcp_server_at, Outcome, TestCgroups, EPERM,
 };
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -215,36 +215,6 @@ fn resolve(cgroup: &Path, kind: &str, server: &str, name: &str, ty: &str) -> Res
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("an address")
-}
-
-/// Connects from `agent` until refused with EPERM (fails after `limit`); each try is a probe
-/// process asking the kernel, which paces the loop.
-fn wait_denied(agent: &Path, to: SocketAddr, limit: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        match connect_errno(agent, to)? {
-            EPERM => return Ok(start.elapsed()),
-            0 => {}
-            e => bail!("connect to {to} failed with errno {e}, not EPERM"),
-        }
-        ensure!(
-            start.elapsed() < limit,
-            "{to} still connected {limit:?} later"
-        );
-    }
-}
-
-/// A TCP listener at exactly `addr`, accepting and closing every connection.
-fn tcp_server_at(addr: &str) -> Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr).with_context(|| format!("binding TCP on {addr}"))?;
-    let a = l.local_addr()?;
-    let acceptor = l.try_clone()?;
-    std::thread::spawn(move || {
-        for conn in acceptor.incoming() {
-            drop(conn);
-        }
-    });
-    Ok((l, a))
 }
 
 /// A policy on `<base>/agent` with egress `rules` and a top-level `dns` block (YAML text).
@@ -742,7 +712,7 @@ async fn an_address_this_agent_did_not_resolve_stays_closed() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dns_over_tls_needs_a_rule_naming_port_853() -> Result<()> {
-    let (_dot, dot) = tcp_server_at("127.0.37.1:853")?;
+    let (_dot, dot) = tcp_server_at("127.0.37.1:853".parse()?)?;
     let (_other, other) = tcp_server("127.0.37.1")?;
     let wide = policy("  - cidr: 127.0.0.0/8\n    protocol: tcp\n", "");
     let c = Dns::start(&[&wide], &["agent"], &ok_zone()).await?;
@@ -1025,8 +995,8 @@ async fn a_sub_agents_name_needs_every_enclosing_agent_and_opens_nothing_for_the
     ];
     let mut c = Dns::start(&[parent, tool], &["agent", "agent/tool"], &zone).await?;
     let (agent, sub) = (c.path("agent"), c.path("agent/tool"));
-    let (_l80, at80) = tcp_server_at("127.0.38.1:80")?;
-    let (_l443, at443) = tcp_server_at("127.0.38.1:443")?;
+    let (_l80, at80) = tcp_server_at("127.0.38.1:80".parse()?)?;
+    let (_l443, at443) = tcp_server_at("127.0.38.1:443".parse()?)?;
 
     let r = resolve(&sub, "dns", RESOLVER, "both.test", "A")?;
     assert_eq!((r.rcode, r.answers), (NOERROR, vec![ip("127.0.38.1")]));

@@ -7,7 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,17 +27,6 @@ const RESOLVER: &str = "127.0.0.99:53";
 const RATE: u32 = 200;
 const RUN_MS: u64 = 8_000;
 
-/// A port of 127.0.0.1 free for UDP and TCP (both controllers' `--dns-listen`).
-fn free_dns_port() -> Result<u16> {
-    for _ in 0..32 {
-        let u = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = u.local_addr()?.port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no port of 127.0.0.1 free for both UDP and TCP")
-}
 
 fn controller(d: &Daemon, upstream: SocketAddr, port: u16, takeover: bool) -> Result<Child> {
     let log = d.dir.join(if takeover { "b.log" } else { "a.log" });
@@ -122,7 +111,7 @@ fn takeover_under_dns_load_fails_no_query() -> Result<()> {
             target.port()
         ),
     )?;
-    let port = free_dns_port()?;
+    let port = agentwall_tests::dns_load::free_dns_port()?;
     let mut running = Running {
         a: Some(controller(&d, upstream.addr(), port, false)?),
         b: None,

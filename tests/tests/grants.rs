@@ -17,7 +17,7 @@ use agentwall::{
     policy::{self, PolicySet},
 };
 use agentwall_tests::{
-    inproc::{connect_errno, next_decision_to, next_record},
+    inproc::{connect_errno, next_decision_to, next_record, wait_denied},
     tcp_server, TestCgroups, EPERM,
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -106,23 +106,6 @@ fn grant(agent: &str, to: SocketAddr, ttl_secs: u64, task: Option<&str>) -> Gran
         ttl_secs,
         task: task.map(str::to_string),
         reason: "kernel test".into(),
-    }
-}
-
-/// Connects from the agent until it is refused with EPERM (fails after `limit`); each try is a
-/// probe process asking the kernel, which paces the loop.
-fn wait_denied(agent: &Path, to: SocketAddr, limit: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        match connect_errno(agent, to)? {
-            EPERM => return Ok(start.elapsed()),
-            0 => {}
-            e => bail!("connect to {to} failed with errno {e}, not EPERM"),
-        }
-        ensure!(
-            start.elapsed() < limit,
-            "the grant to {to} still allowed connects {limit:?} later"
-        );
     }
 }
 

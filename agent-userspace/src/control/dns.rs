@@ -279,6 +279,16 @@ impl<D: Datapath> State<D> {
         id
     }
 
+    fn resolved_at(&mut self, agent: u64, addr: IpAddr) -> &mut Vec<ResolvedItem> {
+        self.runtime
+            .rt
+            .resolved
+            .entry(agent)
+            .or_default()
+            .entry(addr)
+            .or_default()
+    }
+
     /// Replaces the items of resolution `id` at `addr` and writes the entry.
     fn set_resolved(
         &mut self,
@@ -287,28 +297,13 @@ impl<D: Datapath> State<D> {
         id: u32,
         items: Vec<ResolvedItem>,
     ) -> Result<(), String> {
-        let at = self
-            .runtime
-            .rt
-            .resolved
-            .entry(agent)
-            .or_default()
-            .entry(addr)
-            .or_default();
+        let at = self.resolved_at(agent, addr);
         let before = at.clone();
         at.retain(|i| i.id != id);
         at.extend(items);
         if let Err(e) = self.write_resolved(agent, addr) {
             // The kernel holds what it held: so does the model.
-            let at = self
-                .runtime
-                .rt
-                .resolved
-                .entry(agent)
-                .or_default()
-                .entry(addr)
-                .or_default();
-            *at = before;
+            *self.resolved_at(agent, addr) = before;
             return Err(e);
         }
         // Since when: a record of an earlier call to the address must not name the host.
