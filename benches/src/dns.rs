@@ -504,7 +504,6 @@ async fn inproc(
     result
 }
 
-
 /// The restart's files and pins; removed when dropped (pins by the library's uninstall, so a
 /// failed run leaves no programs attached).
 struct RestartFiles {

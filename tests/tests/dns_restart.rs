@@ -27,7 +27,6 @@ const RESOLVER: &str = "127.0.0.99:53";
 const RATE: u32 = 200;
 const RUN_MS: u64 = 8_000;
 
-
 fn controller(d: &Daemon, upstream: SocketAddr, port: u16, takeover: bool) -> Result<Child> {
     let log = d.dir.join(if takeover { "b.log" } else { "a.log" });
     let mut cmd = Command::new(&d.agentwall);
