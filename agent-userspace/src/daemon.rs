@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{broadcast, mpsc, watch},
     task::JoinHandle,
 };
 
@@ -21,7 +21,11 @@ use crate::{
     events::{self, AuditRecord, Enricher},
     identity::{self, cgroup, Names, PolicyMeta},
     policy::{self, PolicySet},
-    sinks::Sink,
+    sinks::{
+        fanout::Fanout,
+        metrics::{self, Metrics},
+        Sink,
+    },
 };
 
 /// Where the policy comes from.
@@ -41,7 +45,11 @@ pub struct Options {
     /// Where programs attach; the cgroup2 root when None (tests may use a subtree).
     pub attach_to: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
+    /// The audit log's rotation, retention, fsync policy and checkpoint keys.
+    pub audit: crate::sinks::AuditOptions,
     pub stdout: bool,
+    /// How the audit log and stdout lines are written (`--format`, docs/ocsf.md).
+    pub format: crate::sinks::Format,
     pub control_socket: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
     /// How often the cgroup tree is scanned for new cgroups that selectors match.
@@ -56,6 +64,9 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// In-process copy of every record (tests, demo).
     pub tap: Option<mpsc::UnboundedSender<AuditRecord>>,
+    /// Records each `GET /v1/events` consumer may fall behind by before it gets a drop notice
+    /// (docs/stream.md).
+    pub stream_buffer: usize,
     /// Agent map size override (tests of a full map); `MAX_AGENTS` when None.
     pub agent_map_entries: Option<u32>,
     /// The agent socket (docs/agent-socket.md): where agents set their task and ask for access.
@@ -77,6 +88,11 @@ pub struct Options {
     /// has, instead of failing. The DNS proxy's sockets are bound first, so queries sent
     /// meanwhile wait for this controller instead of failing.
     pub takeover: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (docs/metrics.md); port 0: a free one
+    /// (`Handle::metrics_addr`).
+    pub metrics: Option<SocketAddr>,
+    /// Publish the audit log to NATS JetStream (docs/nats.md); needs `audit_log`, its spool.
+    pub nats: Option<crate::sinks::nats::NatsOptions>,
 }
 
 /// The DNS proxy's addresses and upstream.
@@ -96,6 +112,12 @@ type ProxyTask = (
     JoinHandle<std::io::Result<()>>,
 );
 
+/// The running NATS publisher: its stop signal and its task.
+type NatsTask = (
+    watch::Sender<bool>,
+    JoinHandle<Result<(), crate::sinks::nats::NatsError>>,
+);
+
 /// Where a running DNS proxy listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsListen {
@@ -110,7 +132,9 @@ impl Options {
             cgroup_root: None,
             attach_to: None,
             audit_log: None,
+            audit: crate::sinks::AuditOptions::default(),
             stdout: false,
+            format: crate::sinks::Format::Native,
             control_socket: Some(api::DEFAULT_SOCKET.into()),
             bpffs: Some("/sys/fs/bpf".into()),
             // A backstop: new cgroups are seen by inotify when they appear.
@@ -120,6 +144,7 @@ impl Options {
             drain_interval: events::DRAIN_INTERVAL,
             pin_dir: None,
             tap: None,
+            stream_buffer: crate::sinks::fanout::DEFAULT_BUFFER,
             agent_map_entries: None,
             agent_socket: None,
             watch_policy: true,
@@ -127,6 +152,8 @@ impl Options {
             max_grants_per_agent: crate::control::grants::DEFAULT_MAX_GRANTS_PER_AGENT,
             dns: None,
             takeover: false,
+            metrics: None,
+            nats: None,
         }
     }
 }
@@ -139,9 +166,16 @@ pub struct Handle {
     pub cgroup_root: PathBuf,
     /// Asks the event reader to reopen the audit log (SIGHUP).
     reopen: mpsc::UnboundedSender<()>,
+    /// The live stream's fan-out: records the audit log accepted.
+    records: Fanout,
     /// The DNS proxy: where it listens, its stop signal and its task. It stops first, answering
     /// what it holds, while the control actor still runs.
     dns: Option<Box<ProxyTask>>,
+    /// Where the metrics endpoint listens (`Options::metrics`).
+    metrics_addr: Option<SocketAddr>,
+    /// The NATS publisher's stop signal and task: it stops last, after the records the other
+    /// tasks wrote last.
+    nats: Option<NatsTask>,
     /// Held while this controller serves its pins; released after the tasks have stopped.
     _lock: Option<PinLock>,
 }
@@ -150,6 +184,21 @@ impl Handle {
     /// Where the DNS proxy listens (None: no proxy).
     pub fn dns_listen(&self) -> Option<DnsListen> {
         self.dns.as_ref().map(|p| p.0)
+    }
+
+    /// Every record written from now on, as `GET /v1/events` consumers get them (unfiltered).
+    pub fn subscribe_records(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.records.subscribe()
+    }
+
+    /// The live stream's fan-out (consumer counts, drops).
+    pub fn records(&self) -> &Fanout {
+        &self.records
+    }
+
+    /// Where the metrics endpoint listens (None: not served).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Reopens the audit log before the next record (after a rotation, on SIGHUP).
@@ -368,6 +417,10 @@ impl Handle {
         for t in self.tasks {
             t.await.context("controller task panicked")??;
         }
+        if let Some((stop, task)) = self.nats {
+            let _ = stop.send(true);
+            task.await.context("NATS publisher panicked")??;
+        }
         Ok(())
     }
 }
@@ -430,6 +483,15 @@ pub async fn start(opts: Options) -> Result<Handle> {
         ),
         None => None,
     };
+    // An address that cannot be bound refuses the start before anything is loaded.
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint at {addr}"))?,
+        ),
+        None => None,
+    };
     // Before anything pinned is read or written: one controller per pin directory.
     let lock = match &opts.pin_dir {
         Some(dir) if opts.takeover => Some(take_over(dir).await?),
@@ -444,8 +506,22 @@ pub async fn start(opts: Options) -> Result<Handle> {
         PolicySource::Path(p) => policy::load_dir(p)?,
         PolicySource::Fixed(s) => s.clone(),
     };
+    if let Some(n) = &opts.nats {
+        n.validate()?;
+        if opts.audit_log.is_none() {
+            bail!("--nats publishes the audit log (its spool): it needs --audit-log");
+        }
+    }
     // An audit log that cannot be written refuses the start before anything is loaded.
-    let mut sink = Sink::new(opts.audit_log.as_deref(), opts.stdout, opts.tap.clone())?;
+    let mut sink = Sink::with_audit(
+        opts.audit_log.as_deref(),
+        opts.audit.clone(),
+        opts.stdout,
+        opts.tap.clone(),
+    )?
+    .with_format(opts.format);
+    let records = Fanout::new(opts.stream_buffer);
+    sink.set_fanout(records.clone());
     // A newer layout pinned beside ours refuses the start before anything is loaded.
     let older_layouts = match &opts.pin_dir {
         Some(dir) => pin::older_layouts(dir)?,
@@ -459,6 +535,16 @@ pub async fn start(opts: Options) -> Result<Handle> {
     })
     .context("loading eBPF programs")?;
     let ring = enforcer.take_events().context("event ring already taken")?;
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let m = Metrics::new();
+            m.watch_ring(std::os::fd::AsFd::as_fd(&ring))
+                .context("mapping the event ring's positions for metrics")?;
+            sink.observe(m.observer());
+            Some((m, listener))
+        }
+        None => None,
+    };
     // Agents' DNS goes to this controller's proxy from the moment the programs attach.
     enforcer
         .set_dns(dns_listeners.as_ref().map(|l| (l.v4, l.v6)))
@@ -479,6 +565,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
     );
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
     let dns_notices = notice_tx.clone();
+    let nats_notices = notice_tx.clone();
     let audit_health = crate::sinks::Health::new();
     let adopted = enforcer.adopted();
     let last_lost = enforcer.lost_reported()?;
@@ -499,6 +586,10 @@ pub async fn start(opts: Options) -> Result<Handle> {
     )?;
     state.requests.ttl = opts.request_ttl;
     state.max_grants_per_agent = opts.max_grants_per_agent;
+    if let Some((m, _)) = &metrics {
+        m.watch_health(audit_health.clone());
+        state.metrics = Some(m.clone());
+    }
     // Bound before the policy is applied, whose Unix allowlists name it.
     // Absolute: agents connect by this path, and the Unix guard matches it as written.
     let agent_socket = opts
@@ -544,6 +635,19 @@ pub async fn start(opts: Options) -> Result<Handle> {
     }
     let mut enricher = Enricher::new(names, root.clone());
     enricher.index_denied(state.requests.denied.clone());
+    // This boot's sequence continues where the last controller's audit log ends.
+    let resume = opts
+        .audit_log
+        .as_deref()
+        .map(|p| events::resume::from_audit_log(p, &enricher.boot_id))
+        .unwrap_or_default();
+    if resume.last_seq > 0 {
+        tracing::info!(
+            last_seq = resume.last_seq,
+            "continuing the audit sequence of this boot"
+        );
+    }
+    enricher.resume_after(resume.last_seq);
     // An upgrade across layout versions: the older layout's links now run this controller's
     // programs (switched in one step, pinned here too), so its own pins can go; its ring is
     // read to the end (nothing writes to it any more) and its maps removed.
@@ -562,6 +666,7 @@ pub async fn start(opts: Options) -> Result<Handle> {
         losses,
         notices: notice_rx,
         reopen,
+        resume,
     };
     // It ends after the control actor, whose final loss total it writes.
     tasks.push(tokio::spawn(async move {
@@ -569,18 +674,53 @@ pub async fn start(opts: Options) -> Result<Handle> {
             .await
             .context("event reader")
     }));
+    // The NATS publisher tails the audit log the reader writes: it never holds the reader up.
+    let nats = match (&opts.nats, &opts.audit_log) {
+        (Some(n), Some(log)) => {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            tracing::info!(url = %n.url, subjects = %format!("{}.>", n.subject_prefix),
+                stream = %n.stream, "publishing the audit log to NATS JetStream");
+            let task = tokio::spawn(crate::sinks::nats::run(
+                n.clone(),
+                log.clone(),
+                nats_notices,
+                stop_rx,
+            ));
+            Some((stop_tx, task))
+        }
+        _ => None,
+    };
     if let Some(sock) = opts.control_socket.clone() {
         let (tx, rx) = (cmd_tx.clone(), shutdown_rx.clone());
+        let subscriber = Some(records.subscriber());
         // Bind before returning so `exec` can rely on the socket once start() has returned.
         let ready = std::os::unix::net::UnixStream::connect(&sock).is_ok();
         if ready {
             bail!("{}: another controller is serving here", sock.display());
         }
         tasks.push(tokio::spawn(async move {
-            api::serve(sock, tx, rx).await.context("control socket")
+            api::serve(sock, tx, subscriber, rx)
+                .await
+                .context("control socket")
         }));
         tokio::task::yield_now().await;
     }
+    let metrics_addr = match metrics {
+        Some((m, listener)) => {
+            let addr = listener
+                .local_addr()
+                .context("the metrics endpoint's address")?;
+            let rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                metrics::serve(listener, m, rx)
+                    .await
+                    .context("metrics endpoint")
+            }));
+            tracing::info!(%addr, "serving metrics at /metrics");
+            Some(addr)
+        }
+        None => None,
+    };
     // New cgroups below the watched parents are registered when they appear.
     let (change_tx, change_rx) = mpsc::channel(1024);
     let watched = state.watched_paths();
@@ -632,6 +772,9 @@ pub async fn start(opts: Options) -> Result<Handle> {
         tasks,
         cgroup_root: root,
         reopen: reopen_tx,
+        metrics_addr,
+        records,
+        nats,
         _lock: lock,
     })
 }

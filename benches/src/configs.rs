@@ -147,7 +147,7 @@ impl Ctx {
 pub enum Active {
     Floor,
     Agentwall {
-        handle: Handle,
+        handle: Box<Handle>,
         follower: AuditFollower,
     },
     Nft,
@@ -419,7 +419,7 @@ pub async fn setup(cfg: &Config, ctx: &Ctx, round: usize) -> Result<(Active, Set
                 .await
                 .context("registering the bench's agent cgroup")?;
             Active::Agentwall {
-                handle,
+                handle: Box::new(handle),
                 follower: AuditFollower::new(log),
             }
         }
@@ -498,7 +498,7 @@ pub async fn teardown(active: Active, ctx: &Ctx) -> Result<Teardown> {
             mut follower,
         } => {
             let settled = settle(&handle, &mut follower).await;
-            let shut = handle.shutdown().await;
+            let shut = (*handle).shutdown().await;
             let c = settled?;
             shut.context("stopping the in-process controller")?;
             follower.poll()?;

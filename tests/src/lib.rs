@@ -24,6 +24,7 @@ pub mod audit;
 pub mod dns_load;
 pub mod dns_server;
 pub mod inproc;
+pub mod nats_server;
 pub mod wait;
 
 pub const EPERM: i32 = libc::EPERM;

@@ -16,15 +16,31 @@ fn policy(base: &str, port: u16) -> String {
     )
 }
 
-/// Every attempt is in the audit log or counted as lost. A record may be written twice when a
-/// kill lands between write and consume: each (time, thread) counts once.
+/// Every attempt is in the audit log exactly once or counted as lost, and the records' seq
+/// runs 1, 2, 3, ... with no gap and no repeat across the kill and the restart, all in one boot:
+/// the restarted controller continues the sequence and does not write again the decision a
+/// kill between write and consume leaves in the ring.
 #[track_caller]
 fn assert_every_attempt_recorded(d: &Daemon, attempts: u64) -> Result<()> {
     let records = d.records()?;
-    let unique: HashSet<(String, u32)> = records
-        .iter()
-        .filter_map(|r| r.decision.as_ref().map(|x| (r.time.clone(), x.tid)))
-        .collect();
+    let mut unique: HashSet<(u64, u32, String)> = HashSet::new();
+    for r in &records {
+        if let Some(x) = &r.decision {
+            assert!(
+                unique.insert((x.ktime_ns, x.tid, x.hook.clone())),
+                "a decision written twice: seq {}",
+                r.seq
+            );
+        }
+    }
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "the sequence has a gap or a repeat");
+    let boots: HashSet<&str> = records.iter().map(|r| r.boot_id.as_str()).collect();
+    assert!(
+        boots.len() == 1 && !boots.contains(""),
+        "one boot id on every record: {boots:?}"
+    );
     let lost: u64 = records.iter().filter_map(|r| r.lost).sum();
     assert_eq!(
         unique.len() as u64 + lost,

@@ -47,6 +47,12 @@ const APT_PACKAGES: &[AptPackage] = &[
         package: "tinyproxy-bin",
         provides: &["/usr/bin/tinyproxy", "tinyproxy"],
     },
+    // tests/tests/nats.rs: a real JetStream broker the test starts and stops itself (the
+    // package's own service is not used).
+    AptPackage {
+        package: "nats-server",
+        provides: &["/usr/sbin/nats-server", "nats-server"],
+    },
 ];
 
 pub fn setup() -> Result<()> {

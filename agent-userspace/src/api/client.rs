@@ -71,6 +71,74 @@ pub async fn call_async(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, ClientError> {
+    let resp = send(socket, method, path, body).await?;
+    let io = |e: hyper::Error| ClientError::Io(socket.into(), chain(&e));
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(io)?.to_bytes();
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ClientError::Reply(e.to_string()));
+    }
+    Err(refusal(status, &bytes))
+}
+
+/// Opens a stream (`GET /v1/events?...`): the controller's refusal as [`call`] returns it, or
+/// the lines of its answer as they come.
+pub async fn follow(socket: &Path, path: &str) -> Result<Lines, ClientError> {
+    let resp = tokio::time::timeout(CLIENT_TIMEOUT, send(socket, Method::GET, path, None))
+        .await
+        .map_err(|_| {
+            ClientError::Io(socket.into(), format!("no reply within {CLIENT_TIMEOUT:?}"))
+        })??;
+    let status = resp.status();
+    if !status.is_success() {
+        let io = |e: hyper::Error| ClientError::Io(socket.into(), chain(&e));
+        let bytes = resp.into_body().collect().await.map_err(io)?.to_bytes();
+        return Err(refusal(status, &bytes));
+    }
+    Ok(Lines {
+        body: resp.into_body(),
+        buf: Vec::new(),
+        socket: socket.into(),
+    })
+}
+
+/// The lines of a streamed answer.
+pub struct Lines {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    socket: PathBuf,
+}
+
+impl Lines {
+    /// The next line (without its newline); None at the end of the stream.
+    pub async fn next_line(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            match self.body.frame().await {
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Ok(Some(std::mem::take(&mut self.buf))),
+                Some(Err(e)) => return Err(ClientError::Io(self.socket.clone(), chain(&e))),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends one request; the answer's head, its body to read.
+async fn send(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| match e.kind() {
@@ -96,23 +164,24 @@ pub async fn call_async(
     let req = req
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| ClientError::Io(socket.into(), e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(io)?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(io)?.to_bytes();
-    if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| ClientError::Reply(e.to_string()));
-    }
-    let mut error: ApiError = serde_json::from_slice(&bytes).map_err(|_| {
-        ClientError::Reply(format!(
+    sender.send_request(req).await.map_err(io)
+}
+
+/// The error of an answer that is not 2xx.
+fn refusal(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ApiError>(bytes) {
+        Ok(mut error) => {
+            error.status = status.as_u16();
+            ClientError::Api {
+                status: status.as_u16(),
+                error,
+            }
+        }
+        Err(_) => ClientError::Reply(format!(
             "{status}: {}",
             String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
-        ))
-    })?;
-    error.status = status.as_u16();
-    Err(ClientError::Api {
-        status: status.as_u16(),
-        error,
-    })
+        )),
+    }
 }
 
 /// An error and its sources, on one line (hyper's own message alone says little).

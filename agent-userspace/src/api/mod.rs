@@ -33,7 +33,10 @@ use tokio::{
 
 pub use client::ClientError;
 
-use crate::control::{Caller, Command};
+use crate::{
+    control::{Caller, Command},
+    sinks::fanout::Subscriber,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/agentwall/control.sock";
 
@@ -56,10 +59,12 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// rather than spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Binds the socket (root-only, 0600) and serves until `shutdown`.
+/// Binds the socket (root-only, 0600) and serves until `shutdown`; `records` feeds
+/// `GET /v1/events`.
 pub async fn serve(
     path: PathBuf,
     commands: mpsc::Sender<Command>,
+    records: Option<Subscriber>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -111,10 +116,13 @@ pub async fn serve(
                     waiting.retain(|tx| !tx.is_closed());
                 }
                 waiting.push_back(evict_tx);
+                let streaming = routes::Streaming::default();
                 let app = if root {
                     app.clone().with_state(routes::Ctx {
                         commands: commands.clone(),
                         caller: Caller::Admin { uid: uid.unwrap_or_default() },
+                        records: records.clone(),
+                        streaming: streaming.clone(),
                     })
                 } else {
                     refusing.clone()
@@ -122,7 +130,7 @@ pub async fn serve(
                 let stats = stats.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match connection(stream, app, evict_rx).await {
+                    match connection(stream, app, evict_rx, streaming).await {
                         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                             stats.count(&stats.timed_out)
                         }
@@ -208,11 +216,13 @@ impl Stats {
 }
 
 /// Serves one connection: waits for its first byte (evictable until then, at most
-/// [`REQUEST_TIMEOUT`]), then one HTTP/1 exchange, no keep-alive, within [`CONNECTION_TIMEOUT`].
+/// [`REQUEST_TIMEOUT`]), then one HTTP/1 exchange, no keep-alive, within [`CONNECTION_TIMEOUT`]
+/// unless its answer is an event stream, which lasts until the client closes.
 async fn connection(
     stream: tokio::net::UnixStream,
     app: axum::Router,
     evict: oneshot::Receiver<()>,
+    streaming: routes::Streaming,
 ) -> std::io::Result<()> {
     let timed_out = |what| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
     tokio::select! {
@@ -229,10 +239,12 @@ async fn connection(
         .header_read_timeout(REQUEST_TIMEOUT)
         .max_buf_size(MAX_REQUEST_BYTES.max(8192))
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
-    tokio::time::timeout(CONNECTION_TIMEOUT, conn)
-        .await
-        .map_err(|_| timed_out("the exchange took too long"))?
-        .map_err(std::io::Error::other)
+    tokio::pin!(conn);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, &mut conn).await {
+        Ok(r) => r.map_err(std::io::Error::other),
+        Err(_) if streaming.is_set() => conn.await.map_err(std::io::Error::other),
+        Err(_) => Err(timed_out("the exchange took too long")),
+    }
 }
 
 /// Returns once the peer has sent something (or closed). `readable()` alone may report a

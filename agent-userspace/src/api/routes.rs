@@ -2,32 +2,74 @@
 //! handler validates its input, sends one typed command to the control actor and maps the
 //! typed reply; a request refused here reaches the controller not at all.
 
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
 use axum::{
-    extract::{FromRequest, Path, Request, State},
-    http::StatusCode,
+    body::Body as HttpBody,
+    extract::{FromRequest, Path, RawQuery, Request, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
     routing::{delete, get, post},
     Json, Router,
 };
+use bytes::Bytes;
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use utoipa::OpenApi;
 
 use super::{
     wire::{
-        ApiError, ApplyBody, ApproveBody, Approved, Caller, DenyBody, ExplainBody, Explanation,
-        FromEventBody, GrantBody, GrantInfo, RegisterBody, Registered, Reloaded, RequestInfo,
-        RequestState, Revoked, Status, TaskEnded, TaskInfo, TaskStartBody,
+        ApiError, ApplyBody, ApproveBody, Approved, Caller, DenyBody, EventsQuery, ExplainBody,
+        Explanation, FromEventBody, GrantBody, GrantInfo, RegisterBody, Registered, Reloaded,
+        RequestInfo, RequestState, Revoked, Status, StreamNotice, TaskEnded, TaskInfo,
+        TaskStartBody,
     },
     MAX_REQUEST_BYTES, REQUEST_TIMEOUT,
 };
-use crate::control::{self, Command, ControlError};
+use crate::{
+    control::{self, Command, ControlError},
+    sinks::{
+        fanout::{Consumer, FanoutError, Item, Subscriber},
+        Format,
+    },
+};
 
 /// What a handler needs: the control actor, and who is calling (from the peer credentials).
 #[derive(Clone)]
 pub struct Ctx {
     pub commands: mpsc::Sender<Command>,
     pub caller: control::Caller,
+    /// The live stream's fan-out (None: this controller serves no `/v1/events`).
+    pub records: Option<Subscriber>,
+    /// Set when this connection's answer is an event stream: it outlives the exchange timeout.
+    pub streaming: Streaming,
 }
+
+/// Marks a connection as an event stream (see [`Ctx::streaming`]).
+#[derive(Clone, Default)]
+pub struct Streaming(Arc<AtomicBool>);
+
+impl Streaming {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A stream with nothing to send says so this often: the consumer sees the stream is alive,
+/// and a consumer gone away is found (the write fails) and released.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// The v1 routes; every unknown path or method answers the one JSON error shape.
 pub fn router() -> Router<Ctx> {
@@ -41,6 +83,7 @@ pub fn router() -> Router<Ctx> {
         .route("/v1/grants", post(grant).get(grants))
         .route("/v1/grants/{id}", delete(revoke))
         .route("/v1/explain", post(explain))
+        .route("/v1/events", get(events))
         .route("/v1/requests", get(requests).post(request_from_event))
         .route("/v1/requests/{id}", get(request))
         .route("/v1/requests/{id}/approve", post(approve))
@@ -413,6 +456,91 @@ async fn deny(
     .map(|r| Json(r.into()))
 }
 
+/// The records as they are written to the audit log, one JSON object a line (NDJSON, HTTP/1.1
+/// chunked), from the moment the response starts until the client closes. Filters are query
+/// parameters, applied by the controller; loss records pass every filter. A consumer that falls
+/// behind loses records from its own stream only, and a `{"kind":"stream-dropped","count":N}`
+/// line says how many before the next record; `{"kind":"stream-heartbeat"}` comes after 10 s
+/// without output. A consumer never slows enforcement or the audit log. See docs/stream.md.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
+    responses(
+        (status = 200, description = "NDJSON: audit records (or OCSF objects), and stream notices",
+            content_type = "application/x-ndjson", body = StreamNotice),
+        (status = 400, body = ApiError), (status = 429, body = ApiError),
+        (status = "5XX", body = ApiError)))]
+async fn events(State(ctx): State<Ctx>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let (filter, format) = EventsQuery::parse(raw.as_deref())?.validate()?;
+    let fanout = ctx.records.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this controller serves no event stream",
+        )
+    })?;
+    let consumer = fanout.consumer(filter).map_err(|e| match e {
+        FanoutError::TooMany => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too-many", e.to_string())
+        }
+        FanoutError::Stopped => ApiError::unavailable(),
+    })?;
+    ctx.streaming.set();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        HttpBody::from_stream(lines(consumer, format)),
+    )
+        .into_response())
+}
+
+/// A consumer's lines: records in `format`, drop notices, heartbeats; ends with the controller.
+fn lines(
+    consumer: Consumer,
+    format: Format,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    futures_util::stream::unfold(consumer, move |mut c| async move {
+        loop {
+            let item = match tokio::time::timeout(HEARTBEAT, c.next()).await {
+                Ok(None) => return None,
+                Ok(Some(i)) => Some(i),
+                Err(_) => None,
+            };
+            if let Some(line) = line(item, format) {
+                return Some((Ok(line), c));
+            }
+        }
+    })
+}
+
+/// One line of a stream (None: heartbeat). A record that cannot be encoded is logged and left
+/// out (it is in the audit log).
+fn line(item: Option<Item>, format: Format) -> Option<Bytes> {
+    let notice = |kind: &str, count| StreamNotice {
+        kind: kind.into(),
+        count,
+    };
+    let encoded = match item {
+        None => serde_json::to_vec(&notice("stream-heartbeat", None)),
+        Some(Item::Dropped(n)) => serde_json::to_vec(&notice("stream-dropped", Some(n))),
+        Some(Item::Record(r)) => return encoded_record(format.line(&r)),
+    };
+    encoded_record(encoded.map(|mut v| {
+        v.push(b'\n');
+        v
+    }))
+}
+
+fn encoded_record(encoded: serde_json::Result<Vec<u8>>) -> Option<Bytes> {
+    match encoded {
+        Ok(v) => Some(v.into()),
+        Err(e) => {
+            tracing::warn!("event stream: encoding a record: {e}");
+            None
+        }
+    }
+}
+
 /// The OpenAPI document of this API (docs/openapi.json is this, checked by a test).
 #[derive(OpenApi)]
 #[openapi(
@@ -424,13 +552,14 @@ async fn deny(
     ),
     paths(
         status, reload, apply_policy, register, task_start, task_end, grant, grants, revoke,
-        explain, requests, request_from_event, request, approve, deny
+        explain, requests, request_from_event, request, approve, deny, events
     ),
-    components(schemas(ApiError, Caller, RequestState)),
+    components(schemas(ApiError, Caller, RequestState, StreamNotice)),
     tags(
         (name = "controller", description = "Registration, policy reload, status"),
         (name = "runtime", description = "Tasks and just-in-time grants"),
-        (name = "approvals", description = "Requests for access that wait for a person")
+        (name = "approvals", description = "Requests for access that wait for a person"),
+        (name = "events", description = "The live stream of records")
     )
 )]
 pub struct ApiDoc;

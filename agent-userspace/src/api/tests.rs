@@ -163,6 +163,8 @@ fn fake() -> (Ctx, tokio::task::JoinHandle<usize>) {
     let ctx = Ctx {
         commands: tx,
         caller: control::Caller::Admin { uid: 0 },
+        records: None,
+        streaming: Default::default(),
     };
     (ctx, task)
 }
@@ -306,4 +308,27 @@ fn openapi_document_is_up_to_date() {
             "{route} undocumented"
         );
     }
+}
+
+#[tokio::test]
+async fn event_stream_filters_are_checked_before_a_stream_opens() {
+    let (ctx, _task) = fake();
+    for (uri, field) in [
+        ("/v1/events?decision=maybe", "decision"),
+        ("/v1/events?dst=10.0.0.0/33", "dst"),
+        ("/v1/events?agent=", "agent"),
+        ("/v1/events?format=xml", "format"),
+        ("/v1/events?nope=1", "nope"),
+        ("/v1/events?task=a&task=b", "task"),
+    ] {
+        let (status, v) = send(&ctx, "GET", uri, "").await;
+        assert_eq!(
+            (status, v["field"].as_str()),
+            (400, Some(field)),
+            "{uri}: {v}"
+        );
+    }
+    // Valid, but this controller serves no stream.
+    let (status, v) = send(&ctx, "GET", "/v1/events?decision=deny&dst=::1", "").await;
+    assert_eq!(status, 503, "{v}");
 }

@@ -680,3 +680,81 @@ impl From<control::Approved> for Approved {
         }
     }
 }
+
+/// The query of `GET /v1/events`: which records a stream gets, and in which form. Every
+/// parameter is optional; each one set must match (a decision record's fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// The agent's name or its cgroup path.
+    pub agent: Option<String>,
+    /// The policy's verdict: `allow` or `deny`.
+    pub decision: Option<String>,
+    /// The destination lies in this network (a CIDR or one address).
+    pub dst: Option<String>,
+    /// The agent's task id at decision time.
+    pub task: Option<String>,
+    /// `json` (the audit log's records, the default) or `ocsf` (OCSF Network Activity).
+    pub format: Option<String>,
+}
+
+impl EventsQuery {
+    /// Decodes a raw query string; an unknown or repeated parameter is a 400 naming it.
+    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let mut q = Self::default();
+        for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            let slot = match k.as_ref() {
+                "agent" => &mut q.agent,
+                "decision" => &mut q.decision,
+                "dst" => &mut q.dst,
+                "task" => &mut q.task,
+                "format" => &mut q.format,
+                other => {
+                    return Err(ApiError::invalid(
+                        other,
+                        "unknown parameter (agent, decision, dst, task, format)",
+                    ))
+                }
+            };
+            if slot.replace(v.into_owned()).is_some() {
+                return Err(ApiError::invalid(k, "given more than once"));
+            }
+        }
+        Ok(q)
+    }
+
+    /// The filter and the format, or a 400 naming the parameter at fault.
+    pub fn validate(
+        &self,
+    ) -> Result<(crate::sinks::fanout::Filter, crate::sinks::Format), ApiError> {
+        let filter = crate::sinks::fanout::Filter::parse(
+            self.agent.as_deref(),
+            self.decision.as_deref(),
+            self.dst.as_deref(),
+            self.task.as_deref(),
+        )
+        .map_err(|e| ApiError::invalid(e.field, e.reason))?;
+        let format = match self.format.as_deref() {
+            None | Some("json") => crate::sinks::Format::Native,
+            Some("ocsf") => crate::sinks::Format::Ocsf,
+            Some(f) => {
+                return Err(ApiError::invalid(
+                    "format",
+                    format!("{f:?} is not json or ocsf"),
+                ))
+            }
+        };
+        Ok((filter, format))
+    }
+}
+
+/// The stream's own lines, between records: `stream-dropped` (this consumer fell behind and
+/// `count` records went by unseen, counted before filtering) and `stream-heartbeat` (nothing to
+/// send for a while; the stream is alive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StreamNotice {
+    /// `stream-dropped` or `stream-heartbeat`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}

@@ -1,6 +1,8 @@
 //! The `agentwall` command line: the daemon (`run`) and clients of the control socket.
 
+mod audit;
 pub mod demo;
+mod events;
 mod exec;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -45,6 +47,9 @@ enum Cmd {
     Reload(SocketArg),
     /// Counters and registered agents of the running controller.
     Status(SocketArg),
+    /// The live stream of records as they are written (`--follow`), filtered by the
+    /// controller (docs/stream.md).
+    Events(events::EventsArgs),
     /// An agent's current task: its records carry the task id and intent.
     Task {
         #[command(subcommand)]
@@ -94,6 +99,11 @@ enum Cmd {
     Request(RequestArgs),
     /// Remove everything agentwall pinned (programs detach, maps go). Nothing else does this.
     Uninstall(UninstallArgs),
+    /// The audit log: verify its hash chain and signed checkpoints, make a checkpoint key.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
+    },
     /// Set up a demo on loopback: demo policy, servers, controller, one agent process.
     Demo(DemoArgs),
     #[command(hide = true)]
@@ -152,6 +162,10 @@ struct RunArgs {
     /// Also write every record to stdout.
     #[arg(long)]
     stdout: bool,
+    /// Record format of the audit log and stdout: native (docs/records.md) or ocsf (OCSF
+    /// 1.8.0, docs/ocsf.md).
+    #[arg(long, default_value = "native")]
+    format: crate::sinks::Format,
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     control_socket: PathBuf,
     /// The agent socket, where agents set their own task and ask for access (0666; see
@@ -205,6 +219,39 @@ struct RunArgs {
     /// restart with no DNS query lost: this one's proxy sockets take new queries first).
     #[arg(long)]
     takeover: bool,
+    #[command(flatten)]
+    audit: audit::AuditRunArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md), e.g.
+    /// 127.0.0.1:9464. Unauthenticated: bind it where only the scraper reaches.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+    /// NATS JetStream publishing (boxed: the flags are many, `Cmd` stays small).
+    #[command(flatten)]
+    nats: Box<NatsArgs>,
+}
+
+/// `run --nats URL ...` (docs/nats.md).
+#[derive(Args)]
+struct NatsArgs {
+    /// Publish every audit record to NATS JetStream at this URL (nats://HOST:PORT), at least
+    /// once, from the audit log as its spool (docs/nats.md).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// Subjects are PREFIX.<node>.<kind>.
+    #[arg(long, value_name = "PREFIX", requires = "nats",
+          default_value = crate::sinks::nats::DEFAULT_SUBJECT_PREFIX)]
+    nats_subject: String,
+    /// The JetStream stream, created for PREFIX.> when missing.
+    #[arg(long, value_name = "NAME", requires = "nats",
+          default_value = crate::sinks::nats::DEFAULT_STREAM)]
+    nats_stream: String,
+    /// What is published: native (the audit line) or ocsf (OCSF 1.8.0, docs/ocsf.md).
+    #[arg(long, requires = "nats", default_value = "native", value_parser = ["native", "ocsf"])]
+    nats_format: String,
+    /// Where the publisher keeps its place in the audit log, its spool [default:
+    /// <audit-log>.nats-cursor].
+    #[arg(long, value_name = "PATH", requires = "nats")]
+    nats_cursor: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -331,6 +378,7 @@ pub fn main() -> ExitCode {
                 .and_then(|v| print_json(&v)),
             Cmd::Status(s) => call(&s.control_socket, Method::GET, "/v1/status", None)
                 .and_then(|v| print_json(&v)),
+            Cmd::Events(a) => events::run(a),
             Cmd::Task { cmd } => task(cmd),
             Cmd::Grant(a) => grant(a),
             Cmd::Grants(s) => call(&s.control_socket, Method::GET, "/v1/grants", None)
@@ -362,6 +410,7 @@ pub fn main() -> ExitCode {
             }
             Cmd::Request(a) => request(a),
             Cmd::Uninstall(a) => uninstall(a),
+            Cmd::Audit { cmd } => audit::run(cmd),
             Cmd::Run(a) => runtime().and_then(|rt| rt.block_on(run(a))),
             Cmd::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a.audit_log))),
         };
@@ -605,6 +654,7 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut opts = Options::new(PolicySource::Path(a.policy));
     opts.audit_log = Some(a.audit_log);
     opts.stdout = a.stdout;
+    opts.format = a.format;
     opts.watch_policy = !a.no_watch_policy;
     if !a.no_agent_socket {
         opts.agent_socket = Some(
@@ -621,6 +671,19 @@ async fn run(a: RunArgs) -> Result<()> {
     opts.request_ttl = Duration::from_secs(a.request_ttl);
     opts.max_grants_per_agent = a.max_grants_per_agent as usize;
     opts.takeover = a.takeover;
+    opts.audit = a.audit.options()?;
+    opts.metrics = a.metrics;
+    let nats = *a.nats;
+    opts.nats = nats.nats.map(|url| {
+        let mut n = crate::sinks::nats::NatsOptions::new(url);
+        n.subject_prefix = nats.nats_subject;
+        n.stream = nats.nats_stream;
+        n.cursor = nats.nats_cursor;
+        n
+    });
+    if let Some(n) = &mut opts.nats {
+        n.format = nats.nats_format.parse()?;
+    }
     opts.dns = if a.no_dns {
         None
     } else {

@@ -243,6 +243,8 @@ pub(crate) struct State<D: Datapath = Enforcer> {
     pub(crate) max_grants_per_agent: usize,
     /// The DNS proxy's query buckets and resolution ids (control/dns.rs).
     pub(crate) dns: dns::DnsState,
+    /// Map occupancy and policy versions for `--metrics` (set by the daemon).
+    pub(crate) metrics: Option<Arc<crate::sinks::metrics::Metrics>>,
 }
 
 impl<D: Datapath> State<D> {
@@ -292,6 +294,7 @@ impl<D: Datapath> State<D> {
             agent_socket: None,
             max_grants_per_agent: grants::DEFAULT_MAX_GRANTS_PER_AGENT,
             dns: dns::DnsState::new(),
+            metrics: None,
         })
         .map(|mut s: Self| {
             s.restore_runtime();
@@ -367,7 +370,10 @@ impl<D: Datapath> State<D> {
                 Some(change) = changes.recv() => self.on_change(change),
                 Some(result) = prepared.recv() => pushes.finish(&mut self, result, &prepared_tx),
                 _ = scan.tick() => self.rescan(),
-                _ = counters.tick() => self.report_lost(),
+                _ = counters.tick() => {
+                    self.report_lost();
+                    self.update_metrics();
+                }
                 _ = expiry.tick() => {
                     self.expire();
                     self.expire_requests();
@@ -412,6 +418,31 @@ impl<D: Datapath> State<D> {
             Err(e) => tracing::warn!("reading the lost count: {e}"),
         }
         self.record_lost_reported();
+    }
+
+    /// Occupancy from this controller's own bookkeeping (what it wrote; no map walk) and the
+    /// policy versions, for `--metrics`.
+    fn update_metrics(&self) {
+        use agent_common::{MAX_GRANT_PREFIXES, MAX_PREFIXES_V4, MAX_PREFIXES_V6, MAX_UNIX_PATHS};
+        let Some(m) = &self.metrics else { return };
+        m.set_map("agents", self.entries.len(), self.enforcer.agent_capacity());
+        let count = |f: fn(&PrefixKeys) -> usize| self.installed.values().map(|i| f(&i.keys)).sum();
+        m.set_map("rules_v4", count(|k| k.v4.len()), MAX_PREFIXES_V4);
+        m.set_map("rules_v6", count(|k| k.v6.len()), MAX_PREFIXES_V6);
+        m.set_map("unix_paths", count(|k| k.unix.len()), MAX_UNIX_PATHS);
+        let v4 = self
+            .runtime
+            .written
+            .keys()
+            .filter(|(_, p)| matches!(p, crate::datapath::GrantPrefix::V4(..)))
+            .count();
+        m.set_map("grants_v4", v4, MAX_GRANT_PREFIXES);
+        m.set_map(
+            "grants_v6",
+            self.runtime.written.len() - v4,
+            MAX_GRANT_PREFIXES,
+        );
+        m.set_policies(self.generation, self.installed.keys().map(String::as_str));
     }
 
     fn record_lost_reported(&mut self) {

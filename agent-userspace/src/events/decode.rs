@@ -497,10 +497,14 @@ mod tests {
         assert_eq!(d.unix_path.as_deref(), Some("/run/tools/x.sock"));
         assert_eq!(d.rule_name.as_deref(), Some("/run/tools/"));
         assert_eq!((d.dst.as_str(), d.sock_type), ("", Some(1)));
-        let lost = en.lost(7);
+        let lost = en.lost(7, "kernel-ring");
         assert_eq!(
             (lost.seq, lost.kind.as_str(), lost.lost),
             (3, "lost", Some(7))
         );
+        assert_eq!(lost.detail.unwrap()["where"], "kernel-ring");
+        // A restarted controller continues the sequence of its boot.
+        en.resume_after(41);
+        assert_eq!(en.lost(1, "undecodable").seq, 42);
     }
 }

@@ -45,6 +45,13 @@ impl Default for Clock {
     }
 }
 
+/// The kernel's boot id (empty when it cannot be read).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -55,6 +62,8 @@ pub fn node_name() -> String {
 /// only as a marked fallback).
 pub struct Enricher {
     pub node: String,
+    /// The kernel's boot id: `seq` counts within one boot.
+    pub boot_id: String,
     pub clock: Clock,
     pub names: Arc<RwLock<Names>>,
     /// cgroup2 mount, to name descendant cgroups of agents.
@@ -70,6 +79,7 @@ impl Enricher {
     pub fn new(names: Arc<RwLock<Names>>, root: PathBuf) -> Self {
         Self {
             node: node_name(),
+            boot_id: boot_id(),
             clock: Clock::new(),
             names,
             root,
@@ -118,6 +128,12 @@ impl Enricher {
         Some(found)
     }
 
+    /// Continues the sequence after `last`, the seq of the last record a controller of this
+    /// boot wrote (a restart adds no gap and reuses no number).
+    pub fn resume_after(&mut self, last: u64) {
+        self.seq = self.seq.max(last);
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
@@ -156,6 +172,7 @@ impl Enricher {
         let rec = DecisionRecord {
             agent: agent.map(|a| a.name.clone()),
             agent_cgroup: agent.map(|a| a.cgroup.clone()),
+            ktime_ns: d.boot_ns,
             cgroup_id: d.cgroup_id,
             cgroup,
             pid: d.pid,
@@ -250,6 +267,7 @@ impl Enricher {
             seq,
             time: humantime::format_rfc3339_nanos(self.clock.wall(d.boot_ns)).to_string(),
             node: self.node.clone(),
+            boot_id: self.boot_id.clone(),
             kind: "decision".into(),
             decision: Some(rec),
             lost: None,
@@ -257,15 +275,19 @@ impl Enricher {
         }
     }
 
-    pub fn lost(&mut self, count: u64) -> AuditRecord {
+    /// A `lost` record: `count` decisions that were never written, and where they were lost
+    /// (`kernel-ring`: the kernel could not queue them; `undecodable`: records of an unknown
+    /// size in the ring; `nats-spool`: ...).
+    pub fn lost(&mut self, count: u64, at: &str) -> AuditRecord {
         AuditRecord {
             seq: self.other_seq(),
             time: self.now(),
             node: self.node.clone(),
+            boot_id: self.boot_id.clone(),
             kind: "lost".into(),
             decision: None,
             lost: Some(count),
-            detail: None,
+            detail: Some(serde_json::json!({ "where": at })),
         }
     }
 
@@ -275,9 +297,13 @@ impl Enricher {
             seq: self.other_seq(),
             time: self.now(),
             node: self.node.clone(),
+            boot_id: self.boot_id.clone(),
             kind: n.kind.into(),
             decision: None,
-            lost: None,
+            // A loss another part reports (the NATS publisher): counted like the reader's own.
+            lost: (n.kind == "lost")
+                .then(|| n.detail["lost"].as_u64())
+                .flatten(),
             detail: Some(n.detail.clone()),
         }
     }

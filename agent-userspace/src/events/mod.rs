@@ -7,6 +7,7 @@
 mod decode;
 mod enrich;
 mod loss;
+pub mod resume;
 
 use std::{
     collections::VecDeque,
@@ -21,6 +22,7 @@ pub use crate::sinks::{AuditRecord, DecisionRecord};
 pub use decode::Decision;
 pub use enrich::{node_name, Clock, Enricher};
 pub use loss::{link as loss_link, LossInbox, LossReports};
+pub use resume::Resume;
 
 use crate::sinks::{AuditError, Health, Sink};
 
@@ -60,6 +62,8 @@ pub struct Inputs {
     pub notices: mpsc::UnboundedReceiver<Notice>,
     /// Reopen the audit log (SIGHUP).
     pub reopen: mpsc::UnboundedReceiver<()>,
+    /// Where the last controller of this boot stopped (`resume::from_audit_log`).
+    pub resume: Resume,
 }
 
 /// Reads the ring buffer until the control actor is gone (it sends its final loss total
@@ -76,8 +80,12 @@ pub async fn run(
         losses,
         mut notices,
         mut reopen,
+        resume,
     } = inputs;
+    let mut enricher = enricher;
+    enricher.resume_after(resume.last_seq);
     let mut r = Reader {
+        already_written: resume.last_decision,
         enricher,
         sink,
         health,
@@ -170,6 +178,10 @@ struct Failing {
 }
 
 struct Reader {
+    /// The last record the previous controller wrote, when it was a decision: the ring may still
+    /// hold it (it died between the write and moving the consumer position). Checked against
+    /// the first decision read, then cleared.
+    already_written: Option<resume::EventId>,
     enricher: Enricher,
     sink: Sink,
     health: Health,
@@ -210,10 +222,13 @@ impl Reader {
                 records = self.undecodable,
                 "records of an unknown size in the event ring: reported as lost"
             );
-            let rec = self.enricher.lost(std::mem::take(&mut self.undecodable));
+            let rec = self
+                .enricher
+                .lost(std::mem::take(&mut self.undecodable), "undecodable");
             self.emit(Pending::Undecodable, rec)?;
         }
-        Ok(())
+        // The end of a batch: durable now under `--audit-fsync batch`.
+        self.sink.flush_batch()
     }
 
     fn emit(&mut self, kind: Pending, rec: AuditRecord) -> Result<(), AuditError> {
@@ -237,7 +252,7 @@ impl Reader {
         if total <= done {
             return Ok(());
         }
-        let mut rec = pending.unwrap_or_else(|| self.enricher.lost(0));
+        let mut rec = pending.unwrap_or_else(|| self.enricher.lost(0, "kernel-ring"));
         rec.lost = Some(total - done);
         self.emit(Pending::Loss, rec)?;
         self.sink.sync()?;
@@ -253,6 +268,13 @@ impl Reader {
                 other => {
                     self.pending = other;
                     match Decision::from_record(&item) {
+                        Some(d) if self.already_written.take().is_some_and(|w| w.is(&d)) => {
+                            tracing::info!(
+                                "the first event in the ring was written before the restart: \
+                                 not written again"
+                            );
+                            continue;
+                        }
                         Some(d) => {
                             // What the controller did before this decision was taken goes first.
                             while self.notices.front().is_some_and(|n| n.at_ns <= d.boot_ns) {
@@ -355,7 +377,7 @@ pub fn drain_retired(
         }
     }
     if lost > 0 {
-        sink.write(&enricher.lost(lost))?;
+        sink.write(&enricher.lost(lost, "retired-ring"))?;
     }
     sink.sync()
 }

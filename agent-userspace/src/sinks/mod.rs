@@ -8,11 +8,19 @@ use std::{
 use tokio::sync::mpsc;
 
 mod audit;
+pub mod chain;
+pub mod fanout;
 mod health;
+pub mod metrics;
+pub mod nats;
+pub mod ocsf;
 mod record;
 
-pub use audit::{AuditError, AuditFile, ROTATION_CHECK};
+pub use audit::{
+    segments, AuditError, AuditFile, AuditOptions, Fsync, DEFAULT_KEEP, ROTATION_CHECK,
+};
 pub use health::{Health, HealthState};
+pub use ocsf::Format;
 pub use record::{AuditRecord, DecisionRecord};
 
 /// Where records go: the audit file, stdout, and an in-process tap. The audit file is the
@@ -24,6 +32,12 @@ pub struct Sink {
     stdout: bool,
     stdout_failing: bool,
     tap: Option<mpsc::UnboundedSender<AuditRecord>>,
+    /// The live stream (`GET /v1/events`): records the audit log accepted.
+    fanout: Option<fanout::Fanout>,
+    /// Counts each record written, and the audit log's failures (`--metrics`).
+    metrics: Option<metrics::Observer>,
+    /// How the audit file and stdout lines are written (native by default).
+    format: Format,
 }
 
 impl Sink {
@@ -38,7 +52,60 @@ impl Sink {
             stdout,
             stdout_failing: false,
             tap,
+            fanout: None,
+            metrics: None,
+            format: Format::Native,
         })
+    }
+
+    /// As `new`, with the audit log rotated, kept, synced and checkpointed by `opts`.
+    pub fn with_audit(
+        audit_log: Option<&Path>,
+        opts: AuditOptions,
+        stdout: bool,
+        tap: Option<mpsc::UnboundedSender<AuditRecord>>,
+    ) -> Result<Self, AuditError> {
+        let mut sink = Self::new(None, stdout, tap)?;
+        sink.file = audit_log
+            .map(|p| AuditFile::open_with(p, opts))
+            .transpose()?;
+        Ok(sink)
+    }
+
+    /// Rotated audit files removed past `--audit-keep` since start.
+    pub fn segments_removed(&self) -> u64 {
+        self.file.as_ref().map_or(0, AuditFile::segments_removed)
+    }
+
+    /// The end of a batch of records: the audit log is synced as `--audit-fsync` says.
+    pub fn flush_batch(&mut self) -> Result<(), AuditError> {
+        match &mut self.file {
+            Some(f) => f.flush_batch(),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the audit file and stdout lines in `format` (`--format`).
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Counts every record written from now on.
+    pub fn observe(&mut self, observer: metrics::Observer) {
+        self.metrics = Some(observer);
+    }
+
+    /// (Of the field, so it borrows beside the audit file.)
+    fn count_error(metrics: &Option<metrics::Observer>) {
+        if let Some(m) = metrics {
+            m.write_error();
+        }
+    }
+
+    /// Publishes each record written to the live stream's consumers.
+    pub fn set_fanout(&mut self, fanout: fanout::Fanout) {
+        self.fanout = Some(fanout);
     }
 
     /// The audit log's path, if there is one.
@@ -48,10 +115,10 @@ impl Sink {
 
     /// Writes one record: all of it to the audit log, or nothing.
     pub fn write(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(rec)?;
-        line.push(b'\n');
+        let line = self.format.line(rec)?;
         if let Some(f) = &mut self.file {
-            f.append(&line)?;
+            f.append(&line)
+                .inspect_err(|_| Self::count_error(&self.metrics))?;
         }
         if self.stdout {
             match io::stdout().lock().write_all(&line) {
@@ -66,13 +133,20 @@ impl Sink {
         if let Some(tap) = &self.tap {
             let _ = tap.send(rec.clone());
         }
+        if let Some(m) = &mut self.metrics {
+            m.written(rec);
+        }
+        // After the audit log accepted it; never waits for a consumer.
+        if let Some(f) = &self.fanout {
+            f.publish(rec);
+        }
         Ok(())
     }
 
     /// Makes what was written durable (before a loss is recorded as reported).
     pub fn sync(&mut self) -> Result<(), AuditError> {
         match &mut self.file {
-            Some(f) => f.sync(),
+            Some(f) => f.sync().inspect_err(|_| Self::count_error(&self.metrics)),
             None => Ok(()),
         }
     }
@@ -87,7 +161,9 @@ impl Sink {
     /// Reopens the audit log if it was asked to, or rotated away.
     pub fn maintain(&mut self) -> Result<(), AuditError> {
         match &mut self.file {
-            Some(f) => f.maintain(),
+            Some(f) => f
+                .maintain()
+                .inspect_err(|_| Self::count_error(&self.metrics)),
             None => Ok(()),
         }
     }

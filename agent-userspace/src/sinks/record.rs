@@ -5,9 +5,15 @@ use serde::Serialize;
 /// One line of the audit log.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct AuditRecord {
+    /// Per node and boot: one more per record written, with no gap, continued across
+    /// controller restarts. After a crash the record being written may appear twice; (boot_id,
+    /// seq) identifies it.
     pub seq: u64,
     pub time: String,
     pub node: String,
+    /// The kernel's boot id (/proc/sys/kernel/random/boot_id): seq counts within one boot.
+    #[serde(default)]
+    pub boot_id: String,
     /// "decision" or "lost".
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -24,6 +30,10 @@ pub struct AuditRecord {
 pub struct DecisionRecord {
     pub agent: Option<String>,
     pub agent_cgroup: Option<String>,
+    /// When the kernel decided: CLOCK_BOOTTIME ns (exact and monotonic within a boot; `time` is
+    /// the wall clock derived from it).
+    #[serde(default)]
+    pub ktime_ns: u64,
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub pid: u32,
