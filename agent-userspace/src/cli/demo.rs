@@ -252,6 +252,21 @@ pub async fn run(audit_log: PathBuf) -> Result<()> {
         );
     }
     println!("the upstream resolver was asked {forwarded} time(s): the refused name never left agentwall");
+    // Evidence: every line of the audit log is hash-chained to the one before; anyone can check
+    // it (with `--audit-key`, signed checkpoints make that hold against the log's writer too).
+    let verify = std::process::Command::new(std::env::current_exe()?)
+        .args(["audit", "verify"])
+        .arg(&audit_log)
+        .output()?;
+    println!(
+        "agentwall audit verify {}: {}{}",
+        audit_log.display(),
+        String::from_utf8_lossy(&verify.stdout).trim(),
+        String::from_utf8_lossy(&verify.stderr).trim()
+    );
+    if !verify.status.success() {
+        bail!("the demo's audit log does not verify");
+    }
     Ok(())
 }
 
