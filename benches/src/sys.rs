@@ -43,15 +43,7 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 }
 
 /// CLOCK_MONOTONIC in ns (comparable between the processes of one machine).
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use agentwall_tests::dns_load::mono_ns;
 
 /// A `Vm*:` field of /proc/self/status, in KiB.
 pub fn status_kib(field: &str) -> Result<u64> {

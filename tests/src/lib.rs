@@ -643,3 +643,16 @@ pub fn unix_server_pid(socket: &Path) -> Result<i32> {
     ensure!(rc == 0, "SO_PEERCRED: {}", std::io::Error::last_os_error());
     Ok(cred.pid)
 }
+
+/// A policy for `Harness` (its `{agent}`): TCP to 127.0.0.1:`port` only, rule `api`.
+pub fn one_port_policy(port: u16) -> String {
+    format!(
+        "name: t\nagents:\n  cgroups:\n    - \"{{agent}}\"\negress:\n  - name: api\n    cidr: \
+         \"127.0.0.1/32\"\n    ports: [{port}]\n    protocol: tcp\n"
+    )
+}
+
+/// An address on the server's host with a port `one_port_policy` does not allow.
+pub fn denied(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip(), a.port() ^ 1)
+}

@@ -5,7 +5,6 @@
 //! the file and line. The chain continues across a controller restart.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -18,22 +17,11 @@ use agentwall::sinks::{
 };
 use agentwall_tests::{
     audit::Tmpfs,
-    probe_in, sibling_exe, tcp_server,
+    denied, one_port_policy, probe_in, sibling_exe, tcp_server,
     wait::{dir_of, until_answer, until_async},
     Harness,
 };
 use anyhow::{ensure, Context, Result};
-
-fn policy(port: u16) -> String {
-    format!(
-        "name: t\nagents:\n  cgroups:\n    - \"{{agent}}\"\negress:\n  - name: api\n    cidr: \
-         \"127.0.0.1/32\"\n    ports: [{port}]\n    protocol: tcp\n"
-    )
-}
-
-fn denied(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip(), a.port() ^ 1)
-}
 
 fn temp_dir(tag: &str) -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("agentwall-chain-{tag}-{}", std::process::id()));
@@ -101,7 +89,7 @@ fn signer(key: &Path) -> Result<Signer> {
 /// is written; stops it (the shutdown checkpoint).
 async fn write_log(log: &Path, opts: AuditOptions, ms: u64) -> Result<u64> {
     let (_t, tcp) = tcp_server("127.0.0.1")?;
-    let h = Harness::start_with(&policy(tcp.port()), |o| {
+    let h = Harness::start_with(&one_port_policy(tcp.port()), |o| {
         o.audit_log = Some(log.to_path_buf());
         o.audit = opts;
     })
@@ -430,7 +418,7 @@ async fn a_full_disk_pauses_the_chain_and_it_verifies_once_writes_succeed() -> R
     let fs = Tmpfs::mount("chain-full", 1 << 20, false)?;
     let log = fs.path("audit.jsonl");
     let (_t, tcp) = tcp_server("127.0.0.1")?;
-    let h = Harness::start_with(&policy(tcp.port()), |o| {
+    let h = Harness::start_with(&one_port_policy(tcp.port()), |o| {
         o.audit_log = Some(log.clone());
         o.ring_bytes = Some(16 * 1024);
         o.audit = AuditOptions {

@@ -3,33 +3,21 @@
 //! loss; rotation by rename reopens the log without losing or repeating a record; SIGHUP
 //! reopens it; an unwritable path is refused before anything is loaded or pinned.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use agentwall_tests::{
     audit::{assert_contiguous, read_log, read_log_so_far, tally, Tmpfs},
-    probe_in, tcp_server,
+    denied, one_port_policy, probe_in, tcp_server,
     wait::{dir_of, until, until_answer, until_async},
     Daemon, Harness, TestCgroups,
 };
 use anyhow::{ensure, Context, Result};
-
-fn harness_policy(port: u16) -> String {
-    format!(
-        "name: t\nagents:\n  cgroups:\n    - \"{{agent}}\"\negress:\n  - name: api\n    cidr: \
-         \"127.0.0.1/32\"\n    ports: [{port}]\n    protocol: tcp\n"
-    )
-}
 
 fn daemon_policy(base: &str, port: u16) -> String {
     format!(
         "name: audit\nagents:\n  cgroups:\n    - {base}/agent\negress:\n  - name: api\n    \
          cidr: 127.0.0.1/32\n    ports: [{port}]\n    protocol: tcp\n"
     )
-}
-
-/// An address on the server's host with a port the policy does not allow.
-fn denied(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip(), a.port() ^ 1)
 }
 
 fn lines_with(log: &str, needle: &str) -> usize {
@@ -43,7 +31,7 @@ async fn a_full_disk_pauses_the_reader_and_every_attempt_is_a_record_or_counted_
     let log = fs.path("audit.jsonl");
     let (_t, tcp) = tcp_server("127.0.0.1")?;
     // A small ring: while the reader is paused most of the loop's events cannot be queued.
-    let h = Harness::start_with(&harness_policy(tcp.port()), |o| {
+    let h = Harness::start_with(&one_port_policy(tcp.port()), |o| {
         o.audit_log = Some(log.clone());
         o.ring_bytes = Some(16 * 1024);
     })

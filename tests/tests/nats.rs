@@ -18,18 +18,11 @@ use agentwall::{
 use agentwall_tests::{
     audit::{read_log, read_log_so_far},
     nats_server::{free_port, nats_server_bin, NatsServer, Stored, StreamReader},
-    probe_in, tcp_server,
+    one_port_policy, probe_in, tcp_server,
     wait::{dir_of, until_async},
     Harness,
 };
 use anyhow::{ensure, Context, Result};
-
-fn policy(port: u16) -> String {
-    format!(
-        "name: t\nagents:\n  cgroups:\n    - \"{{agent}}\"\negress:\n  - name: api\n    cidr: \
-         \"127.0.0.1/32\"\n    ports: [{port}]\n    protocol: tcp\n"
-    )
-}
 
 /// One allowed and one denied connect per round: two decisions.
 fn decide(h: &Harness, tcp: SocketAddr, rounds: usize) -> Result<()> {
@@ -182,7 +175,7 @@ async fn records_reach_jetstream_across_a_broker_outage_and_a_controller_restart
         o.nats = Some(nats.clone());
     };
     let (_t, tcp) = tcp_server("127.0.0.1")?;
-    let h = Harness::start_with(&policy(tcp.port()), tune).await?;
+    let h = Harness::start_with(&one_port_policy(tcp.port()), tune).await?;
     let mut reader = StreamReader::connect(&broker.url(), &stream, &format!("{prefix}.>")).await?;
 
     // Broker up: every record, in order, subject and id as documented.
@@ -206,7 +199,7 @@ async fn records_reach_jetstream_across_a_broker_outage_and_a_controller_restart
     h.stop().await?;
     let cursor = nats.cursor_path(&log);
     ensure!(cursor.exists(), "no cursor at {}", cursor.display());
-    let h = Harness::start_with(&policy(tcp.port()), tune).await?;
+    let h = Harness::start_with(&one_port_policy(tcp.port()), tune).await?;
     decide(&h, tcp, 5)?;
     logged(&log, 66).await?;
     let _broker = NatsServer::start(&store, broker.port)?;
@@ -240,7 +233,7 @@ async fn records_reach_jetstream_across_a_broker_outage_and_a_controller_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_without_an_audit_log_is_refused_before_anything_is_loaded() -> Result<()> {
     let (_t, tcp) = tcp_server("127.0.0.1")?;
-    let Err(e) = Harness::start_with(&policy(tcp.port()), |o| {
+    let Err(e) = Harness::start_with(&one_port_policy(tcp.port()), |o| {
         o.audit_log = None;
         o.nats = Some(NatsOptions::new("nats://127.0.0.1:1"));
     })

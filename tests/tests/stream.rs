@@ -6,7 +6,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc as std_mpsc,
@@ -16,25 +15,13 @@ use std::{
 use agentwall::api::client::{self, ClientError, Lines};
 use agentwall_tests::{
     audit::{read_log, read_log_so_far},
-    probe_in, sibling_exe, tcp_server,
+    denied, one_port_policy, probe_in, sibling_exe, tcp_server,
     wait::{dir_of, until_answer, until_async},
     Harness,
 };
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn policy(port: u16) -> String {
-    format!(
-        "name: t\nagents:\n  cgroups:\n    - \"{{agent}}\"\negress:\n  - name: api\n    cidr: \
-         \"127.0.0.1/32\"\n    ports: [{port}]\n    protocol: tcp\n"
-    )
-}
-
-/// An address on the server's host with a port the policy does not allow.
-fn denied(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip(), a.port() ^ 1)
-}
 
 /// A controller with its control socket and audit log in a directory of the test's own.
 struct Ctl {
@@ -54,7 +41,7 @@ impl Ctl {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let log = dir.join("audit.jsonl");
-        let mut h = Harness::start_with(&policy(port), |o| {
+        let mut h = Harness::start_with(&one_port_policy(port), |o| {
             o.control_socket = Some(dir.join("control.sock"));
             o.audit_log = Some(log.clone());
             o.stream_buffer = stream_buffer;
