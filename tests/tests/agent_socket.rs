@@ -24,7 +24,7 @@ struct SocketDir(PathBuf);
 impl SocketDir {
     fn new() -> Result<Self> {
         let d = std::env::temp_dir().join(format!(
-            "agentwall-agentsock-{}-{}",
+            "agentwall-agentsock-dir-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
         ));
