@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 
 /// The nats-server binary: on PATH, or where Debian installs it. Fails (never skips) when absent.
@@ -63,22 +63,24 @@ impl NatsServer {
             port,
             store: store.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(s);
-            }
-            if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                s.child = None;
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("nats-server exited with {status}: {text}");
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "nats-server did not listen on 127.0.0.1:{port} within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // It writes its log as it comes up (and when it listens): each write wakes the wait.
+        crate::wait::until(
+            "nats-server listening",
+            Duration::from_secs(10),
+            &[crate::wait::dir_of(&log)],
+            || {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    s.child = None;
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    bail!("nats-server exited with {status}: {text}");
+                }
+                Ok(None)
+            },
+        )?;
+        Ok(s)
     }
 
     pub fn url(&self) -> String {

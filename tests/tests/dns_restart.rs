@@ -155,6 +155,7 @@ fn takeover_under_dns_load_fails_no_query() -> Result<()> {
         cgroup: Some(agent.clone()),
         cpu: None,
     };
+    let before = upstream.queries(NAME);
     let mut client = Command::new(sibling_exe("dns_load")?)
         .arg(serde_json::to_string(&spec)?)
         .stdin(Stdio::null())
@@ -175,8 +176,15 @@ fn takeover_under_dns_load_fails_no_query() -> Result<()> {
         .as_u64()
         .context("started line")?;
 
-    // A quarter into the run: B takes over. (Waiting for a moment of the load, not a condition.)
-    std::thread::sleep(Duration::from_millis(RUN_MS / 4));
+    // A quarter of the load answered through A (each answer is a record in A's audit log, which
+    // wakes the wait): B takes over.
+    let quarter = u64::from(RATE) * RUN_MS / 4_000;
+    wait::until(
+        "a quarter of the load answered through controller A",
+        Duration::from_millis(RUN_MS),
+        &[&d.dir],
+        || Ok((upstream.queries(NAME) >= before + quarter).then_some(())),
+    )?;
     let _ = std::fs::remove_file(&d.socket);
     let b_start = mono_ns();
     running.b = Some(controller(&d, upstream.addr(), port, true)?);

@@ -507,45 +507,4 @@ mod tests {
         en.resume_after(41);
         assert_eq!(en.lost(1, "undecodable").seq, 42);
     }
-
-    /// The controller's cost per decision record from the ring's bytes to the audit log
-    /// (decode, enrich, serialize, chain, append; the kernel and the ring left out). Run with
-    /// `cargo test -p agent-userspace --release record_pipeline_cost -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn record_pipeline_cost() {
-        let mut names = Names::default();
-        names.agents.insert(
-            10,
-            crate::identity::AgentMeta {
-                name: "coder".into(),
-                cgroup: "agentwall/coder".into(),
-                policy: "demo".into(),
-            },
-        );
-        let mut en = Enricher::new(Arc::new(RwLock::new(names)), PathBuf::from("/nonexistent"));
-        let dir = std::env::temp_dir().join(format!("aw-pipeline-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("audit.jsonl");
-        let opts = crate::sinks::AuditOptions {
-            fsync: crate::sinks::Fsync::Never,
-            ..Default::default()
-        };
-        let mut sink = crate::sinks::Sink::with_audit(Some(&log), opts, false, None).unwrap();
-        let e = event();
-        // SAFETY: an Event is plain data; its bytes are what the ring carries.
-        let bytes: &[u8] = unsafe {
-            std::slice::from_raw_parts(&e as *const Event as *const u8, size_of::<Event>())
-        };
-        let bytes = bytes.to_vec();
-        let n = 300_000u32;
-        let start = std::time::Instant::now();
-        for _ in 0..n {
-            let d = Decision::from_record(&bytes).expect("a whole event");
-            sink.write(&en.decision(&d)).unwrap();
-        }
-        let per = start.elapsed() / n;
-        println!("pipeline per decision record (decode..chained append): {per:?}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }

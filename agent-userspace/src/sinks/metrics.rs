@@ -674,33 +674,4 @@ mod tests {
             _ => {}
         }
     }
-
-    /// A rough per-record cost (run with --ignored --nocapture for the figure).
-    #[test]
-    #[ignore]
-    fn per_record_cost() {
-        let m = Metrics::new();
-        let mut o = m.observer();
-        let recs: Vec<AuditRecord> = (0..64)
-            .map(|i| {
-                decision(
-                    &format!("agent-{}", i % 16),
-                    if i % 3 == 0 { "deny" } else { "allow" },
-                    if i % 3 == 0 {
-                        "default-deny:no-address-match"
-                    } else {
-                        "rule"
-                    },
-                )
-            })
-            .collect();
-        let n = 2_000_000;
-        let start = std::time::Instant::now();
-        for i in 0..n {
-            o.written(&recs[i % recs.len()]);
-        }
-        let per = start.elapsed() / n as u32;
-        println!("metrics per decision record: {per:?}");
-        assert!(per < std::time::Duration::from_micros(1));
-    }
 }
