@@ -323,8 +323,22 @@ impl<D: Datapath> State<D> {
         Ok(())
     }
 
-    /// Makes the kernel entry of one resolved address what the model says.
+    /// Makes the kernel entry of one resolved address what the model says (and records no
+    /// longer name a host for an address the agent no longer holds).
     fn write_resolved(&mut self, agent: u64, addr: IpAddr) -> Result<(), String> {
+        let held = self
+            .runtime
+            .rt
+            .resolved
+            .get(&agent)
+            .is_some_and(|m| m.contains_key(&addr));
+        if !held {
+            self.names
+                .write()
+                .expect("names")
+                .resolved
+                .remove(&(agent, addr));
+        }
         let (prefix, set) = self
             .runtime
             .rt
@@ -377,11 +391,6 @@ impl<D: Datapath> State<D> {
                 self.runtime.rt.resolved.remove(&agent);
             }
         }
-        self.names
-            .write()
-            .expect("names")
-            .resolved
-            .remove(&(agent, addr));
         if let Err(e) = self.write_resolved(agent, addr) {
             tracing::error!(agent, %addr, "removing a resolved address: {e}");
         }
@@ -412,19 +421,6 @@ impl<D: Datapath> State<D> {
         }
         self.runtime.rt.resolved.retain(|_, m| !m.is_empty());
         for (agent, addr) in touched {
-            let gone = !self
-                .runtime
-                .rt
-                .resolved
-                .get(&agent)
-                .is_some_and(|m| m.contains_key(&addr));
-            if gone {
-                self.names
-                    .write()
-                    .expect("names")
-                    .resolved
-                    .remove(&(agent, addr));
-            }
             if let Err(e) = self.write_resolved(agent, addr) {
                 tracing::error!(agent, %addr, "expiring a resolved address: {e}");
             }
